@@ -1,0 +1,65 @@
+"""Atomic writes: a file appears complete or not at all, so interrupted runs never read half a file."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, safe_open, save_file
+
+
+@contextmanager
+def atomic_path(path: str | Path):
+    """Yield a temporary path in the target's folder; on success it replaces `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def atomic_save_safetensors(
+    tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None
+) -> None:
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata)
+
+
+def load_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata() or {}
+    return load_file(str(path)), metadata
+
+
+def save_scores(path: str | Path, scores: torch.Tensor | dict[str, torch.Tensor], **metadata: Any) -> None:
+    """Save a score tensor (or a dict of them, e.g. by layer) atomically, with JSON metadata."""
+    tensors = scores if isinstance(scores, dict) else {"scores": scores}
+    atomic_save_safetensors(tensors, path, {"influence": json.dumps(metadata, default=str)})
+
+
+def load_scores(path: str | Path) -> tuple[torch.Tensor | dict[str, torch.Tensor], dict[str, Any]]:
+    tensors, meta = load_safetensors(path)
+    info = json.loads(meta.get("influence", "{}"))
+    if set(tensors) == {"scores"}:
+        return tensors["scores"], info
+    return tensors, info

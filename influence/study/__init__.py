@@ -1,0 +1,1 @@
+"""The study's own code: corpus, model suite, experiments, plots and the notebook pipeline."""
