@@ -1,0 +1,53 @@
+"""EK-FAC: K-FAC's Kronecker eigenbases with the eigenvalues refitted per coordinate,
+Λ_ij = (1/N) Σ_n ((Q_Sᵀ DW_n Q_A)_ij)², DW_n example n's pseudo-gradient summed over tokens."""
+
+from __future__ import annotations
+
+import torch
+
+from .gradients import iter_layer_terms
+from .kfac import KFAC
+
+
+def _project(a: torch.Tensor, g: torch.Tensor, qa: torch.Tensor, qs: torch.Tensor) -> torch.Tensor:
+    """Q_Sᵀ (Σ_t g_t ā_tᵀ) Q_A per example, [B, out, in'], by the cheaper of two orders:
+    rotate every token then sum (short sequences), or sum then rotate each example."""
+    b, t, o = g.shape
+    i = a.shape[-1]
+    rotate_tokens = t * (o * o + i * i) < o * i * (o + i)
+    if rotate_tokens:
+        return torch.einsum("bto,bti->boi", g @ qs, a @ qa)
+    return qs.T @ torch.einsum("bto,bti->boi", g, a) @ qa
+
+
+class EKFAC(KFAC):
+    """Eigenvalue-corrected K-FAC (the paper's estimator). Two passes over the fitting data
+    with the same sampled labels: covariances, then the eigenvalues in their eigenbases."""
+
+    name = "ekfac"
+
+    def _fit_eigenvalues(self, model, task, data, *, batch_size, device, progress, seed) -> None:
+        sums: dict[str, torch.Tensor] = {}
+        bases: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        count = 0
+        for _, batch, terms, _ in iter_layer_terms(
+            model, task, data, sample=True, seed=seed, batch_size=batch_size, device=device,
+            progress=progress, desc="eigenvalues",
+        ):
+            count += task.batch_size(batch)
+            for n, (a, g) in terms.items():
+                if n not in bases:
+                    bases[n] = (
+                        self.state_[f"{n}::eigvecs_A"].to(a),
+                        self.state_[f"{n}::eigvecs_S"].to(g),
+                    )
+                sq = _project(a, g, *bases[n]).pow(2).sum(0).double()
+                sums[n] = sums[n] + sq if n in sums else sq
+        self.damping_ = {}
+        for n, s in sums.items():
+            lam = s / count
+            self.state_[f"{n}::lambda"] = lam
+            self.damping_[n] = self.resolve_damping(n, lam.mean())
+
+    def eigenvalues(self, layer: str) -> torch.Tensor:
+        return self.state_[f"{layer}::lambda"]
