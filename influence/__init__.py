@@ -1,9 +1,10 @@
 """influence: exact, fast influence functions for PyTorch models made of linear layers.
 
-    import influence as inf
-    task = inf.LanguageModelingTask()
-    est = inf.EKFAC().fit(model, task, train_data)
-    scores = inf.pairwise_scores(model, task, est, query_data, train_data)   # [Q, N]
+Fit a curvature estimator once, then score queries against training data::
+
+    task = influence.LanguageModelingTask()
+    est = influence.EKFAC().fit(model, task, train_data)
+    scores = influence.pairwise_scores(model, task, est, query_data, train_data)  # [Q, N]
 """
 
 from .diagonal import Diagonal

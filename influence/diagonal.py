@@ -17,8 +17,15 @@ class Diagonal(Estimator):
         sums: dict[str, torch.Tensor] = {}
         count = 0
         for _, batch, terms, _ in iter_layer_terms(
-            model, task, data, sample=True, seed=seed, batch_size=batch_size, device=device,
-            progress=progress, desc="diagonal",
+            model,
+            task,
+            data,
+            sample=True,
+            seed=seed,
+            batch_size=batch_size,
+            device=device,
+            progress=progress,
+            desc="diagonal",
         ):
             count += task.batch_size(batch)
             for n, gr in example_gradients(terms).items():

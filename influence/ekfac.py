@@ -31,8 +31,15 @@ class EKFAC(KFAC):
         bases: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         count = 0
         for _, batch, terms, _ in iter_layer_terms(
-            model, task, data, sample=True, seed=seed, batch_size=batch_size, device=device,
-            progress=progress, desc="eigenvalues",
+            model,
+            task,
+            data,
+            sample=True,
+            seed=seed,
+            batch_size=batch_size,
+            device=device,
+            progress=progress,
+            desc="eigenvalues",
         ):
             count += task.batch_size(batch)
             for n, (a, g) in terms.items():

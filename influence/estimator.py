@@ -71,7 +71,9 @@ class Estimator:
     ) -> Estimator:
         """Fit the curvature on `data` (sampled labels seeded by `seed`)."""
         self.layers_ = layer_infos(task.tracked_modules(model))
-        self._fit(model, task, data, batch_size=batch_size, device=device, progress=progress, seed=seed)
+        self._fit(
+            model, task, data, batch_size=batch_size, device=device, progress=progress, seed=seed
+        )
         self._check_finite()
         return self
 
@@ -94,7 +96,8 @@ class Estimator:
                 raise FloatingPointError(
                     f"{self.name}: NaN or Inf in fitted curvature {key!r} (layer "
                     f"{key.split('::')[0]!r}). Check the model's outputs and loss on the fitting "
-                    "data, use float32/float64 instead of half precision, or lower the learning rate."
+                    "data, use float32/float64 instead of half precision, or lower the learning "
+                    "rate."
                 )
 
     def check_fitted(self, model_layers: dict[str, LayerInfo]) -> None:
@@ -119,7 +122,10 @@ class Estimator:
         meta = {
             "estimator": type(self).__name__,
             "config": self._config(),
-            "layers": {n: [i.out_features, i.in_features, i.bias, i.transposed] for n, i in self.layers_.items()},
+            "layers": {
+                n: [i.out_features, i.in_features, i.bias, i.transposed]
+                for n, i in self.layers_.items()
+            },
             "damping_": self.damping_,
             "meta_": self.meta_,
         }
@@ -136,7 +142,8 @@ class Estimator:
             raise ValueError(f"{path} holds a {meta['estimator']}, not a {cls.__name__}")
         est = cls(**meta["config"])
         est.layers_ = {
-            n: LayerInfo(n, int(o), int(i), bool(b), bool(t)) for n, (o, i, b, t) in meta["layers"].items()
+            n: LayerInfo(n, int(o), int(i), bool(b), bool(t))
+            for n, (o, i, b, t) in meta["layers"].items()
         }
         task = task or _task_for(est.layers_)
         check_layers_match(est.layers_, layer_infos(task.tracked_modules(model)))

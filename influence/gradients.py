@@ -123,7 +123,11 @@ def iter_layer_terms(
         total = None
     with _EvalMode(model):
         for offset, batch in tqdm(
-            iter_batches(loader, batch_size), total=total, desc=desc, disable=not progress, leave=False
+            iter_batches(loader, batch_size),
+            total=total,
+            desc=desc,
+            disable=not progress,
+            leave=False,
         ):
             task.check_batch(batch)
             batch = task.to_device(batch, dev)
@@ -132,7 +136,9 @@ def iter_layer_terms(
                 if measurement:
                     loss = task.measurement(model, batch)
                 else:
-                    loss = task.loss(model, batch, sample=sample, seed=seed, indices=range(offset, offset + n))
+                    loss = task.loss(
+                        model, batch, sample=sample, seed=seed, indices=range(offset, offset + n)
+                    )
                 terms = cap.backward(loss)
             yield offset, batch, terms, task.token_mask(batch)
 
@@ -192,4 +198,10 @@ def unflatten(flat: torch.Tensor, infos: Mapping[str, LayerInfo]) -> dict[str, t
 
 def batch_kind(batch: Any) -> str:
     """'dict' or 'tuple': query and training data must be of the same kind."""
-    return "dict" if isinstance(batch, Mapping) else "tuple" if isinstance(batch, Sequence) else "other"
+    return (
+        "dict"
+        if isinstance(batch, Mapping)
+        else "tuple"
+        if isinstance(batch, Sequence)
+        else "other"
+    )

@@ -1,4 +1,4 @@
-"""Atomic writes: a file appears complete or not at all, so interrupted runs never read half a file."""
+"""Atomic writes: a file appears whole or not at all, so a resumed run never reads half a file."""
 
 from __future__ import annotations
 
@@ -42,7 +42,9 @@ def atomic_save_safetensors(
     tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None
 ) -> None:
     with atomic_path(path) as tmp:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata)
+        save_file(
+            {k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata
+        )
 
 
 def load_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -51,7 +53,9 @@ def load_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[st
     return load_file(str(path)), metadata
 
 
-def save_scores(path: str | Path, scores: torch.Tensor | dict[str, torch.Tensor], **metadata: Any) -> None:
+def save_scores(
+    path: str | Path, scores: torch.Tensor | dict[str, torch.Tensor], **metadata: Any
+) -> None:
     """Save a score tensor (or a dict of them, e.g. by layer) atomically, with JSON metadata."""
     tensors = scores if isinstance(scores, dict) else {"scores": scores}
     atomic_save_safetensors(tensors, path, {"influence": json.dumps(metadata, default=str)})

@@ -23,8 +23,15 @@ def fit_covariances(model, task, data, *, seed, batch_size, device, progress):
     s_sum: dict[str, torch.Tensor] = {}
     tokens = examples = 0
     for _, batch, terms, mask in iter_layer_terms(
-        model, task, data, sample=True, seed=seed, batch_size=batch_size, device=device,
-        progress=progress, desc="covariances",
+        model,
+        task,
+        data,
+        sample=True,
+        seed=seed,
+        batch_size=batch_size,
+        device=device,
+        progress=progress,
+        desc="covariances",
     ):
         examples += task.batch_size(batch)
         k = 0
@@ -70,11 +77,17 @@ class KFAC(Estimator):
             la, qa = _eigh(a_cov[n], f"A of layer {n!r}")
             ls, qs = _eigh(s_cov[n], f"S of layer {n!r}")
             self.state_.update(
-                {f"{n}::eigvals_A": la, f"{n}::eigvecs_A": qa, f"{n}::eigvals_S": ls, f"{n}::eigvecs_S": qs}
+                {
+                    f"{n}::eigvals_A": la,
+                    f"{n}::eigvecs_A": qa,
+                    f"{n}::eigvals_S": ls,
+                    f"{n}::eigvecs_S": qs,
+                }
             )
         self.meta_ = {"num_examples": examples, "mean_tokens": mean_tokens}
-        self._fit_eigenvalues(model, task, data, batch_size=batch_size, device=device,
-                              progress=progress, seed=seed)
+        self._fit_eigenvalues(
+            model, task, data, batch_size=batch_size, device=device, progress=progress, seed=seed
+        )
 
     def _fit_eigenvalues(self, model, task, data, *, batch_size, device, progress, seed) -> None:
         t = self.meta_["mean_tokens"]

@@ -55,7 +55,9 @@ def is_supported(module: nn.Module) -> bool:
 
 def layer_info(name: str, module: nn.Module) -> LayerInfo:
     if isinstance(module, nn.Linear):
-        return LayerInfo(name, module.out_features, module.in_features, module.bias is not None, False)
+        return LayerInfo(
+            name, module.out_features, module.in_features, module.bias is not None, False
+        )
     if _is_conv1d(module):
         n_in, n_out = module.weight.shape
         return LayerInfo(name, n_out, n_in, module.bias is not None, True)
@@ -113,12 +115,13 @@ def find_layers(model: nn.Module, modules: ModuleSelector = None) -> dict[str, n
         missing = [n for n in names if n not in named]
         if missing:
             raise ValueError(
-                f"modules {missing} are not in the model; some valid names: "
-                f"{list(candidates)[:8]}"
+                f"modules {missing} are not in the model; some valid names: {list(candidates)[:8]}"
             )
         bad = [n for n in names if not is_supported(named[n])]
         if bad:
-            raise ValueError(f"modules {bad} are not nn.Linear or Conv1D layers and cannot be tracked")
+            raise ValueError(
+                f"modules {bad} are not nn.Linear or Conv1D layers and cannot be tracked"
+            )
         chosen = {n: named[n] for n in names}
     if not chosen:
         raise ValueError(

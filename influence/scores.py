@@ -53,7 +53,9 @@ def _first_batch(data: Any, batch_size: int):
     raise ValueError("data is empty")
 
 
-def _check_inputs(model: nn.Module, task: Task, estimator: Estimator, *datasets: Any, batch_size: int):
+def _check_inputs(
+    model: nn.Module, task: Task, estimator: Estimator, *datasets: Any, batch_size: int
+):
     if not isinstance(task, Task):
         raise TypeError(f"task must be an influence.Task, got {type(task).__name__}")
     if not isinstance(estimator, Estimator):
@@ -108,7 +110,13 @@ def preconditioned_queries(
 ) -> dict[str, torch.Tensor | LowRank]:
     """(G + λI)⁻¹ ∇m_q per layer for every query, optionally truncated to `rank`."""
     grads = per_example_gradients(
-        model, task, query_data, measurement=True, batch_size=batch_size, device=device, progress=progress
+        model,
+        task,
+        query_data,
+        measurement=True,
+        batch_size=batch_size,
+        device=device,
+        progress=progress,
     )
     pre = estimator.precondition(grads)
     if rank is None:
@@ -148,7 +156,14 @@ def pairwise_scores(
     layers = _check_inputs(model, task, estimator, query_data, train_data, batch_size=batch_size)
     dev = resolve_device(model, device)
     pre = preconditioned_queries(
-        model, task, estimator, query_data, rank=rank, batch_size=batch_size, device=dev, progress=progress
+        model,
+        task,
+        estimator,
+        query_data,
+        rank=rank,
+        batch_size=batch_size,
+        device=dev,
+        progress=progress,
     )
     num_q = next(iter(pre.values())).u.shape[0] if rank else next(iter(pre.values())).shape[0]
     chunk = query_batch_size or num_q
@@ -156,8 +171,9 @@ def pairwise_scores(
     for start in range(0, num_q, chunk):
         part = {n: _slice_queries(p, start, start + chunk) for n, p in pre.items()}
         results.append(
-            _stream_scores(model, task, layers, part, train_data, by_layer, by_token,
-                           batch_size, dev, progress)
+            _stream_scores(
+                model, task, layers, part, train_data, by_layer, by_token, batch_size, dev, progress
+            )
         )
     merged = {n: torch.cat([r[n] for r in results], dim=0) for n in results[0]}
     return merged if by_layer else merged["total"]
@@ -169,12 +185,20 @@ def _slice_queries(p, start: int, stop: int):
     return p[start:stop]
 
 
-def _stream_scores(model, task, layers, pre, train_data, by_layer, by_token, batch_size, device, progress):
+def _stream_scores(
+    model, task, layers, pre, train_data, by_layer, by_token, batch_size, device, progress
+):
     per_batch: list[dict[str, torch.Tensor]] = []
     max_t = 0
     for _, _, terms, _ in iter_layer_terms(
-        model, task, train_data, layers=layers, batch_size=batch_size, device=device,
-        progress=progress, desc="scores",
+        model,
+        task,
+        train_data,
+        layers=layers,
+        batch_size=batch_size,
+        device=device,
+        progress=progress,
+        desc="scores",
     ):
         out: dict[str, torch.Tensor] = {}
         total = None
@@ -215,8 +239,14 @@ def self_scores(
     dev = resolve_device(model, device)
     chunks: list[dict[str, torch.Tensor]] = []
     for _, _, terms, _ in iter_layer_terms(
-        model, task, train_data, layers=layers, batch_size=batch_size, device=dev,
-        progress=progress, desc="self-influence",
+        model,
+        task,
+        train_data,
+        layers=layers,
+        batch_size=batch_size,
+        device=dev,
+        progress=progress,
+        desc="self-influence",
     ):
         grads: Grads = example_gradients(terms)
         pre = estimator.precondition(grads)

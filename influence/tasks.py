@@ -28,7 +28,10 @@ def example_generator(seed: int, index: int) -> torch.Generator:
 
 def _uniforms(indices: Sequence[int], seed: int, count: int) -> torch.Tensor:
     return torch.stack(
-        [torch.rand(count, generator=example_generator(seed, i), dtype=torch.float64) for i in indices]
+        [
+            torch.rand(count, generator=example_generator(seed, i), dtype=torch.float64)
+            for i in indices
+        ]
     )
 
 
@@ -79,11 +82,15 @@ class Task:
         """The true targets of the batch."""
         raise NotImplementedError
 
-    def loss_from_outputs(self, outputs: torch.Tensor, batch: Batch, targets: torch.Tensor) -> torch.Tensor:
+    def loss_from_outputs(
+        self, outputs: torch.Tensor, batch: Batch, targets: torch.Tensor
+    ) -> torch.Tensor:
         """Summed loss of `outputs` against `targets`."""
         raise NotImplementedError
 
-    def sample_targets(self, outputs: torch.Tensor, batch: Batch, indices: Sequence[int], seed: int) -> torch.Tensor:
+    def sample_targets(
+        self, outputs: torch.Tensor, batch: Batch, indices: Sequence[int], seed: int
+    ) -> torch.Tensor:
         """Targets drawn from the model's predictive distribution (for the true Fisher)."""
         raise NotImplementedError
 
@@ -163,7 +170,10 @@ class ClassificationTask(_TupleTask):
 
     def bregman(self, outputs, reference, batch):
         return F.kl_div(
-            F.log_softmax(outputs, -1), F.log_softmax(reference, -1), reduction="sum", log_target=True
+            F.log_softmax(outputs, -1),
+            F.log_softmax(reference, -1),
+            reduction="sum",
+            log_target=True,
         )
 
 
@@ -178,7 +188,10 @@ class RegressionTask(_TupleTask):
     def sample_targets(self, outputs, batch, indices, seed):
         d = outputs[0].numel()
         noise = torch.stack(
-            [torch.randn(d, generator=example_generator(seed, i), dtype=torch.float64) for i in indices]
+            [
+                torch.randn(d, generator=example_generator(seed, i), dtype=torch.float64)
+                for i in indices
+            ]
         )
         return outputs.detach() + noise.to(outputs).reshape(outputs.shape)
 

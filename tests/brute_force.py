@@ -10,7 +10,6 @@ import torch
 from torch import nn
 from torch.func import functional_call, jacrev
 
-import influence as inf
 from influence.layers import layer_infos, weight_gradient
 
 VOCAB = 13
@@ -34,8 +33,13 @@ def tiny_llama(seed=0) -> nn.Module:
 
     torch.manual_seed(seed)
     cfg = LlamaConfig(
-        vocab_size=VOCAB, hidden_size=8, intermediate_size=12, num_hidden_layers=1,
-        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32,
+        vocab_size=VOCAB,
+        hidden_size=8,
+        intermediate_size=12,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
         attn_implementation="eager",
     )
     return LlamaForCausalLM(cfg).double().eval()
@@ -46,8 +50,15 @@ def tiny_gpt2(seed=0) -> nn.Module:
 
     torch.manual_seed(seed)
     cfg = GPT2Config(
-        vocab_size=VOCAB, n_embd=8, n_layer=1, n_head=2, n_positions=32,
-        attn_implementation="eager", resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+        vocab_size=VOCAB,
+        n_embd=8,
+        n_layer=1,
+        n_head=2,
+        n_positions=32,
+        attn_implementation="eager",
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
     )
     return GPT2LMHeadModel(cfg).double().eval()
 
@@ -116,9 +127,7 @@ def exact_gauss_newton(model, task, data) -> torch.Tensor:
     """G = (1/N) Σ_n J_nᵀ H_n J_n over the tracked parameters (internal layout, layer order)."""
     layers = task.tracked_modules(model)
     infos = layer_infos(layers)
-    theta = torch.cat(
-        [weight_like(infos[n], m).reshape(-1) for n, m in layers.items()]
-    ).detach()
+    theta = torch.cat([weight_like(infos[n], m).reshape(-1) for n, m in layers.items()]).detach()
     n_ex = size(data)
     total = torch.zeros(theta.numel(), theta.numel(), dtype=torch.float64)
     for i in range(n_ex):
@@ -155,7 +164,9 @@ def weight_like(info, module):
 def output_hessian(task, h, batch) -> torch.Tensor:
     """Dense Hessian of the summed loss w.r.t. the outputs h (flattened)."""
     eye = torch.eye(h.numel(), dtype=h.dtype)
-    cols = [task.output_hvp(h, batch, eye[k].reshape(h.shape)).reshape(-1) for k in range(h.numel())]
+    cols = [
+        task.output_hvp(h, batch, eye[k].reshape(h.shape)).reshape(-1) for k in range(h.numel())
+    ]
     return torch.stack(cols, dim=1)
 
 
@@ -169,5 +180,3 @@ def block_slices(infos):
 
 def fitted(est_cls, model, task, data, **kw):
     return est_cls(**kw).fit(model, task, data, batch_size=5, progress=False, seed=3)
-
-

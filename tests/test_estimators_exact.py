@@ -72,7 +72,11 @@ def test_per_example_gradients_match_one_backward_per_example(name, sample):
 @pytest.mark.parametrize("name", SETTINGS)
 def test_identity_scores_are_gradient_dot_products(name):
     model, task, data = _setting(name)
-    queries = {k: v[:4] for k, v in data.items()} if isinstance(data, dict) else tuple(t[:4] for t in data)
+    queries = (
+        {k: v[:4] for k, v in data.items()}
+        if isinstance(data, dict)
+        else tuple(t[:4] for t in data)
+    )
     est = fitted(inf.Identity, model, task, data)
     scores = inf.pairwise_scores(model, task, est, queries, data, batch_size=5, progress=False)
     infos = layer_infos(task.tracked_modules(model))
@@ -101,7 +105,7 @@ def _token_covariances(model, task, data, seed):
         batch = rows(data, i)
         store = {}
 
-        def hook(name):
+        def hook(name, store=store):
             def f(mod, args, out):
                 out.retain_grad()
                 store[name] = (args[0], out)
@@ -114,14 +118,16 @@ def _token_covariances(model, task, data, seed):
         for h in handles:
             h.remove()
         keep = (
-            batch["attention_mask"][0].bool() if isinstance(batch, dict) else torch.ones(1, dtype=torch.bool)
+            batch["attention_mask"][0].bool()
+            if isinstance(batch, dict)
+            else torch.ones(1, dtype=torch.bool)
         )
-        for n, (x, out) in store.items():
+        for n, (x, y) in store.items():
             x = x.reshape(-1, x.shape[-1])[keep]
             if infos[n].bias:
                 x = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], 1)
             a_rows[n].append(x.detach())
-            g_rows[n].append(out.grad.reshape(-1, out.shape[-1])[keep])
+            g_rows[n].append(y.grad.reshape(-1, y.shape[-1])[keep])
     model.zero_grad()
     a = {n: torch.cat(v) for n, v in a_rows.items()}
     g = {n: torch.cat(v) for n, v in g_rows.items()}
@@ -198,8 +204,14 @@ def test_ekfac_scores_track_exact_damped_gauss_newton_scores(name):
     if name == "mlp":
         data = classification_data(200)
     queries = rows(data, 0)
-    queries = {k: v.repeat(1, 1) for k, v in queries.items()} if isinstance(queries, dict) else queries
-    qdata = {k: v[:5] for k, v in data.items()} if isinstance(data, dict) else tuple(t[:5] for t in data)
+    queries = (
+        {k: v.repeat(1, 1) for k, v in queries.items()} if isinstance(queries, dict) else queries
+    )
+    qdata = (
+        {k: v[:5] for k, v in data.items()}
+        if isinstance(data, dict)
+        else tuple(t[:5] for t in data)
+    )
     ekfac = fitted(inf.EKFAC, model, task, data)
     infos = layer_infos(task.tracked_modules(model))
     damp = torch.cat([torch.full((i.numel,), ekfac.damping_[n]) for n, i in infos.items()])

@@ -1,0 +1,205 @@
+"""Invariances and decompositions every estimator must satisfy, and the data formats it takes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from brute_force import classification_data, fitted, lm_data, tiny_gpt2, tiny_llama, tiny_mlp
+from torch.utils.data import DataLoader, TensorDataset
+
+import influence as inf
+
+ESTIMATORS = [inf.Identity, inf.Diagonal, inf.KFAC, inf.EKFAC]
+# float64 models: agreement to 1e-10 relative is rounding; any real difference is far larger.
+TIGHT = 1e-10
+
+
+def rel(a, b):
+    return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
+
+
+def scores(model, task, est, q, t, **kw):
+    kw.setdefault("batch_size", 5)
+    return inf.pairwise_scores(model, task, est, q, t, progress=False, **kw)
+
+
+@pytest.fixture(scope="module")
+def llama_setting():
+    model, task, data = tiny_llama(), inf.LanguageModelingTask(), lm_data(20, min_len=3)
+    queries = lm_data(4, seed=7, prompt=2)
+    return model, task, data, queries
+
+
+@pytest.mark.parametrize("est_cls", ESTIMATORS)
+def test_scores_and_factors_do_not_depend_on_batch_size(llama_setting, est_cls):
+    model, task, data, queries = llama_setting
+    a = est_cls().fit(model, task, data, batch_size=3, progress=False, seed=1)
+    b = est_cls().fit(model, task, data, batch_size=11, progress=False, seed=1)
+    for k in a.state_:
+        assert rel(a.state_[k], b.state_[k]) < TIGHT, k
+    assert (
+        rel(
+            scores(model, task, a, queries, data, batch_size=3),
+            scores(model, task, b, queries, data, batch_size=7),
+        )
+        < TIGHT
+    )
+
+
+@pytest.mark.parametrize("est_cls", ESTIMATORS)
+def test_padding_changes_nothing(llama_setting, est_cls):
+    model, task, data, queries = llama_setting
+    pad = 3
+    padded = {
+        "input_ids": torch.nn.functional.pad(data["input_ids"], (0, pad), value=0),
+        "attention_mask": torch.nn.functional.pad(data["attention_mask"], (0, pad), value=0),
+        "labels": torch.nn.functional.pad(data["labels"], (0, pad), value=-100),
+    }
+    a = fitted(est_cls, model, task, data)
+    b = fitted(est_cls, model, task, padded)
+    for k in a.state_:
+        assert rel(a.state_[k], b.state_[k]) < 1e-9, k
+    s_a = scores(model, task, a, queries, data, by_token=True)
+    s_b = scores(model, task, b, queries, padded, by_token=True)
+    assert rel(s_b[..., : s_a.shape[-1]], s_a) < 1e-9
+    assert s_b[..., s_a.shape[-1] :].abs().max() == 0
+
+
+@pytest.mark.parametrize("est_cls", ESTIMATORS)
+def test_layer_and_token_contributions_sum_to_the_total(llama_setting, est_cls):
+    model, task, data, queries = llama_setting
+    est = fitted(est_cls, model, task, data)
+    total = scores(model, task, est, queries, data)
+    by_layer = scores(model, task, est, queries, data, by_layer=True)
+    by_token = scores(model, task, est, queries, data, by_token=True)
+    assert set(by_layer) == set(task.tracked_modules(model))
+    assert rel(sum(by_layer.values()), total) < TIGHT
+    assert by_token.shape == (*total.shape, data["input_ids"].shape[1])
+    assert rel(by_token.sum(-1), total) < TIGHT
+    both = scores(model, task, est, queries, data, by_layer=True, by_token=True)
+    assert rel(sum(v.sum(-1) for v in both.values()), total) < TIGHT
+
+
+@pytest.mark.parametrize("est_cls", ESTIMATORS)
+def test_full_rank_equals_no_rank_and_low_rank_paths_agree(llama_setting, est_cls):
+    model, task, data, queries = llama_setting
+    est = fitted(est_cls, model, task, data)
+    exact = scores(model, task, est, queries, data)
+    assert rel(scores(model, task, est, queries, data, rank=64), exact) < TIGHT
+    # rank 1 takes the token-by-token path for some layers; by_token forces it everywhere.
+    r1 = scores(model, task, est, queries, data, rank=1)
+    r1_tokens = scores(model, task, est, queries, data, rank=1, by_token=True)
+    assert rel(r1_tokens.sum(-1), r1) < TIGHT
+    assert rel(r1, exact) > 1e-6  # truncation really happened
+
+
+@pytest.mark.parametrize("est_cls", ESTIMATORS)
+def test_self_scores_are_the_diagonal_of_pairwise_scores(est_cls):
+    model, task = tiny_llama(), inf.LanguageModelingTask()
+    data = lm_data(12, min_len=3)
+    est = fitted(est_cls, model, task, data)
+    pair = scores(model, task, est, data, data)
+    self_ = inf.self_scores(model, task, est, data, batch_size=5, progress=False)
+    assert rel(self_, pair.diagonal()) < TIGHT
+    by_layer = inf.self_scores(model, task, est, data, by_layer=True, progress=False)
+    assert rel(sum(by_layer.values()), self_) < TIGHT
+    if est_cls is not inf.Identity:
+        assert (self_ > 0).all()  # (G + λI)⁻¹ is positive definite
+
+
+def test_query_chunks_equal_all_queries_at_once(llama_setting):
+    model, task, data, queries = llama_setting
+    est = fitted(inf.EKFAC, model, task, data)
+    assert (
+        rel(
+            scores(model, task, est, queries, data, query_batch_size=3),
+            scores(model, task, est, queries, data),
+        )
+        < TIGHT
+    )
+
+
+@pytest.mark.parametrize("est_cls", ESTIMATORS)
+def test_save_then_load_gives_identical_scores(tmp_path, llama_setting, est_cls):
+    model, task, data, queries = llama_setting
+    est = fitted(est_cls, model, task, data)
+    path = tmp_path / "factors.safetensors"
+    est.save(path)
+    loaded = est_cls.load(path, model, task)
+    assert loaded.damping_ == est.damping_
+    assert torch.equal(
+        scores(model, task, loaded, queries, data), scores(model, task, est, queries, data)
+    )
+    assert not list(tmp_path.glob(".*tmp"))  # the atomic write left no temporary file
+
+
+def test_same_seed_same_factors_other_seed_other_factors(llama_setting):
+    model, task, data, _ = llama_setting
+    a = inf.EKFAC().fit(model, task, data, progress=False, seed=4)
+    b = inf.EKFAC().fit(model, task, data, progress=False, seed=4)
+    c = inf.EKFAC().fit(model, task, data, progress=False, seed=5)
+    assert all(torch.equal(a.state_[k], b.state_[k]) for k in a.state_)
+    assert any(not torch.equal(a.state_[k], c.state_[k]) for k in a.state_ if "lambda" in k)
+
+
+def test_data_formats_give_the_same_scores():
+    from datasets import Dataset
+
+    model, task = tiny_mlp(), inf.ClassificationTask()
+    x, y = classification_data(30)
+    est = fitted(inf.EKFAC, model, task, (x, y))
+    ref = scores(model, task, est, (x[:3], y[:3]), (x, y))
+    as_dataset = TensorDataset(x, y)
+    as_loader = DataLoader(as_dataset, batch_size=4)
+    assert torch.equal(scores(model, task, est, (x[:3], y[:3]), as_dataset), ref)
+    assert rel(scores(model, task, est, (x[:3], y[:3]), as_loader), ref) < TIGHT  # batch 4 here
+
+    lm, lm_task = tiny_llama(), inf.LanguageModelingTask()
+    data = lm_data(10)
+    est = fitted(inf.KFAC, lm, lm_task, data)
+    hf = Dataset.from_dict({k: v.tolist() for k, v in data.items()}).with_format("torch")
+    assert rel(scores(lm, lm_task, est, hf, hf), scores(lm, lm_task, est, data, data)) < TIGHT
+
+
+def test_gpt2_conv1d_layers_are_tracked_and_mlp_selector_works():
+    gpt2 = tiny_gpt2()
+    names = set(inf.find_layers(gpt2))
+    assert names == {
+        "transformer.h.0.attn.c_attn",
+        "transformer.h.0.attn.c_proj",
+        "transformer.h.0.mlp.c_fc",
+        "transformer.h.0.mlp.c_proj",
+    }
+    assert set(inf.find_layers(gpt2, "mlp")) == {
+        "transformer.h.0.mlp.c_fc",
+        "transformer.h.0.mlp.c_proj",
+    }
+    llama = tiny_llama()
+    assert set(inf.find_layers(llama, "mlp")) == {
+        f"model.layers.0.mlp.{p}" for p in ("gate_proj", "up_proj", "down_proj")
+    }
+    assert "lm_head" not in inf.find_layers(llama)
+    assert list(inf.find_layers(llama, ["lm_head"])) == ["lm_head"]  # explicit names may track it
+    picked = inf.find_layers(llama, lambda n, m: n.endswith("q_proj"))
+    assert list(picked) == ["model.layers.0.self_attn.q_proj"]
+
+
+def test_mlp_only_scores_equal_the_mlp_layers_of_all_layer_scores(llama_setting):
+    model, _, data, queries = llama_setting
+    all_task, mlp_task = inf.LanguageModelingTask(), inf.LanguageModelingTask(modules="mlp")
+    est_all = fitted(inf.EKFAC, model, all_task, data)
+    est_mlp = fitted(inf.EKFAC, model, mlp_task, data)
+    by_layer = scores(model, all_task, est_all, queries, data, by_layer=True)
+    mlp_total = scores(model, mlp_task, est_mlp, queries, data)
+    assert rel(sum(v for k, v in by_layer.items() if ".mlp." in k), mlp_total) < TIGHT
+
+
+def test_model_mode_is_restored_and_parameters_stay_trainable(llama_setting):
+    model, task, data, queries = llama_setting
+    model.train()
+    est = fitted(inf.Diagonal, model, task, data)
+    scores(model, task, est, queries, data)
+    assert model.training
+    assert all(p.requires_grad for p in model.parameters())
+    assert all(p.grad is None for p in model.parameters())  # no weight gradient was formed
+    model.eval()
