@@ -33,9 +33,13 @@ class LowRank:
     u: torch.Tensor
     s: torch.Tensor
     v: torch.Tensor
+    _dense: torch.Tensor | None = None
 
     def dense(self) -> torch.Tensor:
-        return torch.einsum("qor,qr,qir->qoi", self.u, self.s, self.v)
+        """The [Q, out, in'] matrices, built once and kept (the dense path reuses them)."""
+        if self._dense is None:
+            self._dense = torch.einsum("qor,qr,qir->qoi", self.u, self.s, self.v)
+        return self._dense
 
 
 def low_rank(p: torch.Tensor, rank: int) -> LowRank:
