@@ -1,0 +1,75 @@
+"""Presets are defined once; unknown presets and parameters fail at once, listing valid ones."""
+
+from __future__ import annotations
+
+import pytest
+
+from influence.study import presets
+
+
+@pytest.fixture
+def section(monkeypatch):
+    monkeypatch.setitem(
+        presets.SECTIONS,
+        "_test",
+        {
+            "smoke": {"n": 1, "lr": 0.1, "name": "a"},
+            "default": {"n": 10, "lr": 0.1, "name": "a"},
+            "large": {"n": 100, "lr": 0.1, "name": "a"},
+        },
+    )
+    return "_test"
+
+
+def test_resolve_returns_the_preset_values(section):
+    assert presets.resolve(section, "smoke") == {"n": 1, "lr": 0.1, "name": "a"}
+    assert presets.resolve(section, "default")["n"] == 10
+
+
+def test_override_single_value(section):
+    assert presets.resolve(section, "smoke", n=5) == {"n": 5, "lr": 0.1, "name": "a"}
+
+
+def test_none_overrides_are_ignored(section):
+    assert presets.resolve(section, "default", n=None, lr=None) == presets.resolve(
+        section, "default"
+    )
+
+
+def test_resolve_does_not_mutate_the_presets(section):
+    presets.resolve(section, "smoke", n=7)["lr"] = 99
+    assert presets.SECTIONS[section]["smoke"] == {"n": 1, "lr": 0.1, "name": "a"}
+
+
+def test_unknown_preset_lists_valid_presets(section):
+    with pytest.raises(ValueError, match="unknown preset") as err:
+        presets.resolve(section, "tiny")
+    for name in presets.PRESET_NAMES:
+        assert name in str(err.value)
+    with pytest.raises(ValueError, match="smoke, default, large"):
+        presets.check_preset("huge")
+
+
+def test_unknown_parameter_lists_valid_parameters(section):
+    with pytest.raises(ValueError, match="unknown parameter") as err:
+        presets.resolve(section, "smoke", n_layers=3)
+    message = str(err.value)
+    assert "n_layers" in message
+    for name in ("n", "lr", "name"):
+        assert name in message
+
+
+def test_unknown_section_lists_valid_sections(section):
+    with pytest.raises(ValueError, match="unknown preset section") as err:
+        presets.resolve("nope", "smoke")
+    assert section in str(err.value)
+
+
+@pytest.mark.parametrize("name", sorted(presets.SECTIONS))
+def test_every_section_defines_every_preset_with_the_same_names(name):
+    by_preset = presets.SECTIONS[name]
+    assert set(by_preset) == set(presets.PRESET_NAMES)
+    keys = {p: set(v) for p, v in by_preset.items()}
+    assert keys["smoke"] == keys["default"] == keys["large"], (
+        f"section {name!r}: a parameter valid at one preset must be valid at all: {keys}"
+    )
