@@ -41,7 +41,11 @@ def build(n_train: int, n_query: int, seq: int, device: str):
     ids = torch.randint(0, 512, (n_train + n_query, seq), generator=g)
     mask = torch.ones_like(ids)
     labels = ids.clone()
-    train = {"input_ids": ids[:n_train], "attention_mask": mask[:n_train], "labels": labels[:n_train]}
+    train = {
+        "input_ids": ids[:n_train],
+        "attention_mask": mask[:n_train],
+        "labels": labels[:n_train],
+    }
     q_labels = labels[n_train:].clone()
     q_labels[:, : seq // 2] = -100  # prompt: first half; completion: second half
     queries = {"input_ids": ids[n_train:], "attention_mask": mask[n_train:], "labels": q_labels}
@@ -81,7 +85,10 @@ def flops_epoch_batch(model, task, batch) -> int:
 def flops_influence_pass(model, task, batch) -> int:
     """Forward + backward to the tracked layers' outputs only (no weight gradients)."""
     layers = task.tracked_modules(model)
-    with FlopCounterMode(display=False) as fc, LayerCapture(model, layers, layer_infos(layers)) as cap:
+    with (
+        FlopCounterMode(display=False) as fc,
+        LayerCapture(model, layers, layer_infos(layers)) as cap,
+    ):
         cap.backward(task.loss(model, batch))
     return fc.get_total_flops()
 
@@ -149,7 +156,9 @@ def main() -> None:
         2 * tokens * (i.in_dim**2 + i.out_features**2 + i.out_features * i.in_dim)
         if args.seq * (i.out_features**2 + i.in_dim**2)
         < i.out_features * i.in_dim * (i.out_features + i.in_dim)
-        else 2 * args.train * (args.seq * i.numel + i.out_features * i.in_dim * (i.out_features + i.in_dim))
+        else 2
+        * args.train
+        * (args.seq * i.numel + i.out_features * i.in_dim * (i.out_features + i.in_dim))
         for i in infos.values()
     )
     f_grads = sum(2 * tokens * i.numel for i in infos.values())
