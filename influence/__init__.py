@@ -7,33 +7,45 @@ Fit a curvature estimator once, then score queries against training data::
     scores = influence.pairwise_scores(model, task, est, query_data, train_data)  # [Q, N]
 """
 
+from .cg import CG
 from .diagonal import Diagonal
 from .ekfac import EKFAC
 from .estimator import Estimator
+from .gnvp import GaussNewton
 from .gradients import per_example_gradients
 from .identity import Identity
 from .io import load_scores, save_scores
 from .kfac import KFAC
 from .layers import LayerInfo, find_layers
+from .lds import draw_subsets, lds, retrain_measurements
+from .lissa import LiSSA
+from .pbrf import pbrf_scores
 from .scores import pairwise_scores, preconditioned_queries, self_scores
 from .tasks import ClassificationTask, LanguageModelingTask, RegressionTask, Task
 
 __all__ = [
+    "CG",
     "EKFAC",
     "KFAC",
     "ClassificationTask",
     "Diagonal",
     "Estimator",
+    "GaussNewton",
     "Identity",
     "LanguageModelingTask",
     "LayerInfo",
+    "LiSSA",
     "RegressionTask",
     "Task",
+    "draw_subsets",
     "find_layers",
+    "lds",
     "load_scores",
     "pairwise_scores",
+    "pbrf_scores",
     "per_example_gradients",
     "preconditioned_queries",
+    "retrain_measurements",
     "save_scores",
     "self_scores",
 ]

@@ -152,7 +152,7 @@ SECTIONS: dict[str, dict[str, dict[str, Any]]] = {
                 "pbrf_tol": 1e-05,
                 "pbrf_steps": 300,
                 "lds_subsets": 10,
-                "lds_alpha": 0.5
+                "lds_alpha": 0.5,
             },
             "mlp_classification": {
                 "test_size": 1297,
@@ -169,7 +169,7 @@ SECTIONS: dict[str, dict[str, dict[str, Any]]] = {
                 "pbrf_tol": 1e-05,
                 "pbrf_steps": 300,
                 "lds_subsets": 10,
-                "lds_alpha": 0.5
+                "lds_alpha": 0.5,
             },
             "language_model": {
                 "modules": "mlp",
@@ -178,12 +178,12 @@ SECTIONS: dict[str, dict[str, dict[str, Any]]] = {
                 "lissa": {"depth": 50, "batch_size": 8},
                 "cg_tol": 1e-06,
                 "batch_size": 32,
-                "n_pbrf": 4,
+                "n_pbrf": 2,
                 "pbrf_tol": 1e-05,
-                "pbrf_steps": 300
+                "pbrf_steps": 300,
             },
             "damping_scales": [0.1, 1.0, 10.0],
-            "threads": 1
+            "threads": 1,
         },
         "default": {
             "mlp_regression": {
@@ -201,7 +201,7 @@ SECTIONS: dict[str, dict[str, dict[str, Any]]] = {
                 "pbrf_tol": 1e-05,
                 "pbrf_steps": 300,
                 "lds_subsets": 50,
-                "lds_alpha": 0.5
+                "lds_alpha": 0.5,
             },
             "mlp_classification": {
                 "test_size": 497,
@@ -218,21 +218,21 @@ SECTIONS: dict[str, dict[str, dict[str, Any]]] = {
                 "pbrf_tol": 1e-05,
                 "pbrf_steps": 300,
                 "lds_subsets": 50,
-                "lds_alpha": 0.5
+                "lds_alpha": 0.5,
             },
             "language_model": {
                 "modules": "mlp",
-                "n_train": 96,
+                "n_train": 64,
                 "n_queries": 5,
                 "lissa": {"depth": 300, "batch_size": 8},
-                "cg_tol": 1e-06,
+                "cg_tol": 1e-05,
                 "batch_size": 32,
-                "n_pbrf": 8,
+                "n_pbrf": 6,
                 "pbrf_tol": 1e-05,
-                "pbrf_steps": 300
+                "pbrf_steps": 300,
             },
-            "damping_scales": [0.01, 0.1, 1.0, 10.0],
-            "threads": 1
+            "damping_scales": [0.1, 1.0, 10.0],
+            "threads": 1,
         },
         "large": {
             "mlp_regression": {
@@ -250,7 +250,7 @@ SECTIONS: dict[str, dict[str, dict[str, Any]]] = {
                 "pbrf_tol": 1e-05,
                 "pbrf_steps": 300,
                 "lds_subsets": 100,
-                "lds_alpha": 0.5
+                "lds_alpha": 0.5,
             },
             "mlp_classification": {
                 "test_size": 497,
@@ -267,7 +267,7 @@ SECTIONS: dict[str, dict[str, dict[str, Any]]] = {
                 "pbrf_tol": 1e-05,
                 "pbrf_steps": 300,
                 "lds_subsets": 100,
-                "lds_alpha": 0.5
+                "lds_alpha": 0.5,
             },
             "language_model": {
                 "modules": "mlp",
@@ -278,11 +278,11 @@ SECTIONS: dict[str, dict[str, dict[str, Any]]] = {
                 "batch_size": 32,
                 "n_pbrf": 50,
                 "pbrf_tol": 1e-05,
-                "pbrf_steps": 200
+                "pbrf_steps": 200,
             },
             "damping_scales": [0.01, 0.1, 1.0, 10.0],
-            "threads": None
-        }
+            "threads": None,
+        },
     },
 }
 

@@ -1,0 +1,209 @@
+"""CG: the exact damped inverse Gauss–Newton–vector product, by conjugate gradient.
+
+Solves (G + Λ) x = v with the full (not block-diagonal) Gauss–Newton matrix G of the training
+objective, through exact GNVPs over the whole training set (`influence.gnvp`). With the same
+damping Λ = diag(λ_ℓ) it is the answer every other estimator approximates.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from .estimator import Estimator, Grads
+from .gnvp import GaussNewton, mean_fisher_diagonal, resolve_full_damping
+from .gradients import flatten, unflatten
+
+
+class _FullCurvature(Estimator):
+    """Shared fitting of CG and LiSSA: keep a GNVP operator over the training data."""
+
+    block_diagonal = False
+
+    def _fit(self, model, task, data, *, batch_size, device, progress, seed) -> None:
+        mean_eig = None
+        if isinstance(self.damping, str):
+            mean_eig = mean_fisher_diagonal(
+                model,
+                task,
+                data,
+                batch_size=batch_size,
+                device=device,
+                progress=progress,
+                seed=seed,
+            )
+        self.damping_ = resolve_full_damping(self.damping, self.layers_, mean_eig)
+        self.operator_ = GaussNewton(
+            model,
+            task,
+            data,
+            damping=self.damping_,
+            batch_size=batch_size,
+            device=device,
+            progress=False,
+        )
+        self.progress_ = progress
+        self.seed_ = seed
+        self.meta_ = {"num_examples": self.operator_.num_examples, "solves": []}
+
+    def _check_ready(self, grads: Grads) -> None:
+        if getattr(self, "operator_", None) is None:
+            raise RuntimeError(f"{type(self).__name__} is not fitted: call .fit(model, task, data)")
+        missing = [n for n in self.layers_ if n not in grads]
+        if missing:
+            raise ValueError(f"gradients miss tracked layers {missing[:5]}")
+
+    def save(self, path) -> None:
+        raise NotImplementedError(
+            f"{type(self).__name__} keeps a reference to the model and training data, not fitted "
+            "tensors: it cannot be saved. Fit it again (fitting only resolves the damping)."
+        )
+
+    @classmethod
+    def load(cls, path, model, task=None):
+        raise NotImplementedError(f"{cls.__name__} cannot be saved or loaded; fit it again")
+
+
+class CG(_FullCurvature):
+    """x = (G + Λ)⁻¹ v by (optionally preconditioned) conjugate gradient.
+
+    damping: 'auto' (0.1 × trace(G_ℓℓ)/dim per layer, the mean eigenvalue of the layer's
+        diagonal block, estimated with sampled labels as EK-FAC does), a float, or a dict
+        {layer: λ} — pass another estimator's `damping_` so that both solve the same problem.
+    tol: stop when every query's residual ‖(G + Λ)x − v‖ ≤ tol · ‖v‖.
+    max_iter: iterations (each one GNVP pass over the training data for all queries at once).
+        Not reaching `tol` raises unless `strict=False` (then it warns in `meta_`).
+    preconditioner: an optional fitted block-diagonal estimator (e.g. EK-FAC) used as the
+        CG preconditioner M ≈ (G + Λ)⁻¹; it changes the speed of convergence, not the answer.
+    """
+
+    name = "cg"
+
+    def __init__(
+        self,
+        damping: Any = "auto",
+        tol: float = 1e-6,
+        max_iter: int = 1000,
+        preconditioner: Estimator | None = None,
+        strict: bool = True,
+        block_diagonal: bool = False,
+    ):
+        super().__init__(damping)
+        # A diagnostic: the exact inverse of the block-diagonal part of G (each layer's block
+        # on its own), which K-FAC and EK-FAC approximate further.
+        self.block_only = bool(block_diagonal)
+        if not tol > 0:
+            raise ValueError(f"tol must be positive, got {tol}")
+        if int(max_iter) < 1:
+            raise ValueError(f"max_iter must be a positive integer, got {max_iter}")
+        if preconditioner is not None and not getattr(preconditioner, "block_diagonal", False):
+            raise ValueError("the CG preconditioner must be a fitted block-diagonal estimator")
+        self.tol, self.max_iter = float(tol), int(max_iter)
+        self.preconditioner, self.strict = preconditioner, strict
+
+    def _config(self):
+        return {
+            **super()._config(),
+            "tol": self.tol,
+            "max_iter": self.max_iter,
+            "block_diagonal": self.block_only,
+        }
+
+    def _apply_m(self, r: torch.Tensor) -> torch.Tensor:
+        if self.preconditioner is None:
+            return r.clone()
+        dtype = next(iter(self.preconditioner.state_.values())).dtype
+        z = self.preconditioner.precondition(
+            {k: v.to(dtype) for k, v in unflatten(r, self.layers_).items()}
+        )
+        return flatten(z, self.layers_).double()
+
+    def solve(self, b: torch.Tensor) -> torch.Tensor:
+        """Solve (G + Λ) X = B for flat right-hand sides B [Q, P] (float64)."""
+        if self.block_only:
+            return self._solve_blocks(b)
+        return self._solve(b, self.operator_.matvec)
+
+    def _solve_blocks(self, b: torch.Tensor) -> torch.Tensor:
+        """Each layer's block (G_ℓℓ + λ_ℓ) solved on its own: one masked copy of every
+        right-hand side per layer, all in the same GNVP passes."""
+        op = self.operator_
+        q = b.shape[0]
+        masks = []
+        start = 0
+        for info in self.layers_.values():
+            m = torch.zeros(op.dim, dtype=torch.float64, device=op.device)
+            m[start : start + info.numel] = 1.0
+            masks.append(m)
+            start += info.numel
+        mask = torch.cat([m.expand(q, -1) for m in masks])  # [L*Q, P]
+        rhs = b.to(op.device, torch.float64).repeat(len(masks), 1) * mask
+
+        def matvec(x, idx):
+            return op.matvec(x) * mask[idx]
+
+        x = self._solve(rhs, matvec, masked=True)
+        return x.reshape(len(masks), q, -1).sum(0)
+
+    def _solve(self, b: torch.Tensor, matvec, masked: bool = False) -> torch.Tensor:
+        op = self.operator_
+        b = b.to(op.device, torch.float64)
+        bnorm = b.norm(dim=1)
+        x = torch.zeros_like(b)
+        r = b.clone()
+        z = self._apply_m(r)
+        p = z.clone()
+        rz = (r * z).sum(1)
+        active = bnorm > 0
+        res = torch.ones_like(bnorm)
+        res[~active] = 0.0
+        it = 0
+        bar = tqdm(total=self.max_iter, desc="CG", disable=not self.progress_, leave=False)
+        while active.any() and it < self.max_iter:
+            idx = active.nonzero().squeeze(1)
+            ap = matvec(p[idx], idx) if masked else matvec(p[idx])
+            pap = (p[idx] * ap).sum(1)
+            if not (pap > 0).all():
+                raise FloatingPointError(
+                    "CG met a non-positive curvature pᵀ(G + Λ)p: the damping must be positive "
+                    "(or the model/loss produced NaN)"
+                )
+            alpha = rz[idx] / pap
+            x[idx] += alpha[:, None] * p[idx]
+            r[idx] -= alpha[:, None] * ap
+            res[idx] = r[idx].norm(dim=1) / bnorm[idx]
+            it += 1
+            bar.update(1)
+            done = res[idx] <= self.tol
+            keep = idx[~done]
+            active[idx[done]] = False
+            if keep.numel():
+                zk = self._apply_m(r[keep])
+                rz_new = (r[keep] * zk).sum(1)
+                beta = rz_new / rz[keep]
+                p[keep] = zk + beta[:, None] * p[keep]
+                rz[keep] = rz_new
+        bar.close()
+        if not torch.isfinite(x).all():
+            raise FloatingPointError("CG produced NaN/Inf: check the model, loss and damping")
+        info = {"iterations": it, "max_relative_residual": float(res.max())}
+        self.meta_.setdefault("solves", []).append(info)
+        if (res > self.tol).any():
+            msg = (
+                f"CG did not reach relative residual {self.tol:g} in {self.max_iter} iterations "
+                f"(worst {float(res.max()):.3g}); raise max_iter, raise the damping, or pass a "
+                "preconditioner (e.g. a fitted EKFAC)"
+            )
+            if self.strict:
+                raise RuntimeError(msg)
+            info["warning"] = msg
+        return x
+
+    def precondition(self, grads: Grads) -> Grads:
+        self._check_ready(grads)
+        ref = next(iter(grads.values()))
+        flat = flatten({n: grads[n] for n in self.layers_}, self.layers_)
+        x = self.solve(flat)
+        return {n: v.to(ref.dtype).to(ref.device) for n, v in unflatten(x, self.layers_).items()}

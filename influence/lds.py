@@ -1,0 +1,126 @@
+"""The linear datamodeling score (LDS): how well summed influence predicts retraining.
+
+Draw K random subsets S_k of αN training examples, retrain from scratch on each with the same
+recipe, measure m_q on each retrained model. For each query, the LDS is the Spearman
+correlation over k between the measured m_q(θ_{S_k}) and the prediction −Σ_{i∈S_k} score(q, i)
+(positive scores are helpful: including them lowers the loss). Reported: the mean over queries.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+from scipy.stats import spearmanr
+from tqdm.auto import tqdm
+
+from .io import atomic_write_json
+
+
+def draw_subsets(num_examples: int, num_subsets: int = 50, alpha: float = 0.5, seed: int = 0):
+    """K random subsets of round(α N) examples as a boolean mask [K, N] (seeded)."""
+    if not 0 < alpha < 1:
+        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+    if num_subsets < 2 or num_examples < 2:
+        raise ValueError("need at least 2 subsets and 2 training examples")
+    size = max(1, int(round(alpha * num_examples)))
+    rng = np.random.default_rng(seed)
+    masks = np.zeros((num_subsets, num_examples), dtype=bool)
+    for k in range(num_subsets):
+        masks[k, rng.choice(num_examples, size=size, replace=False)] = True
+    return masks
+
+
+def _as_masks(subsets, n: int) -> np.ndarray:
+    if isinstance(subsets, np.ndarray) and subsets.dtype == bool:
+        if subsets.ndim != 2 or subsets.shape[1] != n:
+            raise ValueError(f"subset masks must be [K, {n}], got {subsets.shape}")
+        return subsets
+    masks = np.zeros((len(subsets), n), dtype=bool)
+    for k, idx in enumerate(subsets):
+        masks[k, np.asarray(idx, dtype=int)] = True
+    return masks
+
+
+def lds(score_matrix, subsets, measurements, *, per_query: bool = False):
+    """Linear datamodeling score.
+
+    score_matrix: [Q, N] influence scores (positive = helpful).
+    subsets: boolean masks [K, N] or a list of K index arrays.
+    measurements: [K, Q] measured m_q of the model retrained on subset k.
+    Returns the mean over queries of the Spearman correlation (or the [Q] array if
+    `per_query`). Queries whose measurements or predictions are constant give NaN and are
+    left out of the mean.
+    """
+    s = torch.as_tensor(score_matrix).double().cpu().numpy()
+    if s.ndim != 2:
+        raise ValueError(f"score_matrix must be [Q, N], got shape {s.shape}")
+    masks = _as_masks(subsets, s.shape[1])
+    m = np.asarray(torch.as_tensor(measurements).double().cpu().numpy())
+    if m.shape != (masks.shape[0], s.shape[0]):
+        raise ValueError(
+            f"measurements must be [K, Q] = [{masks.shape[0]}, {s.shape[0]}], got {m.shape}"
+        )
+    predictions = -(masks.astype(np.float64) @ s.T)  # [K, Q]
+    rho = np.full(s.shape[0], np.nan)
+    for q in range(s.shape[0]):
+        if np.ptp(m[:, q]) > 0 and np.ptp(predictions[:, q]) > 0:
+            rho[q] = spearmanr(m[:, q], predictions[:, q]).statistic
+    if per_query:
+        return rho
+    if np.isnan(rho).all():
+        return float("nan")
+    return float(np.nanmean(rho))
+
+
+def retrain_measurements(
+    train_fn: Callable[[np.ndarray], Any],
+    measure_fn: Callable[[Any], Any],
+    subsets,
+    *,
+    cache: dict | None = None,
+    num_examples: int | None = None,
+    progress: bool = True,
+) -> np.ndarray:
+    """Retrain on every subset and measure: returns [K, Q].
+
+    train_fn(indices) -> model trained from scratch on those training indices (same recipe,
+        same seed, for every subset); measure_fn(model) -> the Q query measurements m_q.
+    cache: a JSON-able description of the recipe (data, model, training, queries); when
+        given, each subset's measurements are stored under
+        `artifacts/lds_retrains/<hash of cache and subsets>/<k>.json` (atomic writes) and
+        reused, so interrupted runs resume and repeated runs are free.
+    """
+    if isinstance(subsets, np.ndarray) and subsets.dtype == bool:
+        index_lists = [np.flatnonzero(mk) for mk in subsets]
+    else:
+        index_lists = [np.asarray(ix, dtype=int) for ix in subsets]
+    folder = None
+    if cache is not None:
+        from .study.cache import config_hash, entry_dir
+
+        key = {
+            "recipe": cache,
+            "subsets": config_hash([ix.tolist() for ix in index_lists], 16),
+            "num_examples": num_examples,
+        }
+        folder = entry_dir("lds_retrains", key)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "config.json").write_text(json.dumps(key, indent=2, default=str))
+    rows = []
+    for k, idx in enumerate(
+        tqdm(index_lists, desc="retraining", disable=not progress, leave=False)
+    ):
+        path = None if folder is None else folder / f"{k:05d}.json"
+        if path is not None and path.is_file():
+            rows.append(json.loads(path.read_text())["measurements"])
+            continue
+        model = train_fn(idx)
+        values = torch.as_tensor(measure_fn(model)).double().reshape(-1).cpu().tolist()
+        if path is not None:
+            atomic_write_json(path, {"subset": k, "measurements": values})
+        rows.append(values)
+    return np.asarray(rows, dtype=np.float64)

@@ -1,0 +1,475 @@
+"""Notebook 01 (RQ1): how well do cheap estimators of (G + λI)⁻¹ match CG, the PBRF and
+retraining? Data, small MLPs with a fixed recipe, the experiment loop and the plots.
+
+Every estimator of one setting uses the SAME per-layer damping λ_ℓ (EK-FAC's 'auto' value,
+0.1 × the mean eigenvalue of the layer's block), so that all of them, CG and the PBRF
+approximate the same damped problem.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from scipy.stats import pearsonr, spearmanr
+from torch import nn
+from torch.utils.data import TensorDataset
+
+import influence as inf
+from influence.cg import CG
+from influence.lds import draw_subsets, lds, retrain_measurements
+from influence.lissa import LiSSA
+from influence.pbrf import pbrf_scores
+
+ESTIMATORS = ("identity", "diagonal", "kfac", "ekfac", "lissa")
+LABELS = {
+    "identity": "dot product",
+    "diagonal": "diagonal",
+    "kfac": "K-FAC",
+    "ekfac": "EK-FAC",
+    "lissa": "LiSSA",
+    "cg": "CG",
+}
+
+
+# -- data and models ------------------------------------------------------------------------
+@dataclass
+class Split:
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+
+    def train(self, idx=None) -> TensorDataset:
+        if idx is None:
+            return TensorDataset(self.x_train, self.y_train)
+        idx = torch.as_tensor(np.asarray(idx), dtype=torch.long)
+        return TensorDataset(self.x_train[idx], self.y_train[idx])
+
+    def test(self, idx=None) -> TensorDataset:
+        if idx is None:
+            return TensorDataset(self.x_test, self.y_test)
+        idx = torch.as_tensor(np.asarray(idx), dtype=torch.long)
+        return TensorDataset(self.x_test[idx], self.y_test[idx])
+
+
+def load_split(kind: str, test_size: int, seed: int = 0) -> Split:
+    """scikit-learn's bundled data (no download), standardised with training statistics.
+
+    kind 'regression': diabetes (442 × 10, target standardised); 'classification': digits
+    (1797 × 64 pixels, 10 classes).
+    """
+    from sklearn.datasets import load_diabetes, load_digits
+
+    if kind == "regression":
+        x, y = load_diabetes(return_X_y=True)
+    elif kind == "classification":
+        x, y = load_digits(return_X_y=True)
+    else:
+        raise ValueError(f"kind must be 'regression' or 'classification', got {kind!r}")
+    rng = np.random.default_rng(seed)
+    perm = rng.permutation(len(x))
+    test, train = perm[:test_size], perm[test_size:]
+    mu, sd = x[train].mean(0), x[train].std(0) + 1e-8
+    x = (x - mu) / sd
+    xt = torch.tensor(x, dtype=torch.float64)
+    if kind == "regression":
+        y = (y - y[train].mean()) / y[train].std()
+        yt = torch.tensor(y, dtype=torch.float64).unsqueeze(1)
+    else:
+        yt = torch.tensor(y, dtype=torch.long)
+    return Split(xt[train], yt[train], xt[test], yt[test])
+
+
+def make_mlp(n_in: int, n_out: int, hidden: int, activation: str, seed: int) -> nn.Module:
+    """Two hidden layers (the paper's MLPs), float64."""
+    act = {"tanh": nn.Tanh, "relu": nn.ReLU}[activation]
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Linear(n_in, hidden), act(), nn.Linear(hidden, hidden), act(), nn.Linear(hidden, n_out)
+    ).double()
+
+
+def train_mlp(
+    task: inf.Task,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    n_out: int,
+    hidden: int,
+    activation: str,
+    steps: int,
+    lr: float,
+    weight_decay: float,
+    seed: int,
+) -> nn.Module:
+    """Fixed recipe: full-batch Adam on the mean loss plus (wd/2)‖θ‖², from `seed`'s init."""
+    model = make_mlp(x.shape[1], n_out, hidden, activation, seed)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    n = len(x)
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = task.loss(model, (x, y)) / n
+        loss = loss + 0.5 * weight_decay * sum(p.pow(2).sum() for p in model.parameters())
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
+# -- the experiment -------------------------------------------------------------------------
+@dataclass
+class SettingResult:
+    name: str
+    scores: dict[str, torch.Tensor]  # estimator -> [Q, N] (all training examples)
+    seconds: dict[str, float]
+    train_indices: np.ndarray  # the examples compared with the PBRF
+    pbrf: torch.Tensor | None  # [Q, M]
+    pbrf_info: dict = field(default_factory=dict)
+    damping: dict = field(default_factory=dict)
+    lds: dict[str, float] = field(default_factory=dict)
+    lds_per_query: dict[str, np.ndarray] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def _timed(fn: Callable[[], Any]) -> tuple[Any, float]:
+    t = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - t
+
+
+def score_all(
+    model,
+    task,
+    train,
+    queries,
+    *,
+    lissa: dict,
+    cg_tol: float,
+    batch_size: int,
+    damping_scale: float = 1.0,
+    estimators=ESTIMATORS,
+    include_cg: bool = True,
+    include_block_cg: bool = False,
+) -> tuple[dict[str, torch.Tensor], dict[str, float], dict[str, float], dict]:
+    """Fit every estimator and score all training examples on all queries.
+
+    EK-FAC is fitted first; its per-layer 'auto' damping (× `damping_scale`) is then given to
+    every other estimator and to CG. With `include_block_cg`, also the exact inverse of the
+    block-diagonal part of G ("cg_block"): the best any block-diagonal estimator can do.
+    Returns scores [Q, N], seconds (fit + scores), damping, and solver diagnostics.
+    """
+    kw = dict(batch_size=batch_size, progress=False)
+    scores, seconds, diag = {}, {}, {}
+
+    def run(est):
+        est.fit(model, task, train, **kw)
+        return inf.pairwise_scores(model, task, est, queries, train, **kw)
+
+    ek_auto = inf.EKFAC().fit(model, task, train, **kw)
+    lam = {n: v * damping_scale for n, v in ek_auto.damping_.items()}
+    makers = {
+        "identity": lambda: inf.Identity(),
+        "diagonal": lambda: inf.Diagonal(damping=lam),
+        "kfac": lambda: inf.KFAC(damping=lam),
+        "ekfac": lambda: inf.EKFAC(damping=lam),
+        "lissa": lambda: LiSSA(damping=lam, **lissa),
+    }
+    for name in estimators:
+        est = makers[name]()
+        scores[name], seconds[name] = _timed(lambda est=est: run(est))
+        if name == "lissa":
+            diag["lissa_scale"] = est.scale_
+    if include_cg:
+        cg = CG(damping=lam, tol=cg_tol, max_iter=5000)
+        scores["cg"], seconds["cg"] = _timed(lambda: run(cg))
+        diag["cg_iterations"] = cg.meta_["solves"][-1]["iterations"]
+    if include_block_cg:
+        block = CG(damping=lam, tol=cg_tol, max_iter=5000, block_diagonal=True)
+        scores["cg_block"], seconds["cg_block"] = _timed(lambda: run(block))
+    return scores, seconds, lam, diag
+
+
+def block_diagonal_ceiling(results: dict) -> pd.DataFrame:
+    """Mean Pearson correlation over queries, per setting that has block-diagonal CG: how far
+    the exact block-diagonal inverse is from the full one (the ceiling of every block-diagonal
+    estimator), and how close K-FAC and EK-FAC come to each."""
+    rows = []
+    for name, res in results.items():
+        if "cg_block" not in res.scores:
+            continue
+        full, block = res.scores["cg"], res.scores["cg_block"]
+
+        def r(a, b):
+            return float(per_query_correlations(a, b).pearson.mean())
+
+        rows.append(
+            {
+                "setting": name,
+                "block-diagonal CG vs CG": r(block, full),
+                "EK-FAC vs CG": r(res.scores["ekfac"], full),
+                "EK-FAC vs block-diagonal CG": r(res.scores["ekfac"], block),
+                "K-FAC vs block-diagonal CG": r(res.scores["kfac"], block),
+            }
+        )
+    return pd.DataFrame(rows).set_index("setting")
+
+
+def per_query_correlations(pred: torch.Tensor, truth: torch.Tensor) -> pd.DataFrame:
+    """Pearson and Spearman correlation per query (rows) between two [Q, M] score matrices."""
+    rows = []
+    for q in range(truth.shape[0]):
+        a, b = pred[q].double().numpy(), truth[q].double().numpy()
+        rows.append(
+            {"query": q, "pearson": pearsonr(a, b).statistic, "spearman": spearmanr(a, b).statistic}
+        )
+    return pd.DataFrame(rows)
+
+
+def correlation_table(res: SettingResult) -> pd.DataFrame:
+    """Tidy table: setting, estimator, ground truth, query, pearson, spearman."""
+    frames = []
+    idx = res.train_indices
+    # CG is compared over every training example, the PBRF over the examples it was run on.
+    truths = {"CG": (res.scores["cg"], slice(None))}
+    if res.pbrf is not None:
+        truths["PBRF"] = (res.pbrf, idx)
+    for est in [e for e in ESTIMATORS if e in res.scores] + ["cg"]:
+        for gt, (truth, cols) in truths.items():
+            if est == "cg" and gt == "CG":
+                continue
+            df = per_query_correlations(res.scores[est][:, cols], truth)
+            df["estimator"], df["truth"], df["setting"] = est, gt, res.name
+            frames.append(df)
+    return pd.concat(frames, ignore_index=True)
+
+
+def summary(res: SettingResult) -> dict[str, dict[str, float | None]]:
+    """Per estimator: mean correlations over queries, LDS and seconds (for the report)."""
+    table = correlation_table(res)
+    out = {}
+    for est in [e for e in ESTIMATORS if e in res.scores] + ["cg"]:
+        t = table[table.estimator == est]
+
+        def mean(truth, col, t=t):
+            v = t[t.truth == truth][col]
+            return None if v.empty else float(v.mean())
+
+        out[est] = {
+            "pearson_vs_pbrf": mean("PBRF", "pearson"),
+            "pearson_vs_cg": 1.0 if est == "cg" else mean("CG", "pearson"),
+            "spearman_vs_pbrf": mean("PBRF", "spearman"),
+            "spearman_vs_cg": 1.0 if est == "cg" else mean("CG", "spearman"),
+            "lds": res.lds.get(est),
+            "seconds": float(res.seconds[est]),
+        }
+    return out
+
+
+def run_mlp_setting(
+    name: str, kind: str, cfg: dict, *, seed: int = 0, progress: bool = True
+) -> SettingResult:
+    """The whole RQ1 pipeline on one scikit-learn data set: train, score, PBRF, LDS."""
+    c = cfg[name]
+    split = load_split(kind, c["test_size"], seed)
+    task = inf.RegressionTask() if kind == "regression" else inf.ClassificationTask()
+    n_out = 1 if kind == "regression" else 10
+    recipe = dict(
+        n_out=n_out,
+        hidden=c["hidden"],
+        activation=c["activation"],
+        steps=c["steps"],
+        lr=c["lr"],
+        weight_decay=c["weight_decay"],
+    )
+    model = train_mlp(task, split.x_train, split.y_train, seed=seed, **recipe)
+    train = split.train()
+    n = len(train)
+    rng = np.random.default_rng(seed + 1)
+    query_idx = rng.choice(len(split.x_test), size=c["n_queries"], replace=False)
+    queries = split.test(query_idx)
+    scores, seconds, lam, diag = score_all(
+        model,
+        task,
+        train,
+        queries,
+        lissa=c["lissa"],
+        cg_tol=c["cg_tol"],
+        batch_size=c["batch_size"],
+        include_block_cg=True,
+    )
+    train_idx = np.sort(rng.choice(n, size=min(c["n_pbrf"], n), replace=False))
+    pbrf, info = pbrf_scores(
+        model,
+        task,
+        queries,
+        train,
+        train_idx,
+        damping=lam,
+        tol=c["pbrf_tol"],
+        max_steps=c["pbrf_steps"],
+        batch_size=n,
+        progress=progress,
+        return_info=True,
+    )
+    res = SettingResult(name, scores, seconds, train_idx, pbrf, info, lam, meta=diag)
+    with torch.no_grad():
+        res.meta["train_loss"] = float(task.loss(model, (split.x_train, split.y_train)) / n)
+        res.meta["test_loss"] = float(
+            task.loss(model, (split.x_test, split.y_test)) / len(split.x_test)
+        )
+    if c["lds_subsets"]:
+        masks = draw_subsets(n, c["lds_subsets"], alpha=c["lds_alpha"], seed=seed + 2)
+
+        def train_fn(idx):
+            return train_mlp(task, split.x_train[idx], split.y_train[idx], seed=seed, **recipe)
+
+        def measure_fn(m):
+            with torch.no_grad():
+                return torch.stack(
+                    [
+                        task.measurement(m, (xq[None], yq[None]))
+                        for xq, yq in zip(*queries.tensors, strict=True)
+                    ]
+                )
+
+        key = {
+            "setting": name,
+            "kind": kind,
+            "recipe": recipe,
+            "seed": seed,
+            "test_size": c["test_size"],
+            "queries": query_idx.tolist(),
+            "version": 1,
+        }
+        meas = retrain_measurements(
+            train_fn, measure_fn, masks, cache=key, num_examples=n, progress=progress
+        )
+        for est, s in scores.items():
+            res.lds_per_query[est] = lds(s, masks, meas, per_query=True)
+            res.lds[est] = float(np.nanmean(res.lds_per_query[est]))
+        res.meta["lds_subsets"] = int(c["lds_subsets"])
+    return res
+
+
+def damping_sweep(
+    model,
+    task,
+    train,
+    queries,
+    scales,
+    *,
+    cg_tol: float,
+    batch_size: int,
+    estimators=("identity", "diagonal", "kfac", "ekfac"),
+) -> pd.DataFrame:
+    """Pearson correlation with CG at each damping (× EK-FAC's 'auto' λ), mean over queries;
+    estimator and CG always share the damping."""
+    rows = []
+    for s in scales:
+        scores, _, _, _ = score_all(
+            model,
+            task,
+            train,
+            queries,
+            lissa={},
+            cg_tol=cg_tol,
+            batch_size=batch_size,
+            damping_scale=s,
+            estimators=estimators,
+        )
+        for est in estimators:
+            df = per_query_correlations(scores[est], scores["cg"])
+            rows.append(
+                {
+                    "scale": s,
+                    "estimator": est,
+                    "pearson": df.pearson.mean(),
+                    "spearman": df.spearman.mean(),
+                }
+            )
+    return pd.DataFrame(rows)
+
+
+# -- plots ----------------------------------------------------------------------------------
+def plot_correlation_bars(table: pd.DataFrame, ax, setting: str, metric: str = "pearson"):
+    """Bars: mean correlation per estimator and ground truth; error bars: spread over queries
+    (standard deviation)."""
+    t = table[table.setting == setting]
+    order = [e for e in [*ESTIMATORS, "cg"] if e in set(t.estimator)]
+    truths = [g for g in ("CG", "PBRF") if g in set(t.truth)]
+    width = 0.8 / len(truths)
+    for j, gt in enumerate(truths):
+        means = [t[(t.estimator == e) & (t.truth == gt)][metric].mean() for e in order]
+        sds = [t[(t.estimator == e) & (t.truth == gt)][metric].std() for e in order]
+        xs = np.arange(len(order)) + (j - (len(truths) - 1) / 2) * width
+        ax.bar(
+            xs, np.nan_to_num(means), width, yerr=np.nan_to_num(sds), capsize=2, label=f"vs {gt}"
+        )
+    ax.set_xticks(np.arange(len(order)), [LABELS[e] for e in order], rotation=30)
+    ax.set_ylim(min(0, np.nanmin(t[metric]) - 0.05), 1.05)
+    ax.axhline(0, color="k", lw=0.5)
+    ax.set_title(setting)
+    ax.set_ylabel(f"{metric.capitalize()} correlation")
+
+
+def run_lm_setting(
+    cfg: dict, *, preset: str, seed: int = 0, device: str = "cpu", progress: bool = True
+) -> SettingResult:
+    """The smallest model of the suite, in float64, MLP layers tracked (the paper's choice).
+
+    The "training set" of this setting is a random subset of `n_train` corpus sequences: G, the
+    estimators, CG and the PBRF are all defined on it (so they answer the same question), and
+    `n_pbrf` of them are compared with the PBRF on `n_queries` fact queries.
+    """
+    from influence.study.suite import load_suite, query_dataset, train_dataset
+
+    c = cfg["language_model"]
+    suite = load_suite(preset, seed=seed, device=device, progress=progress)
+    name = next(iter(suite.models))
+    model = suite.models[name].double().eval()
+    task = inf.LanguageModelingTask(modules=c["modules"])
+    full = train_dataset(suite, suite.corpus)
+    rng = np.random.default_rng(seed + 3)
+    sub = np.sort(rng.choice(len(full), size=min(c["n_train"], len(full)), replace=False))
+    train = full.select(sub.tolist())
+    facts = suite.corpus.queries["facts"]
+    qidx = np.sort(rng.choice(len(facts), size=min(c["n_queries"], len(facts)), replace=False))
+    queries = query_dataset(suite.tokenizer, facts.select(qidx.tolist()))
+    scores, seconds, lam, diag = score_all(
+        model,
+        task,
+        train,
+        queries,
+        lissa=c["lissa"],
+        cg_tol=c["cg_tol"],
+        batch_size=c["batch_size"],
+    )
+    n = len(train)
+    train_idx = np.sort(rng.choice(n, size=min(c["n_pbrf"], n), replace=False))
+    pbrf, info = pbrf_scores(
+        model,
+        task,
+        queries,
+        train,
+        train_idx,
+        damping=lam,
+        tol=c["pbrf_tol"],
+        max_steps=c["pbrf_steps"],
+        batch_size=c["batch_size"],
+        progress=progress,
+        return_info=True,
+    )
+    res = SettingResult("language_model", scores, seconds, train_idx, pbrf, info, lam, meta=diag)
+    res.meta.update(
+        model=name,
+        params=sum(p.numel() for p in model.parameters()),
+        tracked=sum(i.numel for i in inf.layers.layer_infos(task.tracked_modules(model)).values()),
+        n_train=n,
+        corpus_size=len(full),
+    )
+    return res
