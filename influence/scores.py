@@ -42,13 +42,37 @@ class LowRank:
         return self._dense
 
 
-def low_rank(p: torch.Tensor, rank: int) -> LowRank:
-    """Truncated SVD of each query's [out, in'] matrix, keeping `rank` singular values."""
-    u, s, vh = torch.linalg.svd(p.double(), full_matrices=False)
-    r = min(rank, s.shape[-1])
-    return LowRank(
-        u[..., :r].to(p.dtype), s[..., :r].to(p.dtype), vh[..., :r, :].transpose(-1, -2).to(p.dtype)
-    )
+def low_rank(
+    p: torch.Tensor, rank: int, *, oversample: int = 8, power_iters: int = 1, seed: int = 0
+) -> LowRank | torch.Tensor:
+    """Rank-`rank` truncated SVD of each query's [out, in'] matrix.
+
+    A randomized range finder (Halko, Martinsson & Tropp 2011) with `oversample` extra columns
+    and `power_iters` power iterations, seeded, so it is deterministic; it is near the exact
+    truncation when the spectrum decays (tested) and several times cheaper than a full SVD of
+    every layer of every query. When `rank` covers the matrix nothing is truncated and the
+    matrices are returned as they are.
+    """
+    q, o, i = p.shape
+    k = min(rank, o, i)
+    if k == min(o, i):
+        return p
+    width = min(k + oversample, o, i)
+    gen = torch.Generator().manual_seed(seed)
+    omega = torch.randn(i, width, generator=gen, dtype=torch.float64).to(p)
+    y = p @ omega
+    for _ in range(power_iters):
+        y = torch.linalg.qr(y).Q
+        y = p @ (p.transpose(-1, -2) @ y)
+    basis = torch.linalg.qr(y).Q  # [Q, out, width]
+    b = basis.transpose(-1, -2) @ p  # [Q, width, in']: p ≈ basis @ b
+    # SVD of the small b through the eigendecomposition of b bᵀ (width × width, float64):
+    # much cheaper than a batched SVD of the wide b, and exact for the kept top directions.
+    evals, evecs = torch.linalg.eigh((b @ b.transpose(-1, -2)).double())
+    top = evecs[..., -k:].flip(-1)
+    s = evals[..., -k:].flip(-1).clamp_min(0).sqrt()
+    v = (b.transpose(-1, -2).double() @ top) / s.clamp_min(torch.finfo(s.dtype).tiny).unsqueeze(-2)
+    return LowRank((basis.double() @ top).to(p.dtype), s.to(p.dtype), v.to(p.dtype))
 
 
 def _first_batch(data: Any, batch_size: int):
@@ -169,7 +193,8 @@ def pairwise_scores(
         device=dev,
         progress=progress,
     )
-    num_q = next(iter(pre.values())).u.shape[0] if rank else next(iter(pre.values())).shape[0]
+    first = next(iter(pre.values()))
+    num_q = (first.u if isinstance(first, LowRank) else first).shape[0]
     chunk = query_batch_size or num_q
     results: list[dict[str, torch.Tensor]] = []
     for start in range(0, num_q, chunk):
