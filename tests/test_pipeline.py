@@ -81,7 +81,7 @@ def test_run_renders_reports_then_a_failure_names_notebook_and_cell(study, capsy
     html = (reports / "00_toy.html").read_text()
     assert "value = 6" in html  # the injected parameters reached the kernel
     report = json.loads((reports / "00_toy.json").read_text())
-    assert report["metrics"] == {"value": 6}
+    assert report["value"] == 6 and report["metrics"] == ["value"]
     assert report["params"] == {"scale": 3}
     assert report["parameters"] == {"preset": "default", "device": "cpu", "seed": 1, "scale": 3}
     assert report["paper_vs_here"] == "paper: 1; here: 6"

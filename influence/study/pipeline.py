@@ -436,6 +436,7 @@ def run_job(job: Job, *, log_output: bool = False) -> dict[str, Any]:
         data = {"metrics": {}, "paper_vs_here": "", "stages": {}, "figures": {}, "params": {}}
     figures = _relative_figures(data.get("figures", {}))
     out_dir = reports_dir(preset)
+    metrics = data.get("metrics", {})
     report = {
         "notebook": job.name,
         "title": notebook_title(job.nb, job.name),
@@ -445,7 +446,7 @@ def run_job(job: Job, *, log_output: bool = False) -> dict[str, Any]:
         "seed": job.parameters["seed"],
         "parameters": job.parameters,
         "params": data.get("params", {}),
-        "metrics": data.get("metrics", {}),
+        "metrics": sorted(metrics),
         "paper_vs_here": data.get("paper_vs_here", ""),
         "figures": figures,
         "headline_figure": _headline_png(figures),
@@ -456,6 +457,12 @@ def run_job(job: Job, *, log_output: bool = False) -> dict[str, Any]:
         "started_at": started.isoformat(timespec="seconds"),
         "provenance": provenance(job.parameters["device"]),
     }
+    # Headline metrics sit at the top level (e.g. `settings`, `corpus_sha256`), as the
+    # notebooks' report schemas say; `metrics` lists their names.
+    clash = sorted(set(metrics) & set(report))
+    if clash:
+        raise PipelineError(f"{job.name}: metric names {clash} clash with provenance fields")
+    report.update(metrics)
     atomic_write_text(out_dir / f"{job.name}.html", render_html(nb))
     atomic_write_json(out_dir / f"{job.name}.json", report)
     write_index(out_dir)
