@@ -42,7 +42,7 @@ class LayerCapture:
                     f"layer {name!r} was called twice in one forward pass (shared weights); "
                     "exclude it with the task's `modules=` argument"
                 )
-            self.inputs[name] = args[0].detach()
+            self.inputs[name] = args[0]
             if not output.requires_grad:
                 output.requires_grad_(True)
             self.outputs[name] = output
@@ -76,13 +76,19 @@ class LayerCapture:
         names = list(self.layers)
         grads = torch.autograd.grad(loss, [self.outputs[n] for n in names], allow_unused=True)
         terms: LayerTerms = {}
+        # Layers that read the same input (q/k/v, gate/up) share one ā tensor, so that
+        # consumers can compute products of ā once (see `shared_inputs`).
+        shared: dict[tuple[int, bool], torch.Tensor] = {}
         for n, g in zip(names, grads, strict=True):
             out = self.outputs[n]
             g = torch.zeros_like(out) if g is None else g
-            a = _as_sequence(self.inputs[n])
-            if self.infos[n].bias:
-                a = torch.cat([a, a.new_ones(a.shape[:-1] + (1,))], dim=-1)
-            terms[n] = (a, _as_sequence(g.detach()))
+            key = (id(self.inputs[n]), self.infos[n].bias)
+            if key not in shared:
+                a = _as_sequence(self.inputs[n].detach())
+                if self.infos[n].bias:
+                    a = torch.cat([a, a.new_ones(a.shape[:-1] + (1,))], dim=-1)
+                shared[key] = a
+            terms[n] = (shared[key], _as_sequence(g.detach()))
         self.inputs.clear()
         self.outputs.clear()
         return terms

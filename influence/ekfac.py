@@ -9,15 +9,24 @@ from .gradients import iter_layer_terms
 from .kfac import KFAC
 
 
-def _project(a: torch.Tensor, g: torch.Tensor, qa: torch.Tensor, qs: torch.Tensor) -> torch.Tensor:
+def _project(a, g, qa, qs, rotated_inputs: dict) -> torch.Tensor:
     """Q_Sᵀ (Σ_t g_t ā_tᵀ) Q_A per example, [B, out, in'], by the cheaper of two orders:
-    rotate every token then sum (short sequences), or sum then rotate each example."""
+    rotate every token then sum (short sequences), or sum then rotate each example.
+
+    `rotated_inputs` caches ā Q_A for layers that share both their input and their Q_A (q/k/v
+    and gate/up have equal input covariances, hence equal eigenbases)."""
     b, t, o = g.shape
     i = a.shape[-1]
     rotate_tokens = t * (o * o + i * i) < o * i * (o + i)
-    if rotate_tokens:
-        return torch.einsum("bto,bti->boi", g @ qs, a @ qa)
-    return qs.T @ torch.einsum("bto,bti->boi", g, a) @ qa
+    if not rotate_tokens:
+        return qs.T @ torch.einsum("bto,bti->boi", g, a) @ qa
+    cached = rotated_inputs.get(id(a))
+    if cached is not None and torch.equal(cached[0], qa):
+        a_rot = cached[1]
+    else:
+        a_rot = a @ qa
+        rotated_inputs[id(a)] = (qa, a_rot)
+    return torch.einsum("bto,bti->boi", g @ qs, a_rot)
 
 
 class EKFAC(KFAC):
@@ -42,13 +51,14 @@ class EKFAC(KFAC):
             desc="eigenvalues",
         ):
             count += task.batch_size(batch)
+            rotated_inputs: dict = {}
             for n, (a, g) in terms.items():
                 if n not in bases:
                     bases[n] = (
                         self.state_[f"{n}::eigvecs_A"].to(a),
                         self.state_[f"{n}::eigvecs_S"].to(g),
                     )
-                sq = _project(a, g, *bases[n]).pow(2).sum(0).double()
+                sq = _project(a, g, *bases[n], rotated_inputs).pow(2).sum(0).double()
                 sums[n] = sums[n] + sq if n in sums else sq
         self.damping_ = {}
         for n, s in sums.items():

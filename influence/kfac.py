@@ -35,10 +35,14 @@ def fit_covariances(model, task, data, *, seed, batch_size, device, progress):
     ):
         examples += task.batch_size(batch)
         k = 0
+        input_products: dict[int, torch.Tensor] = {}  # layers sharing an input share ā āᵀ
         for n, (a, g) in terms.items():
-            a, g = _masked_rows(a, mask), _masked_rows(g, mask)
-            k = a.shape[0]
-            aa, gg = (a.T @ a).double(), (g.T @ g).double()
+            if id(a) not in input_products:
+                rows = _masked_rows(a, mask)
+                input_products[id(a)] = (rows.T @ rows).double()
+            g = _masked_rows(g, mask)
+            k = g.shape[0]
+            aa, gg = input_products[id(a)], (g.T @ g).double()
             a_sum[n] = a_sum[n] + aa if n in a_sum else aa
             s_sum[n] = s_sum[n] + gg if n in s_sum else gg
         tokens += k
