@@ -43,6 +43,19 @@ def check_damping(damping: Damping) -> Damping:
     return float(damping)
 
 
+def layer_damping(damping: Damping, layer: str, mean_eigenvalue: float | None) -> float:
+    """λ for `layer`: 0.1 × its mean eigenvalue ('auto'), the float, or the dict's entry."""
+    if damping == "auto":
+        if mean_eigenvalue is None:
+            raise ValueError("damping='auto' needs the layer's mean eigenvalue")
+        return 0.1 * float(mean_eigenvalue)
+    if isinstance(damping, Mapping):
+        if layer not in damping:
+            raise ValueError(f"damping dict has no entry for layer {layer!r}")
+        return float(damping[layer])
+    return float(damping)
+
+
 class Estimator:
     """Base class. Subclasses set `name`, implement `_fit` and `precondition`, and keep their
     fitted tensors in `self.state_` ({key: tensor}) so that save/load work unchanged."""
@@ -80,15 +93,9 @@ class Estimator:
     def _fit(self, model, task, data, *, batch_size, device, progress, seed) -> None:
         raise NotImplementedError
 
-    def resolve_damping(self, layer: str, mean_eigenvalue: float) -> float:
+    def resolve_damping(self, layer: str, mean_eigenvalue: float | None) -> float:
         """λ for `layer`: 0.1 × mean eigenvalue ('auto'), the float, or the dict's entry."""
-        if self.damping == "auto":
-            return 0.1 * float(mean_eigenvalue)
-        if isinstance(self.damping, Mapping):
-            if layer not in self.damping:
-                raise ValueError(f"damping dict has no entry for layer {layer!r}")
-            return self.damping[layer]
-        return float(self.damping)
+        return layer_damping(self.damping, layer, mean_eigenvalue)
 
     def _check_finite(self) -> None:
         for key, t in self.state_.items():

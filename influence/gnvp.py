@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.dataloader import default_collate
 from tqdm.auto import tqdm
 
+from .estimator import check_damping, layer_damping
 from .gradients import _EvalMode, flatten, iter_batches, make_loader, num_examples, unflatten
 from .layers import LayerInfo, layer_infos
 from .tasks import Task
@@ -143,19 +144,8 @@ def resolve_full_damping(
     damping, infos: Mapping[str, LayerInfo], mean_eig: Mapping[str, float] | None
 ) -> dict[str, float]:
     """Per-layer λ for CG/LiSSA/PBRF: 'auto' = 0.1 × trace(G_ℓℓ)/dim, a float, or a dict."""
-    if isinstance(damping, str):
-        if damping != "auto":
-            raise ValueError(f"unknown damping {damping!r}: use 'auto', a float or a dict")
-        assert mean_eig is not None
-        return {n: 0.1 * mean_eig[n] for n in infos}
-    if isinstance(damping, Mapping):
-        missing = [n for n in infos if n not in damping]
-        if missing:
-            raise ValueError(f"damping dict has no entry for layers {missing[:5]}")
-        return {n: float(damping[n]) for n in infos}
-    if not float(damping) >= 0:
-        raise ValueError(f"damping must be non-negative, got {damping!r}")
-    return {n: float(damping) for n in infos}
+    damping = check_damping(damping)
+    return {n: layer_damping(damping, n, mean_eig[n] if mean_eig else None) for n in infos}
 
 
 class GaussNewton:
