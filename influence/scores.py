@@ -177,7 +177,7 @@ def pairwise_scores(
 
     Returns [Q, N]; with `by_token` [Q, N, T] (T the longest training sequence; the terms sum
     to the total); with `by_layer` a dict {layer: scores} whose values sum to the total.
-    `rank` stores each layer's preconditioned query gradient as a rank-`rank` SVD (query
+    `rank` stores each layer's preconditioned query gradient as a rank-`rank` truncated SVD (query
     batching). `query_batch_size` bounds how many queries are held at once (each chunk makes
     one pass over the training data). The model is evaluated in eval mode.
     """
