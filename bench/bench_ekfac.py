@@ -21,6 +21,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import influence as inf
 from influence.capture import LayerCapture
+from influence.ekfac import rotate_tokens_first
 from influence.layers import layer_infos
 
 
@@ -153,12 +154,9 @@ def main() -> None:
     tokens = args.train * args.seq
     f_cov = sum(2 * tokens * (i.in_dim**2 + i.out_features**2) for i in infos.values())
     f_proj = sum(
-        2 * tokens * (i.in_dim**2 + i.out_features**2 + i.out_features * i.in_dim)
-        if args.seq * (i.out_features**2 + i.in_dim**2)
-        < i.out_features * i.in_dim * (i.out_features + i.in_dim)
-        else 2
-        * args.train
-        * (args.seq * i.numel + i.out_features * i.in_dim * (i.out_features + i.in_dim))
+        2 * tokens * (i.in_dim**2 + i.out_features**2 + i.numel)
+        if rotate_tokens_first(args.seq, i.out_features, i.in_dim)
+        else 2 * args.train * (args.seq * i.numel + i.numel * (i.out_features + i.in_dim))
         for i in infos.values()
     )
     f_grads = sum(2 * tokens * i.numel for i in infos.values())

@@ -229,17 +229,11 @@ def _stream_scores(
         progress=progress,
         desc="scores",
     ):
-        out: dict[str, torch.Tensor] = {}
-        total = None
-        for n, (a, g) in terms.items():
-            s = _layer_scores(pre[n], a, g, by_token)
-            max_t = max(max_t, a.shape[1])
-            if by_layer:
-                out[n] = s.detach().cpu()
-            total = s if total is None else total + s
+        layer_scores = {n: _layer_scores(pre[n], a, g, by_token) for n, (a, g) in terms.items()}
+        max_t = max(max_t, next(iter(terms.values()))[0].shape[1])
         if not by_layer:
-            out["total"] = total.detach().cpu()
-        per_batch.append(out)
+            layer_scores = {"total": sum(layer_scores.values())}
+        per_batch.append({k: v.detach().cpu() for k, v in layer_scores.items()})
     if not per_batch:
         raise ValueError("training data is empty")
     keys = per_batch[0]
