@@ -15,8 +15,11 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from .capture import LayerTerms
+from .gradients import example_gradients
 from .io import atomic_save_safetensors, load_safetensors
 from .layers import LayerInfo, check_layers_match, layer_infos
+from .lowrank import LowRank, low_rank
 from .tasks import Task
 
 Damping = str | float | Mapping[str, float]
@@ -116,6 +119,17 @@ class Estimator:
     def precondition(self, grads: Grads) -> Grads:
         """Return (G + λI)⁻¹ applied to each row of the gradients."""
         raise NotImplementedError
+
+    def precondition_terms(
+        self, terms: LayerTerms, rank: int | None = None
+    ) -> dict[str, torch.Tensor | LowRank]:
+        """(G + λI)⁻¹ applied to the per-example gradients of one batch, given as per-token
+        terms {layer: (ā, g)}; with `rank`, each as a rank-`rank` truncated SVD.
+
+        For block-diagonal estimators, whose examples are preconditioned independently; CG and
+        LiSSA solve for all examples at once through `precondition`."""
+        pre = self.precondition(example_gradients(terms))
+        return pre if rank is None else {n: low_rank(p, rank) for n, p in pre.items()}
 
     # -- persistence ------------------------------------------------------------------------
     def _config(self) -> dict[str, Any]:

@@ -5,8 +5,34 @@ from __future__ import annotations
 
 import torch
 
+from .capture import LayerTerms
 from .estimator import Estimator, Grads
-from .gradients import iter_layer_terms
+from .gradients import iter_layer_terms, token_outer_sum
+from .lowrank import LowRank, low_rank
+
+
+def rotate_tokens_first(tokens: int, out_features: int, in_dim: int) -> bool:
+    """Whether rotating every token into the eigenbases, T·(out² + in'²) multiply-adds, is
+    cheaper than rotating each example's summed gradient, out·in'·(out + in')."""
+    o, i = out_features, in_dim
+    return tokens * (o * o + i * i) < o * i * (o + i)
+
+
+def eigenbasis_gradients(a, g, qa, qs, rotated_inputs: dict) -> torch.Tensor:
+    """Q_Sᵀ (Σ_t g_t ā_tᵀ) Q_A per example, [B, out, in'], by the cheaper of two orders:
+    rotate every token then sum (short sequences), or sum then rotate each example.
+
+    `rotated_inputs` caches ā Q_A for layers that share both their input and their Q_A (q/k/v
+    and gate/up have equal input covariances, hence equal eigenbases)."""
+    if not rotate_tokens_first(g.shape[1], g.shape[2], a.shape[-1]):
+        return qs.T @ token_outer_sum(g, a) @ qa
+    cached = rotated_inputs.get(id(a))
+    if cached is not None and torch.equal(cached[0], qa):
+        a_rot = cached[1]
+    else:
+        a_rot = a @ qa
+        rotated_inputs[id(a)] = (qa, a_rot)
+    return token_outer_sum(g @ qs, a_rot)
 
 
 def _masked_rows(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -105,14 +131,41 @@ class KFAC(Estimator):
         la, ls = self.state_[f"{layer}::eigvals_A"], self.state_[f"{layer}::eigvals_S"]
         return self.meta_["mean_tokens"] * torch.outer(ls, la)
 
+    def _inverse_eigenvalues(self, layer: str, like: torch.Tensor) -> torch.Tensor:
+        return (1.0 / (self.eigenvalues(layer) + self.damping_[layer])).to(like)
+
+    def _bases(self, layer: str, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.state_[f"{layer}::eigvecs_A"].to(like), self.state_[f"{layer}::eigvecs_S"].to(
+            like
+        )
+
     def precondition(self, grads: Grads) -> Grads:
+        # The rotations run in the gradients' dtype: orthogonal maps do not amplify rounding
+        # error, so float32 gradients lose nothing measurable (relative error ~1e-6) and the
+        # products run at twice the float64 speed. The eigendecompositions stay float64.
         out = {}
         for n, v in grads.items():
-            qa = self.state_[f"{n}::eigvecs_A"].to(v.device)
-            qs = self.state_[f"{n}::eigvecs_S"].to(v.device)
-            lam = self.eigenvalues(n).to(v.device)
-            rotated = qs.T @ v.double() @ qa
-            out[n] = (qs @ (rotated / (lam + self.damping_[n])) @ qa.T).to(v.dtype)
+            qa, qs = self._bases(n, v)
+            out[n] = qs @ ((qs.T @ v @ qa) * self._inverse_eigenvalues(n, v)) @ qa.T
+        return out
+
+    def precondition_terms(
+        self, terms: LayerTerms, rank: int | None = None
+    ) -> dict[str, torch.Tensor | LowRank]:
+        """As the base method, cheaper: gradients are formed directly in the eigenbasis (tokens
+        rotated first when that costs less), and the rank-`rank` truncation is taken there and
+        only its thin factors rotated back. The SVD is invariant under the two rotations, so
+        this truncates the preconditioned gradient itself."""
+        out: dict[str, torch.Tensor | LowRank] = {}
+        rotated_inputs: dict = {}
+        for n, (a, g) in terms.items():
+            qa, qs = self._bases(n, a)
+            x = eigenbasis_gradients(a, g, qa, qs, rotated_inputs) * self._inverse_eigenvalues(n, a)
+            lr = x if rank is None else low_rank(x, rank)
+            if isinstance(lr, LowRank):
+                out[n] = LowRank(qs @ lr.u, lr.s, qa @ lr.v)
+            else:
+                out[n] = qs @ lr @ qa.T
         return out
 
     def implied_matrix(self, layer: str) -> torch.Tensor:

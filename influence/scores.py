@@ -7,7 +7,6 @@ training data is streamed once per chunk of queries, without weight gradients.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -19,60 +18,11 @@ from .gradients import (
     example_gradients,
     iter_batches,
     iter_layer_terms,
-    per_example_gradients,
     resolve_device,
 )
 from .layers import layer_infos
+from .lowrank import LowRank, cat_queries, low_rank
 from .tasks import Task
-
-
-@dataclass
-class LowRank:
-    """A layer's preconditioned query gradients as U diag(σ) Vᵀ, U [Q, out, r], V [Q, in', r]."""
-
-    u: torch.Tensor
-    s: torch.Tensor
-    v: torch.Tensor
-    _dense: torch.Tensor | None = None
-
-    def dense(self) -> torch.Tensor:
-        """The [Q, out, in'] matrices, built once and kept (the dense path reuses them)."""
-        if self._dense is None:
-            self._dense = torch.einsum("qor,qr,qir->qoi", self.u, self.s, self.v)
-        return self._dense
-
-
-def low_rank(
-    p: torch.Tensor, rank: int, *, oversample: int = 8, power_iters: int = 1, seed: int = 0
-) -> LowRank | torch.Tensor:
-    """Rank-`rank` truncated SVD of each query's [out, in'] matrix.
-
-    A randomized range finder (Halko, Martinsson & Tropp 2011) with `oversample` extra columns
-    and `power_iters` power iterations, seeded, so it is deterministic; it is near the exact
-    truncation when the spectrum decays (tested) and several times cheaper than a full SVD of
-    every layer of every query. When `rank` covers the matrix nothing is truncated and the
-    matrices are returned as they are.
-    """
-    q, o, i = p.shape
-    k = min(rank, o, i)
-    if k == min(o, i):
-        return p
-    width = min(k + oversample, o, i)
-    gen = torch.Generator().manual_seed(seed)
-    omega = torch.randn(i, width, generator=gen, dtype=torch.float64).to(p)
-    y = p @ omega
-    for _ in range(power_iters):
-        y = torch.linalg.qr(y).Q
-        y = p @ (p.transpose(-1, -2) @ y)
-    basis = torch.linalg.qr(y).Q  # [Q, out, width]
-    b = basis.transpose(-1, -2) @ p  # [Q, width, in']: p ≈ basis @ b
-    # SVD of the small b through the eigendecomposition of b bᵀ (width × width, float64):
-    # much cheaper than a batched SVD of the wide b, and exact for the kept top directions.
-    evals, evecs = torch.linalg.eigh((b @ b.transpose(-1, -2)).double())
-    top = evecs[..., -k:].flip(-1)
-    s = evals[..., -k:].flip(-1).clamp_min(0).sqrt()
-    v = (b.transpose(-1, -2).double() @ top) / s.clamp_min(torch.finfo(s.dtype).tiny).unsqueeze(-2)
-    return LowRank((basis.double() @ top).to(p.dtype), s.to(p.dtype), v.to(p.dtype))
 
 
 def _first_batch(data: Any, batch_size: int):
@@ -112,17 +62,15 @@ def _use_token_path(lr: LowRank, t: int) -> bool:
 
 
 def _layer_scores(p, a, g, by_token: bool) -> torch.Tensor:
-    """Scores of one layer for one training batch: [Q, B] or, by token, [Q, B, T]."""
+    """Scores of one layer for one training batch without forming per-example gradients:
+    [Q, B, T] by token, or [Q, B] through the low-rank factors token by token."""
     if isinstance(p, LowRank) and (by_token or _use_token_path(p, a.shape[1])):
         gu = torch.einsum("bto,qor->qbtr", g, p.u)
         av = torch.einsum("bti,qir->qbtr", a, p.v)
         per_token = torch.einsum("qbtr,qr->qbt", gu * av, p.s)
         return per_token if by_token else per_token.sum(-1)
     dense = p.dense() if isinstance(p, LowRank) else p
-    if by_token:
-        return torch.einsum("qbto,bto->qbt", torch.einsum("qoi,bti->qbto", dense, a), g)
-    grads = torch.einsum("bto,bti->boi", g, a)
-    return dense.reshape(dense.shape[0], -1) @ grads.reshape(grads.shape[0], -1).T
+    return torch.einsum("qbto,bto->qbt", torch.einsum("qoi,bti->qbto", dense, a), g)
 
 
 def preconditioned_queries(
@@ -136,8 +84,14 @@ def preconditioned_queries(
     device: str | torch.device | None = None,
     progress: bool = False,
 ) -> dict[str, torch.Tensor | LowRank]:
-    """(G + λI)⁻¹ ∇m_q per layer for every query, optionally truncated to `rank`."""
-    grads = per_example_gradients(
+    """(G + λI)⁻¹ ∇m_q per layer for every query, optionally truncated to `rank`.
+
+    Block-diagonal estimators precondition each batch of queries as it is captured; CG and
+    LiSSA solve for all queries at once."""
+    if rank is not None and rank < 1:
+        raise ValueError(f"rank must be a positive integer or None, got {rank}")
+    parts = []
+    for _, _, terms, _ in iter_layer_terms(
         model,
         task,
         query_data,
@@ -145,13 +99,19 @@ def preconditioned_queries(
         batch_size=batch_size,
         device=device,
         progress=progress,
-    )
-    pre = estimator.precondition(grads)
-    if rank is None:
-        return pre
-    if rank < 1:
-        raise ValueError(f"rank must be a positive integer or None, got {rank}")
-    return {n: low_rank(p, rank) for n, p in pre.items()}
+        desc="queries",
+    ):
+        if estimator.block_diagonal:
+            parts.append(estimator.precondition_terms(terms, rank))
+        else:
+            parts.append(example_gradients(terms))
+    if not parts:
+        raise ValueError("query data is empty")
+    merged = {n: cat_queries([p[n] for p in parts]) for n in parts[0]}
+    if estimator.block_diagonal:
+        return merged
+    pre = estimator.precondition(merged)
+    return pre if rank is None else {n: low_rank(p, rank) for n, p in pre.items()}
 
 
 def _pad_tokens(x: torch.Tensor, t: int) -> torch.Tensor:
@@ -214,11 +174,68 @@ def _slice_queries(p, start: int, stop: int):
     return p[start:stop]
 
 
+# Training gradients are buffered until this many examples (or this many bytes) so that each
+# layer's score product is one wide matrix product: at 32 columns it is bound by reading the
+# [Q, out·in'] query matrix, at 128 it runs near the CPU's peak (measured in bench/).
+_GROUP_ROWS = 128
+_GROUP_BYTES = 512 * 2**20
+
+
+class _GradientGroup:
+    """Per-example gradients of consecutive training batches in preallocated buffers, one per
+    layer scored through its dense gradient, scored against the queries in one product each."""
+
+    def __init__(self, shapes: dict[str, tuple[int, int]], rows: int, like: torch.Tensor):
+        self.buffers = {n: like.new_empty(rows, o, i) for n, (o, i) in shapes.items()}
+        self.capacity, self.rows = rows, 0
+
+    def fits(self, batch_rows: int) -> bool:
+        return self.rows + batch_rows <= self.capacity
+
+    def add(self, terms) -> None:
+        """Append Σ_t g_t ā_tᵀ of every example in the batch, for the buffered layers."""
+        rows = next(iter(terms.values()))[0].shape[0]
+        for n, buf in self.buffers.items():
+            a, g = terms[n]
+            torch.bmm(g.transpose(1, 2), a, out=buf[self.rows : self.rows + rows])
+        self.rows += rows
+
+    def scores(self, name: str, p) -> torch.Tensor:
+        dense = p.dense() if isinstance(p, LowRank) else p
+        grads = self.buffers[name][: self.rows]
+        return dense.reshape(dense.shape[0], -1) @ grads.reshape(self.rows, -1).T
+
+
+def _group_rows(shapes: dict[str, tuple[int, int]], batch_rows: int, itemsize: int) -> int:
+    per_row = itemsize * sum(o * i for o, i in shapes.values())
+    return max(batch_rows, min(_GROUP_ROWS, _GROUP_BYTES // max(per_row, 1)))
+
+
 def _stream_scores(
     model, task, layers, pre, train_data, by_layer, by_token, batch_size, device, progress
 ):
-    per_batch: list[dict[str, torch.Tensor]] = []
+    """One pass over the training data: {layer or "total": [Q, N] (or [Q, N, T])}."""
+    blocks: list[dict[str, torch.Tensor]] = []  # finished column blocks, on the CPU
+    pending: dict[str, list[torch.Tensor]] = {}  # token-path scores of the group's batches
+    group: _GradientGroup | None = None
+    grouped: list[str] = []
     max_t = 0
+
+    def flush() -> None:
+        # Layers in `pre` order, so that the total is summed in a fixed order.
+        scores = {
+            n: torch.cat(pending[n], dim=1) if n in pending else group.scores(n, pre[n])
+            for n in pre
+            if n in pending or (n in grouped and group.rows)
+        }
+        if group is not None:
+            group.rows = 0
+        pending.clear()
+        if scores:
+            if not by_layer:
+                scores = {"total": sum(scores.values())}
+            blocks.append({k: v.detach().cpu() for k, v in scores.items()})
+
     for _, _, terms, _ in iter_layer_terms(
         model,
         task,
@@ -229,17 +246,34 @@ def _stream_scores(
         progress=progress,
         desc="scores",
     ):
-        layer_scores = {n: _layer_scores(pre[n], a, g, by_token) for n, (a, g) in terms.items()}
-        max_t = max(max_t, next(iter(terms.values()))[0].shape[1])
-        if not by_layer:
-            layer_scores = {"total": sum(layer_scores.values())}
-        per_batch.append({k: v.detach().cpu() for k, v in layer_scores.items()})
-    if not per_batch:
+        a0 = next(iter(terms.values()))[0]
+        rows, t = a0.shape[0], a0.shape[1]
+        max_t = max(max_t, t)
+        if group is None and not by_token:
+            # Layers whose scores go through the dense per-example gradient; the choice is a
+            # matter of speed only (both paths give the same scores), made on the first batch.
+            grouped = [
+                n for n, p in pre.items() if not (isinstance(p, LowRank) and _use_token_path(p, t))
+            ]
+            shapes = {n: (terms[n][1].shape[-1], terms[n][0].shape[-1]) for n in grouped}
+            group = _GradientGroup(shapes, _group_rows(shapes, rows, a0.element_size()), a0)
+        if group is not None and not group.fits(rows):
+            flush()
+            if not group.fits(rows):  # a batch larger than the first one
+                group = _GradientGroup(shapes, rows, a0)
+        if group is not None:
+            group.add(terms)
+        for n, (a, g) in terms.items():
+            if n not in grouped:
+                pending.setdefault(n, []).append(_layer_scores(pre[n], a, g, by_token))
+        if group is None:
+            flush()
+    flush()
+    if not blocks:
         raise ValueError("training data is empty")
-    keys = per_batch[0]
     if by_token:
-        return {k: torch.cat([_pad_tokens(b[k], max_t) for b in per_batch], dim=1) for k in keys}
-    return {k: torch.cat([b[k] for b in per_batch], dim=1) for k in keys}
+        return {k: torch.cat([_pad_tokens(b[k], max_t) for b in blocks], dim=1) for k in blocks[0]}
+    return {k: torch.cat([b[k] for b in blocks], dim=1) for k in blocks[0]}
 
 
 def self_scores(

@@ -94,6 +94,29 @@ def test_full_rank_equals_no_rank_and_low_rank_paths_agree(llama_setting, est_cl
 
 
 @pytest.mark.parametrize("est_cls", ESTIMATORS)
+def test_queries_preconditioned_batch_by_batch_equal_the_preconditioned_gradients(
+    llama_setting, est_cls
+):
+    """Block-diagonal estimators precondition each batch of queries from its per-token terms
+    (K-FAC and EK-FAC in their eigenbasis, truncating there); the result must be the estimator's
+    `precondition` of the query gradients and, with a rank, that matrix's truncated SVD."""
+    model, task, data, queries = llama_setting
+    est = fitted(est_cls, model, task, data)
+    dense = est.precondition(
+        inf.per_example_gradients(model, task, queries, measurement=True, batch_size=5)
+    )
+    batched = inf.preconditioned_queries(model, task, est, queries, batch_size=3)
+    # rank 2 of 8 columns: the range finder's 10 columns cover every layer, so the randomized
+    # truncation is the exact one up to rounding.
+    low = inf.preconditioned_queries(model, task, est, queries, rank=2, batch_size=3)
+    for n, p in dense.items():
+        assert rel(batched[n], p) < TIGHT, n
+        u, s, vh = torch.linalg.svd(p, full_matrices=False)
+        best = u[..., :2] @ torch.diag_embed(s[..., :2]) @ vh[..., :2, :]
+        assert rel(low[n].dense(), best) < 1e-8, n
+
+
+@pytest.mark.parametrize("est_cls", ESTIMATORS)
 def test_self_scores_are_the_diagonal_of_pairwise_scores(est_cls):
     model, task = tiny_llama(), inf.LanguageModelingTask()
     data = lm_data(12, min_len=3)
@@ -117,6 +140,28 @@ def test_query_chunks_equal_all_queries_at_once(llama_setting):
         )
         < TIGHT
     )
+
+
+@pytest.mark.parametrize("rank", [None, 1])
+def test_buffered_training_gradients_give_the_same_scores(llama_setting, monkeypatch, rank):
+    """Training gradients are scored in buffered groups of batches; group boundaries, a batch
+    larger than the buffer and a mix of grouped and token-path layers (rank 1) change nothing."""
+    import influence.scores as scores_module
+
+    model, task, data, queries = llama_setting
+    est = fitted(inf.EKFAC, model, task, data)
+    ref = scores(model, task, est, queries, data, rank=rank, batch_size=20)  # one group
+    monkeypatch.setattr(scores_module, "_GROUP_ROWS", 7)
+    grouped = scores(model, task, est, queries, data, rank=rank, batch_size=3)  # flush at 6
+    growing = DataLoader(
+        TensorDataset(*data.values()),
+        batch_sampler=[list(range(0, 2)), list(range(2, 12)), list(range(12, 20))],
+        collate_fn=lambda rows: dict(
+            zip(data, map(torch.stack, zip(*rows, strict=True)), strict=True)
+        ),
+    )
+    assert rel(grouped, ref) < TIGHT
+    assert rel(scores(model, task, est, queries, growing, rank=rank), ref) < TIGHT
 
 
 @pytest.mark.parametrize("est_cls", ESTIMATORS)
@@ -206,7 +251,7 @@ def test_model_mode_is_restored_and_parameters_stay_trainable(llama_setting):
 
 
 def test_randomized_truncation_is_near_the_exact_truncated_svd():
-    from influence.scores import LowRank, low_rank
+    from influence.lowrank import LowRank, low_rank
 
     g = torch.Generator().manual_seed(0)
     # Preconditioned query gradients have decaying spectra; build matrices that do too.
