@@ -29,7 +29,7 @@ class Diagonal(Estimator):
         ):
             count += task.batch_size(batch)
             for n, gr in example_gradients(terms).items():
-                sq = gr.pow(2).sum(0).double()
+                sq = gr.square_().sum(0).double()  # in place: gr is a fresh temporary
                 sums[n] = sums[n] + sq if n in sums else sq
         if count == 0:
             raise ValueError("cannot fit on empty data")

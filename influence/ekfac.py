@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from .gradients import iter_layer_terms
-from .kfac import KFAC, eigenbasis_gradients
+from .kfac import KFAC, Workspace, eigenbasis_gradients
 
 
 class EKFAC(KFAC):
@@ -19,6 +19,7 @@ class EKFAC(KFAC):
         sums: dict[str, torch.Tensor] = {}
         bases: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         count = 0
+        workspace = Workspace()
         for _, batch, terms, _ in iter_layer_terms(
             model,
             task,
@@ -31,14 +32,15 @@ class EKFAC(KFAC):
             desc="eigenvalues",
         ):
             count += task.batch_size(batch)
-            rotated_inputs: dict = {}
+            workspace.next_batch()
             for n, (a, g) in terms.items():
                 if n not in bases:
                     bases[n] = (
                         self.state_[f"{n}::eigvecs_A"].to(a),
                         self.state_[f"{n}::eigvecs_S"].to(g),
                     )
-                sq = eigenbasis_gradients(a, g, *bases[n], rotated_inputs).pow(2).sum(0).double()
+                projected = eigenbasis_gradients(a, g, *bases[n], workspace, n)
+                sq = projected.square_().sum(0).double()  # in place: no new temporary
                 sums[n] = sums[n] + sq if n in sums else sq
         self.damping_ = {}
         for n, s in sums.items():
