@@ -51,7 +51,7 @@ def eigenbasis_gradients(a, g, qa, qs, workspace: Workspace, name: str) -> torch
 
     Layers that share both their input and their Q_A (q/k/v and gate/up have equal input
     covariances, hence equal eigenbases) rotate that input once per batch. The result lives in
-    `workspace` and is overwritten by the layer's next batch."""
+    `workspace` and is overwritten by the next call with the same shape: use it before then."""
     if not rotate_tokens_first(g.shape[1], g.shape[2], a.shape[-1]):
         return qs.T @ token_outer_sum(g, a) @ qa
     cached = workspace.rotated_inputs.get(id(a))
@@ -60,10 +60,12 @@ def eigenbasis_gradients(a, g, qa, qs, workspace: Workspace, name: str) -> torch
     else:
         a_rot = torch.matmul(a, qa, out=workspace.buffer(("input", name), a.shape, a))
         workspace.rotated_inputs[id(a)] = (qa, a_rot)
-    g_rot = torch.matmul(g, qs, out=workspace.buffer(("output", name), g.shape, g))
+    # Keyed by shape, not layer: the result is consumed before the next layer's call, so
+    # layers of equal shapes share these buffers and memory does not grow with depth.
+    g_rot = torch.matmul(g, qs, out=workspace.buffer(("output", g.shape), g.shape, g))
     shape = torch.Size((g.shape[0], g.shape[2], a.shape[2]))
     return torch.bmm(
-        g_rot.transpose(1, 2), a_rot, out=workspace.buffer(("gradient", name), shape, g)
+        g_rot.transpose(1, 2), a_rot, out=workspace.buffer(("gradient", shape), shape, g)
     )
 
 

@@ -19,6 +19,7 @@ from .gradients import (
     iter_batches,
     iter_layer_terms,
     resolve_device,
+    token_outer_sum,
 )
 from .layers import layer_infos
 from .lowrank import LowRank, cat_queries, low_rank
@@ -62,15 +63,17 @@ def _use_token_path(lr: LowRank, t: int) -> bool:
 
 
 def _layer_scores(p, a, g, by_token: bool) -> torch.Tensor:
-    """Scores of one layer for one training batch without forming per-example gradients:
-    [Q, B, T] by token, or [Q, B] through the low-rank factors token by token."""
+    """Scores of one layer for one training batch, [Q, B] or, by token, [Q, B, T]."""
     if isinstance(p, LowRank) and (by_token or _use_token_path(p, a.shape[1])):
         gu = torch.einsum("bto,qor->qbtr", g, p.u)
         av = torch.einsum("bti,qir->qbtr", a, p.v)
         per_token = torch.einsum("qbtr,qr->qbt", gu * av, p.s)
         return per_token if by_token else per_token.sum(-1)
     dense = p.dense() if isinstance(p, LowRank) else p
-    return torch.einsum("qbto,bto->qbt", torch.einsum("qoi,bti->qbto", dense, a), g)
+    if by_token:
+        return torch.einsum("qbto,bto->qbt", torch.einsum("qoi,bti->qbto", dense, a), g)
+    grads = token_outer_sum(g, a)
+    return dense.reshape(dense.shape[0], -1) @ grads.reshape(grads.shape[0], -1).T
 
 
 def preconditioned_queries(
@@ -206,8 +209,12 @@ class _GradientGroup:
         return dense.reshape(dense.shape[0], -1) @ grads.reshape(self.rows, -1).T
 
 
-def _group_rows(shapes: dict[str, tuple[int, int]], batch_rows: int, itemsize: int) -> int:
+def _group_rows(shapes: dict[str, tuple[int, int]], batch_rows: int, itemsize: int) -> int | None:
+    """Rows of the gradient buffers, or None when one batch of them exceeds the memory cap
+    (large models: each layer's batch gradients are then scored and freed one at a time)."""
     per_row = itemsize * sum(o * i for o, i in shapes.values())
+    if batch_rows * per_row > _GROUP_BYTES:
+        return None
     return max(batch_rows, min(_GROUP_ROWS, _GROUP_BYTES // max(per_row, 1)))
 
 
@@ -219,6 +226,7 @@ def _stream_scores(
     pending: dict[str, list[torch.Tensor]] = {}  # token-path scores of the group's batches
     group: _GradientGroup | None = None
     grouped: list[str] = []
+    first_batch = True
     max_t = 0
 
     def flush() -> None:
@@ -249,14 +257,19 @@ def _stream_scores(
         a0 = next(iter(terms.values()))[0]
         rows, t = a0.shape[0], a0.shape[1]
         max_t = max(max_t, t)
-        if group is None and not by_token:
+        if first_batch and not by_token:
             # Layers whose scores go through the dense per-example gradient; the choice is a
             # matter of speed only (both paths give the same scores), made on the first batch.
             grouped = [
                 n for n, p in pre.items() if not (isinstance(p, LowRank) and _use_token_path(p, t))
             ]
             shapes = {n: (terms[n][1].shape[-1], terms[n][0].shape[-1]) for n in grouped}
-            group = _GradientGroup(shapes, _group_rows(shapes, rows, a0.element_size()), a0)
+            capacity = _group_rows(shapes, rows, a0.element_size())
+            if capacity is None:
+                grouped = []
+            elif grouped:
+                group = _GradientGroup(shapes, capacity, a0)
+        first_batch = False
         if group is not None and not group.fits(rows):
             flush()
             if not group.fits(rows):  # a batch larger than the first one

@@ -145,7 +145,8 @@ def test_query_chunks_equal_all_queries_at_once(llama_setting):
 @pytest.mark.parametrize("rank", [None, 1])
 def test_buffered_training_gradients_give_the_same_scores(llama_setting, monkeypatch, rank):
     """Training gradients are scored in buffered groups of batches; group boundaries, a batch
-    larger than the buffer and a mix of grouped and token-path layers (rank 1) change nothing."""
+    larger than the buffer, a mix of grouped and token-path layers (rank 1) and no buffering at
+    all (the memory cap) change nothing."""
     import influence.scores as scores_module
 
     model, task, data, queries = llama_setting
@@ -162,6 +163,8 @@ def test_buffered_training_gradients_give_the_same_scores(llama_setting, monkeyp
     )
     assert rel(grouped, ref) < TIGHT
     assert rel(scores(model, task, est, queries, growing, rank=rank), ref) < TIGHT
+    monkeypatch.setattr(scores_module, "_GROUP_BYTES", 1)  # a large model: no buffering
+    assert rel(scores(model, task, est, queries, data, rank=rank, batch_size=3), ref) < TIGHT
 
 
 @pytest.mark.parametrize("est_cls", ESTIMATORS)
