@@ -270,6 +270,38 @@ def summary(res: SettingResult) -> dict[str, dict[str, float | None]]:
     return out
 
 
+def _score_against_pbrf(
+    name, model, task, train, queries, c, rng, *, pbrf_batch_size, include_block_cg, progress
+) -> SettingResult:
+    """Every estimator's scores, then the PBRF on `n_pbrf` training examples drawn from `rng`."""
+    scores, seconds, lam, diag = score_all(
+        model,
+        task,
+        train,
+        queries,
+        lissa=c["lissa"],
+        cg_tol=c["cg_tol"],
+        batch_size=c["batch_size"],
+        include_block_cg=include_block_cg,
+    )
+    n = len(train)
+    train_idx = np.sort(rng.choice(n, size=min(c["n_pbrf"], n), replace=False))
+    pbrf, info = pbrf_scores(
+        model,
+        task,
+        queries,
+        train,
+        train_idx,
+        damping=lam,
+        tol=c["pbrf_tol"],
+        max_steps=c["pbrf_steps"],
+        batch_size=pbrf_batch_size,
+        progress=progress,
+        return_info=True,
+    )
+    return SettingResult(name, scores, seconds, train_idx, pbrf, info, lam, meta=diag)
+
+
 def run_mlp_setting(
     name: str, kind: str, cfg: dict, *, seed: int = 0, progress: bool = True
 ) -> SettingResult:
@@ -292,31 +324,18 @@ def run_mlp_setting(
     rng = np.random.default_rng(seed + 1)
     query_idx = rng.choice(len(split.x_test), size=c["n_queries"], replace=False)
     queries = split.test(query_idx)
-    scores, seconds, lam, diag = score_all(
+    res = _score_against_pbrf(
+        name,
         model,
         task,
         train,
         queries,
-        lissa=c["lissa"],
-        cg_tol=c["cg_tol"],
-        batch_size=c["batch_size"],
+        c,
+        rng,
+        pbrf_batch_size=n,
         include_block_cg=True,
-    )
-    train_idx = np.sort(rng.choice(n, size=min(c["n_pbrf"], n), replace=False))
-    pbrf, info = pbrf_scores(
-        model,
-        task,
-        queries,
-        train,
-        train_idx,
-        damping=lam,
-        tol=c["pbrf_tol"],
-        max_steps=c["pbrf_steps"],
-        batch_size=n,
         progress=progress,
-        return_info=True,
     )
-    res = SettingResult(name, scores, seconds, train_idx, pbrf, info, lam, meta=diag)
     with torch.no_grad():
         res.meta["train_loss"] = float(task.loss(model, (split.x_train, split.y_train)) / n)
         res.meta["test_loss"] = float(
@@ -349,7 +368,7 @@ def run_mlp_setting(
         meas = retrain_measurements(
             train_fn, measure_fn, masks, cache=key, num_examples=n, progress=progress
         )
-        for est, s in scores.items():
+        for est, s in res.scores.items():
             res.lds_per_query[est] = lds(s, masks, meas, per_query=True)
             res.lds[est] = float(np.nanmean(res.lds_per_query[est]))
         res.meta["lds_subsets"] = int(c["lds_subsets"])
@@ -440,36 +459,23 @@ def run_lm_setting(
     facts = suite.corpus.queries["facts"]
     qidx = np.sort(rng.choice(len(facts), size=min(c["n_queries"], len(facts)), replace=False))
     queries = query_dataset(suite.tokenizer, facts.select(qidx.tolist()))
-    scores, seconds, lam, diag = score_all(
+    res = _score_against_pbrf(
+        "language_model",
         model,
         task,
         train,
         queries,
-        lissa=c["lissa"],
-        cg_tol=c["cg_tol"],
-        batch_size=c["batch_size"],
-    )
-    n = len(train)
-    train_idx = np.sort(rng.choice(n, size=min(c["n_pbrf"], n), replace=False))
-    pbrf, info = pbrf_scores(
-        model,
-        task,
-        queries,
-        train,
-        train_idx,
-        damping=lam,
-        tol=c["pbrf_tol"],
-        max_steps=c["pbrf_steps"],
-        batch_size=c["batch_size"],
+        c,
+        rng,
+        pbrf_batch_size=c["batch_size"],
+        include_block_cg=False,
         progress=progress,
-        return_info=True,
     )
-    res = SettingResult("language_model", scores, seconds, train_idx, pbrf, info, lam, meta=diag)
     res.meta.update(
         model=name,
         params=sum(p.numel() for p in model.parameters()),
         tracked=sum(i.numel for i in inf.layers.layer_infos(task.tracked_modules(model)).values()),
-        n_train=n,
+        n_train=len(train),
         corpus_size=len(full),
     )
     return res
