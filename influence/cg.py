@@ -55,6 +55,18 @@ class _FullCurvature(Estimator):
         if missing:
             raise ValueError(f"gradients miss tracked layers {missing[:5]}")
 
+    def solve(self, b: torch.Tensor) -> torch.Tensor:
+        """(G + λI)⁻¹ applied to each row of the flat gradients b [Q, P]."""
+        raise NotImplementedError
+
+    def precondition(self, grads: Grads) -> Grads:
+        """All layers at once: flatten, solve with the full curvature, unflatten."""
+        self._check_ready(grads)
+        ref = next(iter(grads.values()))
+        flat = flatten({n: grads[n] for n in self.layers_}, self.layers_)
+        x = self.solve(flat)
+        return {n: v.to(ref.dtype).to(ref.device) for n, v in unflatten(x, self.layers_).items()}
+
     def save(self, path) -> None:
         raise NotImplementedError(
             f"{type(self).__name__} keeps a reference to the model and training data, not fitted "
@@ -200,10 +212,3 @@ class CG(_FullCurvature):
                 raise RuntimeError(msg)
             info["warning"] = msg
         return x
-
-    def precondition(self, grads: Grads) -> Grads:
-        self._check_ready(grads)
-        ref = next(iter(grads.values()))
-        flat = flatten({n: grads[n] for n in self.layers_}, self.layers_)
-        x = self.solve(flat)
-        return {n: v.to(ref.dtype).to(ref.device) for n, v in unflatten(x, self.layers_).items()}

@@ -14,9 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .cg import _FullCurvature
-from .estimator import Grads
 from .gnvp import take
-from .gradients import flatten, unflatten
 
 
 class LiSSA(_FullCurvature):
@@ -123,10 +121,3 @@ class LiSSA(_FullCurvature):
         bar.close()
         self.meta_.setdefault("solves", []).append({"depth": self.depth, "repeats": self.repeats})
         return total / self.repeats
-
-    def precondition(self, grads: Grads) -> Grads:
-        self._check_ready(grads)
-        ref = next(iter(grads.values()))
-        flat = flatten({n: grads[n] for n in self.layers_}, self.layers_)
-        x = self.solve(flat)
-        return {n: v.to(ref.dtype).to(ref.device) for n, v in unflatten(x, self.layers_).items()}
