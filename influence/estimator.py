@@ -90,6 +90,10 @@ class Estimator:
         self._fit(
             model, task, data, batch_size=batch_size, device=device, progress=progress, seed=seed
         )
+        # Row-major, as the tensors loaded back from a file are: `eigh` returns column-major
+        # eigenvectors, and a product over another memory layout may take another CPU kernel
+        # whose rounding differs, so a fitted and a reloaded estimator would not score alike.
+        self.state_ = {k: v.contiguous() for k, v in self.state_.items()}
         self._check_finite()
         return self
 

@@ -219,11 +219,27 @@ def block_diagonal_ceiling(results: dict) -> pd.DataFrame:
     return pd.DataFrame(rows).set_index("setting")
 
 
+# Fewer points than this and a correlation says nothing (over two points it is ±1 by
+# construction): such correlations are NaN, and the report prints "n/a".
+MIN_POINTS = 5
+
+
+def fmt(value: float | None, digits: int = 2) -> str:
+    """A correlation for the reader: "n/a" where it was not computed (too few points)."""
+    if value is None or value != value:
+        return f"n/a (< {MIN_POINTS} points)"
+    return f"{value:.{digits}f}"
+
+
 def per_query_correlations(pred: torch.Tensor, truth: torch.Tensor) -> pd.DataFrame:
-    """Pearson and Spearman correlation per query (rows) between two [Q, M] score matrices."""
+    """Pearson and Spearman correlation per query (rows) between two [Q, M] score matrices;
+    NaN when M < MIN_POINTS."""
     rows = []
     for q in range(truth.shape[0]):
         a, b = pred[q].double().numpy(), truth[q].double().numpy()
+        if len(a) < MIN_POINTS:
+            rows.append({"query": q, "pearson": float("nan"), "spearman": float("nan")})
+            continue
         rows.append(
             {"query": q, "pearson": pearsonr(a, b).statistic, "spearman": spearmanr(a, b).statistic}
         )

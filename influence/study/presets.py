@@ -297,18 +297,78 @@ def resolve(section: str, preset: str, **overrides: Any) -> dict[str, Any]:
     """Parameters of `section` at `preset`, with single values overridden.
 
     Overrides whose value is None are ignored (a notebook's parameters cell uses None for
-    "take the preset's value"). Unknown sections, presets or parameter names raise ValueError
-    listing the valid ones.
+    "take the preset's value"). A setting that is a group of values (a dict, such as notebook
+    01's `language_model`) is overridden one value at a time: the dict given (or a string that
+    parses to one, as papermill's `-p NAME '{"key": 1}'` passes it) is merged into the
+    preset's. Unknown sections, presets or names, at any depth, and values of the wrong type
+    raise ValueError listing the valid names or the expected type.
     """
     check_preset(preset)
     if section not in SECTIONS:
         raise ValueError(f"unknown preset section {section!r}; valid: {', '.join(SECTIONS)}")
-    params = copy.deepcopy(SECTIONS[section][preset])
-    unknown = sorted(k for k in overrides if k not in params)
+    return merge_settings(SECTIONS[section][preset], overrides, section)
+
+
+def merge_settings(base: dict[str, Any], overrides: dict[str, Any], where: str) -> dict[str, Any]:
+    """A copy of `base` with `overrides` merged in (recursively for dicts), type-checked."""
+    unknown = sorted(k for k in overrides if k not in base)
     if unknown:
         raise ValueError(
-            f"unknown parameter(s) {unknown} for {section!r}; valid parameters: "
-            f"{', '.join(sorted(params))}"
+            f"unknown parameter(s) {unknown} for {where!r}; valid parameters: "
+            f"{', '.join(sorted(base))}"
         )
-    params.update({k: v for k, v in overrides.items() if v is not None})
+    params = copy.deepcopy(base)
+    for name, value in overrides.items():
+        if value is not None:
+            params[name] = _checked_value(params[name], value, f"{where}.{name}")
     return params
+
+
+def _parse_literal(text: str) -> Any:
+    import ast
+    import json
+
+    try:
+        return json.loads(text)
+    except ValueError:
+        pass
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def _checked_value(base: Any, value: Any, where: str) -> Any:
+    if isinstance(base, dict):
+        value = _parse_literal(value) if isinstance(value, str) else value
+        if not isinstance(value, dict):
+            first = next(iter(base), "key")
+            raise ValueError(
+                f"{where} is a group of settings ({', '.join(base)}): give a dict of the values "
+                f"to change, e.g. {where.split('.', 1)[-1]}.{first}=VALUE in the pipeline or "
+                f"-p {where.rsplit('.', 1)[-1]} '{{\"{first}\": VALUE}}' with papermill"
+            )
+        return merge_settings(base, value, where)
+    if base is None:
+        return value
+    if isinstance(base, list | tuple) and isinstance(value, str):
+        value = _parse_literal(value)
+    expected: tuple[type, ...]
+    if isinstance(base, bool):
+        expected = (bool,)
+    elif isinstance(base, int | float):
+        expected = (int, float)
+    elif isinstance(base, list | tuple):
+        expected = (list, tuple)
+    else:
+        expected = (type(base),)
+    if not isinstance(value, expected) or (isinstance(value, bool) and bool not in expected):
+        raise ValueError(
+            f"{where} must be {' or '.join(t.__name__ for t in expected)} (the preset's value is "
+            f"{base!r}), got {value!r}"
+        )
+    if isinstance(base, int) and not isinstance(base, bool) and isinstance(value, float):
+        if not value.is_integer():
+            raise ValueError(f"{where} must be a whole number (preset value {base!r}), got {value}")
+        value = int(value)
+    return list(value) if isinstance(value, tuple) else value
