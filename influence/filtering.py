@@ -166,6 +166,8 @@ def bm25_scores(
         queries = [sorted(set(q)) for q in queries]
 
     bm25s = _import_bm25s()
+    # Map token ids to contiguous 0..V-1 ourselves and pass (ids, vocab): bm25s indexes raw
+    # integer lists as if their ids were already contiguous.
     vocab = {t: j for j, t in enumerate(sorted({t for d in docs for t in d}))}
     retriever = bm25s.BM25(k1=k1, b=b, method="lucene", dtype="float64", int_dtype="int64")
     retriever.index(
