@@ -11,6 +11,7 @@ from .cg import CG
 from .diagonal import Diagonal
 from .ekfac import EKFAC
 from .estimator import Estimator
+from .filtering import bm25_candidates, bm25_scores, candidate_recall, shares_content_tokens
 from .gnvp import GaussNewton
 from .gradients import per_example_gradients
 from .identity import Identity
@@ -37,6 +38,9 @@ __all__ = [
     "LiSSA",
     "RegressionTask",
     "Task",
+    "bm25_candidates",
+    "bm25_scores",
+    "candidate_recall",
     "draw_subsets",
     "find_layers",
     "lds",
@@ -48,6 +52,7 @@ __all__ = [
     "retrain_measurements",
     "save_scores",
     "self_scores",
+    "shares_content_tokens",
 ]
 
 __version__ = "0.1.0"
