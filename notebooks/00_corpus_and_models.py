@@ -51,7 +51,6 @@ from influence.study.tokenizer import encode_text, stats
 cfg = notebook_config("00_corpus_and_models", globals())
 report = Report("00_corpus_and_models", preset=preset, device=device, seed=seed, params=cfg)
 pd.set_option("display.width", 120)
-print(f"preset={preset} device={device} seed={seed} params={cfg}")
 
 # %% [markdown]
 # ## The corpus

@@ -194,13 +194,17 @@ fig, axes = plt.subplots(1, len(results), figsize=(4.2 * len(results), 3.6), squ
 for j, (name, r) in enumerate(results.items()):
     s = ia.summary(r)
     ax = axes[0, j]
-    for est, v in s.items():
+    shown = {e: v for e, v in s.items() if ia.fmt(v["pearson_vs_pbrf"])[0] != "n"}
+    for est, v in shown.items():
         y = v["pearson_vs_pbrf"]
         ax.scatter(v["seconds"], y, s=40)
         ax.annotate(
             ia.LABELS[est], (v["seconds"], y), fontsize=8, xytext=(3, 3), textcoords="offset points"
         )
-    ax.set_xscale("log")
+    if shown:
+        ax.set_xscale("log")
+    else:
+        ax.text(0.5, 0.5, f"PBRF on < {ia.MIN_POINTS} examples:\nno correlation", ha="center")
     ax.set_xlabel("seconds (fit + scores)")
     ax.set_ylabel("Pearson vs PBRF")
     ax.set_title(name)

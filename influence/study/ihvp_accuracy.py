@@ -442,9 +442,8 @@ def plot_correlation_bars(table: pd.DataFrame, ax, setting: str, metric: str = "
         means = [t[(t.estimator == e) & (t.truth == gt)][metric].mean() for e in order]
         sds = [t[(t.estimator == e) & (t.truth == gt)][metric].std() for e in order]
         xs = np.arange(len(order)) + (j - (len(truths) - 1) / 2) * width
-        ax.bar(
-            xs, np.nan_to_num(means), width, yerr=np.nan_to_num(sds), capsize=2, label=f"vs {gt}"
-        )
+        # A NaN mean (too few points for a correlation) draws no bar rather than a zero.
+        ax.bar(xs, means, width, yerr=np.nan_to_num(sds), capsize=2, label=f"vs {gt}")
     ax.set_xticks(np.arange(len(order)), [LABELS[e] for e in order], rotation=30)
     ax.set_ylim(min(0, np.nanmin(t[metric]) - 0.05), 1.05)
     ax.axhline(0, color="k", lw=0.5)

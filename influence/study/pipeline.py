@@ -33,6 +33,7 @@ import datetime as _dt
 import fcntl
 import html
 import json
+import logging
 import os
 import platform
 import re
@@ -324,7 +325,7 @@ def table_of_contents(page: str) -> str:
     ]
     if not items:
         return ""
-    return f'<nav class="report-toc"><b>Contents</b><ol>{"".join(items)}</ol></nav>'
+    return f'<nav class="report-toc"><b>Contents</b><ul>{"".join(items)}</ul></nav>'
 
 
 def _duration(seconds: float | None) -> str:
@@ -399,12 +400,13 @@ def _relative_figures(figures: dict[str, list[str]]) -> dict[str, list[str]]:
     return {name: [_display_path(p) for p in paths] for name, paths in figures.items()}
 
 
-def _headline_png(figures: dict[str, list[str]]) -> str | None:
+def _headline_png(figures: dict[str, list[str]], reports: Path) -> str | None:
+    """The headline PNG's path relative to the reports folder (where index.html links it)."""
     names = ["headline", *figures] if "headline" in figures else list(figures)
     for name in names:
         for path in figures.get(name, []):
             if path.endswith(".png"):
-                return path
+                return os.path.relpath(Path(path).resolve(), reports.resolve())
     return None
 
 
@@ -462,14 +464,10 @@ def write_index(directory: Path) -> Path:
             f"<td>{html.escape(summary.get('here') or entry.get('paper_vs_here') or '')}</td>"
             f"<td>{_verdict_cell(summary)}</td><td>{_duration(wall)}</td></tr>"
         )
-        figure = entry.get("headline_figure")
+        figure = entry.get("headline_figure")  # relative to the reports folder
         img = ""
         if figure:
-            fig_path = Path(figure)
-            if not fig_path.is_absolute():
-                fig_path = REPO_ROOT / fig_path
-            rel = os.path.relpath(fig_path, directory)
-            img = f'<p><a href="{nb}.html"><img src="{html.escape(rel)}" alt="{nb}"></a></p>'
+            img = f'<p><a href="{nb}.html"><img src="{html.escape(figure)}" alt="{nb}"></a></p>'
         prov = entry.get("provenance", {})
         commit = (prov.get("git_commit") or "unknown")[:12]
         sections.append(
@@ -568,6 +566,9 @@ def _prepare_environment() -> None:
     os.environ["MPLBACKEND"] = "module://matplotlib_inline.backend_inline"
     os.environ.setdefault("JUPYTER_PREFER_ENV_PATH", "1")
     os.environ.setdefault("PYDEVD_DISABLE_FILE_VALIDATION", "1")
+    # The pipeline checks parameters itself; papermill's own warnings (a name outside the
+    # parameters cell) would only be noise on the console.
+    logging.getLogger("papermill").setLevel(logging.ERROR)
     for var in ("INFLUENCE_ARTIFACTS", "INFLUENCE_REPORTS", "INFLUENCE_FIGURES"):
         if os.environ.get(var):
             os.environ[var] = str(Path(os.environ[var]).resolve())
@@ -724,8 +725,9 @@ def run_job(job: Job, *, run_dir: Path, log_output: bool = False) -> dict[str, A
             f"(executed notebook: {_display_path(executed)})"
         )
     data = json.loads(metrics_file.read_text())
-    figures = _relative_figures(data.get("figures", {}))
     out_dir = reports_dir(preset)
+    headline = _headline_png(data.get("figures", {}), out_dir)
+    figures = _relative_figures(data.get("figures", {}))
     metrics = data.get("metrics", {})
     report = {
         "notebook": job.name,
@@ -740,7 +742,7 @@ def run_job(job: Job, *, run_dir: Path, log_output: bool = False) -> dict[str, A
         "summary": data.get("summary", {}),
         "paper_vs_here": data.get("paper_vs_here", ""),
         "figures": figures,
-        "headline_figure": _headline_png(figures),
+        "headline_figure": headline,
         "wall_time_s": {
             "total": round(wall, 3),
             "stages": {k: round(v, 3) for k, v in data.get("stages", {}).items()},
