@@ -134,7 +134,8 @@ def mean_fisher_diagonal(
     mean squared per-example gradient with labels sampled from the model (as EK-FAC does)."""
     from .diagonal import Diagonal
 
-    diag = Diagonal(damping=0.0).fit(
+    # Only the fitted diagonal is used: the damping is a placeholder (0 is refused).
+    diag = Diagonal(damping=1.0).fit(
         model, task, data, batch_size=batch_size, device=device, progress=progress, seed=seed
     )
     return {k.split("::")[0]: float(v.mean()) for k, v in diag.state_.items()}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -71,3 +72,14 @@ def load_scores(path: str | Path) -> tuple[torch.Tensor | dict[str, torch.Tensor
     if set(tensors) == {"scores"}:
         return tensors["scores"], info
     return tensors, info
+
+
+def weights_fingerprint(modules: dict[str, torch.nn.Module]) -> str:
+    """sha256 of the tracked layers' names and weights (as float32, so that a float64 copy of
+    float32 weights has the same fingerprint): which weights factors were fitted on."""
+    h = hashlib.sha256()
+    for name, module in modules.items():
+        for pname, p in sorted(module.named_parameters(recurse=False)):
+            h.update(f"{name}.{pname}:{tuple(p.shape)};".encode())
+            h.update(p.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()
