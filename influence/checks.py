@@ -128,6 +128,10 @@ def _role(measurement: bool) -> str:
     return "query" if measurement else "training example"
 
 
+def _roles(measurement: bool) -> str:
+    return "queries" if measurement else "training examples"
+
+
 def _config_limit(model: nn.Module, names: tuple[str, ...]) -> int | None:
     cfg = getattr(model, "config", None)
     for n in names:
@@ -156,14 +160,14 @@ def check_batch_values(model: nn.Module, batch: Any, offset: int, measurement: b
         if bool(bad.any()):
             rows = (bad.nonzero().squeeze(1) + offset).tolist()
             raise ValueError(
-                f"input_ids of {_role(measurement)}s {rows[:5]} are outside the model's "
+                f"input_ids of {_roles(measurement)} {rows[:5]} are outside the model's "
                 f"vocabulary [0, {vocab}) (max id {int(ids.max())}): tokenize with the model's "
                 "tokenizer or resize its embeddings"
             )
     limit = _config_limit(model, ("max_position_embeddings", "n_positions", "n_ctx"))
     if limit is not None and ids.dim() == 2 and ids.shape[1] > limit:
         raise ValueError(
-            f"sequences of the {_role(measurement)}s from index {offset} have {ids.shape[1]} "
+            f"sequences of the {_roles(measurement)} from index {offset} have {ids.shape[1]} "
             f"tokens, more than the model's {limit} positions: truncate them to at most {limit}"
         )
 
@@ -178,7 +182,7 @@ def check_counted_tokens(task: Any, batch: Any, offset: int, measurement: bool) 
     if not bool(per_example.all()):
         rows = ((~per_example).nonzero().squeeze(1) + offset).tolist()
         raise ValueError(
-            f"{_role(measurement)}s {rows[:10]} have no counted tokens (every label is −100 "
+            f"{_roles(measurement)} {rows[:10]} have no counted tokens (every label is −100 "
             "after the shift to next-token targets): they have no loss and no gradient. Drop "
             "them, or unmask at least one completion token in each."
         )
@@ -215,9 +219,9 @@ def check_finite_terms(terms: Mapping[str, tuple], offset: int, measurement: boo
             if row is not None:
                 raise FloatingPointError(
                     f"NaN or Inf in the {what} of layer {name!r} for {_role(measurement)} "
-                    f"{offset + row}: its curvature terms and scores would be NaN. Check that example's inputs, and "
-                    "the model's weights and loss (half precision or a diverged model are the "
-                    "usual causes)."
+                    f"{offset + row}: its curvature terms and scores would be NaN. Check that "
+                    "example's inputs, and the model's weights and loss (half precision or a "
+                    "diverged model are the usual causes)."
                 )
 
 
