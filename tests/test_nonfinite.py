@@ -195,3 +195,38 @@ def test_cg_with_damping_equals_refit():
     assert cg.with_damping("auto").damping_ == cg.damping_
     with pytest.raises(ValueError, match="fitted with an explicit damping"):
         refit.with_damping("auto")
+
+
+def test_study_score_all_and_damping_sweep_fit_once():
+    """Notebook 01's K-FAC column and damping sweep reuse one EK-FAC fit: the scores equal
+    those of estimators refitted at the same damping, and a 3-scale sweep fits EK-FAC once."""
+    from influence.study import ihvp_accuracy as ia
+
+    model, task, data = _mlp_setting(12)
+    kw = dict(lissa={}, cg_tol=1e-10, batch_size=5, include_cg=False)
+    names = ("identity", "diagonal", "kfac", "ekfac")
+    scores, seconds, lam, _ = ia.score_all(model, task, data, data, damping_scale=3.0, **kw)
+    auto = inf.EKFAC().fit(model, task, data, batch_size=5, progress=False)
+    assert lam == {n: 3.0 * v for n, v in auto.damping_.items()}
+    for name, cls in zip(names, ALL, strict=True):
+        ref = cls(damping=lam).fit(model, task, data, batch_size=5, progress=False)
+        expected = inf.pairwise_scores(model, task, ref, data, data, batch_size=5, progress=False)
+        assert torch.equal(scores[name], expected), name
+        assert seconds[name] > 0
+    fits = []
+    original = inf.Estimator.fit
+
+    def counting_fit(self, *a, **k):
+        fits.append(type(self).__name__)
+        return original(self, *a, **k)
+
+    inf.Estimator.fit = counting_fit
+    try:
+        sweep = ia.damping_sweep(
+            model, task, data, data, [0.3, 1.0, 3.0], cg_tol=1e-10, batch_size=5
+        )
+    finally:
+        inf.Estimator.fit = original
+    # One EK-FAC and one diagonal fit; CG's fit (no data pass at a given damping) per scale.
+    assert sorted(fits) == ["CG", "CG", "CG", "Diagonal", "EKFAC"]
+    assert len(sweep) == 12 and sweep.pearson.between(-1, 1).all()
