@@ -227,6 +227,7 @@ def test_study_score_all_and_damping_sweep_fit_once():
         )
     finally:
         inf.Estimator.fit = original
-    # One EK-FAC and one diagonal fit; CG's fit (no data pass at a given damping) per scale.
-    assert sorted(fits) == ["CG", "CG", "CG", "Diagonal", "EKFAC"]
+    # One EK-FAC and one diagonal fit; Identity's and CG's fits (no data pass at a given
+    # damping) once per scale.
+    assert sorted(fits) == ["CG"] * 3 + ["Diagonal", "EKFAC"] + ["Identity"] * 3
     assert len(sweep) == 12 and sweep.pearson.between(-1, 1).all()
