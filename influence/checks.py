@@ -189,6 +189,10 @@ def check_counted_tokens(task: Any, batch: Any, offset: int, measurement: bool) 
 
 
 def _first_bad_row(x: torch.Tensor) -> int | None:
+    if x.numel() == 0 or bool(torch.isfinite(x.sum())):
+        # Fast path, a reduction without a mask the size of x: a NaN/Inf anywhere makes the
+        # sum non-finite (an overflowing sum of finite values only costs the exact check).
+        return None
     ok = torch.isfinite(x).reshape(x.shape[0], -1).all(1)
     if bool(ok.all()):
         return None

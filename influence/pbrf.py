@@ -113,6 +113,7 @@ def pbrf_scores(
             f"train_indices must be a sequence of integers, got {type(train_indices).__name__}"
         ) from None
     infos, _ = tracked_parameters(model, task)
+    checks.check_finite_weights(task.tracked_modules(model))
     n_train = num_examples(train_data, batch_size)
     if n_train == 0 or not train_indices:
         raise ValueError("train_data and train_indices must not be empty")

@@ -268,3 +268,22 @@ def test_factors_know_their_weights(tmp_path):
         flipped[2].weight.neg_()  # the cache report's sign-flipped weights
     with pytest.raises(ValueError, match="fitted on other weights"):
         inf.EKFAC.load(path, flipped, task, strict=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a second device")
+def test_failed_call_on_another_device_moves_the_model_back():
+    model, task, data, est = _setting()
+    x, y = data
+    x = x.clone()
+    x[8, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match="training example 8"):
+        inf.pairwise_scores(model, task, est, data, (x, y), device="cuda", progress=False)
+    assert all(p.device.type == "cpu" for p in model.parameters())
+
+
+def test_pbrf_refuses_nan_weights():
+    model, task, data = tiny_mlp(), inf.ClassificationTask(), classification_data(6)
+    with torch.no_grad():
+        model[0].weight[1, 1] = float("inf")
+    with pytest.raises(FloatingPointError, match="NaN or Inf in the weight of layer '0'"):
+        inf.pbrf_scores(model, task, data, data, [0], damping=0.1, progress=False)
