@@ -231,3 +231,26 @@ def test_study_score_all_and_damping_sweep_fit_once():
     # damping) once per scale.
     assert sorted(fits) == ["CG"] * 3 + ["Diagonal", "EKFAC"] + ["Identity"] * 3
     assert len(sweep) == 12 and sweep.pearson.between(-1, 1).all()
+
+
+def test_score_and_query_checks_name_the_pair_and_layer():
+    from influence import checks
+    from influence.lowrank import LowRank
+
+    s = torch.zeros(3, 5, dtype=torch.float64)
+    s[2, 4] = float("inf")
+    with pytest.raises(FloatingPointError, match=r"query 2 and training example 4 is inf \(all"):
+        checks.check_finite_scores(s)
+    with pytest.raises(FloatingPointError, match=r"query 2 and training example 4 .*layer 'fc'"):
+        checks.check_finite_scores({"fc": s})
+    checks.check_finite_scores({"fc": torch.ones(2, 2)})  # finite: silent
+    u = torch.ones(4, 3, 2)
+    v = torch.ones(4, 5, 2)
+    sv = torch.ones(4, 2)
+    sv[3, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match=r"query 3 at layer 'fc'"):
+        checks.check_finite_queries({"fc": LowRank(u, sv, v)})
+    dense = torch.ones(4, 3, 5)
+    dense[1, 0, 0] = float("-inf")
+    with pytest.raises(FloatingPointError, match=r"query 1 at layer 'fc'"):
+        checks.check_finite_queries({"fc": dense})
