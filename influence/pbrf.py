@@ -264,8 +264,9 @@ def pbrf_scores(
     if missed:
         msg = (
             f"{missed} of {len(rels)} PBRF solves stopped above the tolerance: relative gradient "
-            f"up to {max(rels):.3g} > tol {tol:g} after max_steps={max_steps}. Raise max_steps, "
-            "lower epsilon, raise the damping, or loosen tol."
+            f"up to {max(rels):.3g} > tol {tol:g} (max_steps={max_steps}; L-BFGS also stops "
+            "when its line search makes no progress). Raise max_steps, lower epsilon, raise the "
+            "damping, or loosen tol; info['relative_gradient'] has every solve's value."
         )
         if strict:
             raise RuntimeError(msg)
