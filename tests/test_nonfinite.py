@@ -254,3 +254,18 @@ def test_score_and_query_checks_name_the_pair_and_layer():
     dense[1, 0, 0] = float("-inf")
     with pytest.raises(FloatingPointError, match=r"query 1 at layer 'fc'"):
         checks.check_finite_queries({"fc": dense})
+
+
+def test_lissa_with_damping_equals_refit():
+    model, task, data = _mlp_setting(12)
+    kw = dict(scale=20.0, depth=30, batch_size=4)
+    lissa = LiSSA(damping=0.5, **kw).fit(model, task, data, progress=False)
+    changed = lissa.with_damping(0.2)
+    refit = LiSSA(damping=0.2, **kw).fit(model, task, data, progress=False)
+    assert changed.damping_ == refit.damping_ and lissa.damping_["0"] == 0.5
+    a = inf.pairwise_scores(model, task, changed, data, data, progress=False)
+    b = inf.pairwise_scores(model, task, refit, data, data, progress=False)
+    assert torch.equal(a, b)  # same seeded minibatches, same recursion
+    auto = LiSSA(damping=0.5, depth=30, batch_size=4).fit(model, task, data, progress=False)
+    # scale='auto' is re-estimated for the new damping: 2 λ_max(G + Λ) moves with Λ.
+    assert auto.with_damping(5.0).scale_ > auto.scale_ + 2 * 4.0
