@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.dataloader import default_collate
 from tqdm.auto import tqdm
 
+from . import checks
 from .estimator import check_damping, layer_damping
 from .gradients import _EvalMode, flatten, iter_batches, make_loader, num_examples, unflatten
 from .layers import LayerInfo, layer_infos
@@ -172,7 +173,8 @@ class GaussNewton:
         self.infos, _ = tracked_parameters(model, task)
         self.batch_size = batch_size
         p = next(model.parameters())
-        self.device = torch.device(device) if device is not None else p.device
+        device = checks.check_device(device)
+        self.device = device if device is not None else p.device
         self.dtype = p.dtype
         self.num_examples = num_examples(data, batch_size)
         if self.num_examples == 0:

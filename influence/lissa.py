@@ -123,7 +123,15 @@ class LiSSA(_FullCurvature):
                 idx = order[pos : pos + self.lissa_batch_size]
                 pos += self.lissa_batch_size
                 batch = take(op.data, idx)
-                x = b + x - op.matvec(x, batch=batch) / s
+                hx = op.matvec(x, batch=batch)
+                if not bool(torch.isfinite(hx.sum())) and bool(torch.isfinite(x.sum())):
+                    # Finite iterate, non-finite product: the model or data, not divergence.
+                    raise FloatingPointError(
+                        f"LiSSA: the Gauss–Newton product on training examples "
+                        f"{sorted(int(i) for i in idx)[:8]} is NaN/Inf at repeat {rep}, step "
+                        f"{step}: check those examples and the model's outputs on them"
+                    )
+                x = b + x - hx / s
                 ratio = x.norm(dim=1) / bnorm
                 if not torch.isfinite(x).all() or (ratio > bound).any():
                     raise FloatingPointError(

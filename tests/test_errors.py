@@ -287,3 +287,9 @@ def test_pbrf_refuses_nan_weights():
         model[0].weight[1, 1] = float("inf")
     with pytest.raises(FloatingPointError, match="NaN or Inf in the weight of layer '0'"):
         inf.pbrf_scores(model, task, data, data, [0], damping=0.1, progress=False)
+
+
+def test_gauss_newton_refuses_the_meta_device():
+    model, task, data = tiny_mlp(), inf.ClassificationTask(), classification_data(6)
+    with pytest.raises(ValueError, match="device='meta' is refused"):
+        inf.GaussNewton(model, task, data, device="meta")

@@ -269,3 +269,14 @@ def test_lissa_with_damping_equals_refit():
     auto = LiSSA(damping=0.5, depth=30, batch_size=4).fit(model, task, data, progress=False)
     # scale='auto' is re-estimated for the new damping: 2 λ_max(G + Λ) moves with Λ.
     assert auto.with_damping(5.0).scale_ > auto.scale_ + 2 * 4.0
+
+
+def test_lissa_names_the_minibatch_whose_product_is_not_finite():
+    model, task, (x, y) = _mlp_setting(12)
+    lissa = LiSSA(damping=0.1, scale=10.0, depth=20, batch_size=12).fit(
+        model, task, (x, y), progress=False
+    )
+    x[5, 0] = float("nan")  # after fitting: only the solve's GNVPs see it
+    rhs = torch.ones(1, sum(i.numel for i in lissa.layers_.values()), dtype=torch.float64)
+    with pytest.raises(FloatingPointError, match=r"training examples \[0, 1, .*\] is NaN/Inf"):
+        lissa.solve(rhs)
