@@ -321,3 +321,19 @@ def check_score_args(
     boolean("progress", progress)
     boolean("by_layer", by_layer)
     boolean("by_token", by_token)
+
+
+def module_names(modules: Any) -> list[str]:
+    """A `modules=` selector that is neither None, a string nor a predicate: a list of names."""
+    valid = (
+        "use None (all linear layers), 'mlp', a list of module names, or a predicate "
+        "(name, module) -> bool"
+    )
+    try:
+        names = list(modules)
+    except TypeError:
+        raise TypeError(f"modules={modules!r} is not a valid selector: {valid}") from None
+    bad = [n for n in names if not isinstance(n, str)]
+    if bad:
+        raise TypeError(f"modules must hold module names (str); got {bad[:3]}: {valid}")
+    return names

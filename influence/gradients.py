@@ -159,6 +159,7 @@ def example_gradients(terms: LayerTerms) -> dict[str, torch.Tensor]:
     return {n: token_outer_sum(g, a) for n, (a, g) in terms.items()}
 
 
+@checks.restores_model
 def per_example_gradients(
     model: nn.Module,
     task: Task,
@@ -175,6 +176,8 @@ def per_example_gradients(
 
     With `measurement=True` these are the gradients of the query measurements m_q.
     """
+    checks.check_task(task)
+    checks.check_score_args(batch_size=batch_size, device=device, progress=progress)
     chunks: dict[str, list[torch.Tensor]] = {}
     for _, _, terms, _ in iter_layer_terms(
         model,

@@ -63,6 +63,12 @@ def save_scores(
 ) -> None:
     """Save a score tensor (or a dict of them, e.g. by layer) atomically, with JSON metadata."""
     tensors = scores if isinstance(scores, dict) else {"scores": scores}
+    bad = [k for k, v in tensors.items() if not torch.is_tensor(v)]
+    if bad or not tensors:
+        raise TypeError(
+            "scores must be a tensor or a non-empty dict {name: tensor}; got "
+            f"{type(scores).__name__}" + (f" with non-tensor entries {bad[:3]}" if bad else "")
+        )
     atomic_save_safetensors(tensors, path, {"influence": json.dumps(metadata, default=str)})
 
 

@@ -19,13 +19,17 @@ import torch
 from scipy.stats import spearmanr
 from tqdm.auto import tqdm
 
+from . import checks
 from .io import atomic_write_json
 
 
 def draw_subsets(num_examples: int, num_subsets: int = 50, alpha: float = 0.5, seed: int = 0):
     """K random subsets of round(α N) examples as a boolean mask [K, N] (seeded)."""
-    if not 0 < alpha < 1:
-        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+    num_examples = checks.positive_int("num_examples", num_examples)
+    num_subsets = checks.positive_int("num_subsets", num_subsets)
+    seed = checks.integer("seed", seed)
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha < 1:
+        raise ValueError(f"alpha must be a number in (0, 1), got {alpha!r}")
     if num_subsets < 2 or num_examples < 2:
         raise ValueError("need at least 2 subsets and 2 training examples")
     size = max(1, int(round(alpha * num_examples)))

@@ -293,3 +293,23 @@ def test_gauss_newton_refuses_the_meta_device():
     model, task, data = tiny_mlp(), inf.ClassificationTask(), classification_data(6)
     with pytest.raises(ValueError, match="device='meta' is refused"):
         inf.GaussNewton(model, task, data, device="meta")
+
+
+def test_other_public_functions_validate_their_arguments(tmp_path):
+    model, task, data = tiny_mlp(), inf.ClassificationTask(), classification_data(6)
+    with pytest.raises(TypeError, match=r"modules=5 is not a valid selector: use None"):
+        inf.find_layers(model, 5)
+    with pytest.raises(TypeError, match=r"modules must hold module names \(str\); got \[0\]"):
+        inf.find_layers(model, [0])
+    with pytest.raises(TypeError, match="task must be an influence.Task"):
+        inf.per_example_gradients(model, "classification", data)
+    with pytest.raises(ValueError, match="batch_size must be a positive integer, got None"):
+        inf.per_example_gradients(model, task, data, batch_size=None)
+    with pytest.raises(ValueError, match="device='meta' is refused"):
+        inf.per_example_gradients(model, task, data, device="meta")
+    with pytest.raises(TypeError, match="scores must be a tensor or a non-empty dict"):
+        inf.save_scores(tmp_path / "s.safetensors", [[1.0]])
+    with pytest.raises(ValueError, match=r"num_subsets must be a positive integer, got 2\.5"):
+        inf.draw_subsets(10, num_subsets=2.5)
+    with pytest.raises(ValueError, match=r"alpha must be a number in \(0, 1\), got '0.5'"):
+        inf.draw_subsets(10, alpha="0.5")
