@@ -7,9 +7,11 @@ layer on its own; CG and LiSSA precondition the concatenation of all layers at o
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
+import numbers
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -34,7 +36,7 @@ Grads = dict[str, torch.Tensor]
 def _valid_lambda(v: Any) -> bool:
     return (
         not isinstance(v, bool)
-        and isinstance(v, (int, float))
+        and isinstance(v, numbers.Real)
         and math.isfinite(float(v))
         and float(v) > 0
     )
@@ -121,7 +123,7 @@ class Estimator:
         checks.check_device(device)
         checks.boolean("progress", progress)
         seed = checks.integer("seed", seed)
-        with checks.restore_model_on_error(model):
+        with checks.restore_model_on_error(model), self._unfitted_on_error():
             layers = task.tracked_modules(model)
             checks.check_finite_weights(layers)
             self.layers_ = layer_infos(layers)
@@ -140,6 +142,15 @@ class Estimator:
             self._check_finite()
             self.fingerprint_ = weights_fingerprint(layers)
         return self
+
+    @contextlib.contextmanager
+    def _unfitted_on_error(self):
+        """A fit that fails leaves the estimator unfitted, not half-fitted."""
+        try:
+            yield
+        except BaseException:
+            self.layers_, self.state_, self.damping_, self.fingerprint_ = None, {}, {}, None
+            raise
 
     def _fit(self, model, task, data, *, batch_size, device, progress, seed) -> None:
         raise NotImplementedError

@@ -242,7 +242,9 @@ def test_failed_call_leaves_the_model_as_it_was():
     with pytest.raises(FloatingPointError, match="training example 8"):
         inf.pairwise_scores(model, task, est, data, (x, y), batch_size=3, progress=False)
     with pytest.raises(FloatingPointError, match="training example 8"):
-        inf.KFAC().fit(model, task, (x, y), batch_size=3, progress=False)
+        (kfac := inf.KFAC()).fit(model, task, (x, y), batch_size=3, progress=False)
+    with pytest.raises(RuntimeError, match="KFAC is not fitted"):  # not half-fitted
+        inf.pairwise_scores(model, task, kfac, data, data, progress=False)
     assert model.training and all(m.training for m in model.modules())
     flags = [p.requires_grad for p in model.parameters()]
     assert flags == [False, True, True, True]
@@ -313,3 +315,10 @@ def test_other_public_functions_validate_their_arguments(tmp_path):
         inf.draw_subsets(10, num_subsets=2.5)
     with pytest.raises(ValueError, match=r"alpha must be a number in \(0, 1\), got '0.5'"):
         inf.draw_subsets(10, alpha="0.5")
+
+
+def test_numpy_damping_is_accepted():
+    import numpy as np
+
+    assert inf.EKFAC(damping=np.float32(0.25)).damping == 0.25
+    assert inf.CG(damping={"0": np.float64(0.5)}).damping == {"0": 0.5}
