@@ -164,6 +164,20 @@ def check_batch_values(model: nn.Module, batch: Any, offset: int, measurement: b
                 f"vocabulary [0, {vocab}) (max id {int(ids.max())}): tokenize with the model's "
                 "tokenizer or resize its embeddings"
             )
+    labels = batch.get("labels")
+    if (
+        isinstance(vocab, int)
+        and torch.is_tensor(labels)
+        and labels.shape == ids.shape
+        and labels.numel()
+    ):
+        bad = ((labels >= vocab) | ((labels < 0) & (labels != -100))).reshape(ids.shape[0], -1)
+        if bool(bad.any()):
+            rows = (bad.any(1).nonzero().squeeze(1) + offset).tolist()
+            raise ValueError(
+                f"labels of {_roles(measurement)} {rows[:5]} are outside the vocabulary "
+                f"[0, {vocab}) and are not −100 (ignored): fix the labels"
+            )
     limit = _config_limit(model, ("max_position_embeddings", "n_positions", "n_ctx"))
     if limit is not None and ids.dim() == 2 and ids.shape[1] > limit:
         raise ValueError(

@@ -215,6 +215,10 @@ def test_token_ids_beyond_the_vocabulary_and_too_long_sequences():
         inf.pairwise_scores(model, task, est, data, bad, progress=False)
     with pytest.raises(ValueError, match=r"queries \[3\] are outside"):
         inf.pairwise_scores(model, task, est, bad, data, progress=False)
+    bad = {k: v.clone() for k, v in data.items()}
+    bad["labels"][2, 4] = -5
+    with pytest.raises(ValueError, match=r"labels of training examples \[2\] are outside"):
+        inf.EKFAC().fit(model, task, bad, progress=False)
     long = lm_data(2, seq=40)  # the model has 32 positions
     with pytest.raises(ValueError, match="40 tokens, more than the model's 32 positions"):
         inf.EKFAC().fit(model, task, long, progress=False)
