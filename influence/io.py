@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
+import re
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,12 +19,35 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def _clean_stale_temporaries(path: Path) -> None:
+    """Remove temporary files of `path` left by writers that were killed (their pid is gone)."""
+    pattern = re.compile(rf"^\.{re.escape(path.name)}\.(\d+)\.[^.]+\.tmp$")
+    for p in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        m = pattern.match(p.name)
+        if m and int(m[1]) != os.getpid() and not _pid_alive(int(m[1])):
+            p.unlink(missing_ok=True)
+
+
 @contextmanager
 def atomic_path(path: str | Path):
-    """Yield a temporary path in the target's folder; on success it replaces `path`."""
+    """Yield a temporary path in the target's folder; on success it replaces `path`.
+    Temporary files of earlier writers of `path` that were killed are removed first."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    _clean_stale_temporaries(path)
+    fd, tmp = tempfile.mkstemp(
+        prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent
+    )
     os.close(fd)
     os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the usual mode
     try:

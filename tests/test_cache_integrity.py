@@ -216,3 +216,19 @@ def test_load_suite_rebuilds_a_model_whose_weights_were_changed(root, capsys, mo
         s1.models["t"].state_dict().items(), s2.models["t"].state_dict().values(), strict=True
     ):
         assert torch.equal(a, b), n  # deterministic training: the same model again
+
+
+def test_atomic_writes_clean_temporaries_of_killed_writers(tmp_path):
+    from influence.io import atomic_write_json
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = tmp_path / f".00003.json.{dead.pid}.abc123.tmp"
+    stale.write_text('{"half')
+    alive = tmp_path / f".00003.json.{os.getpid()}.xyz.tmp"  # a live writer's: kept
+    alive.write_text("{")
+    other = tmp_path / f".00004.json.{dead.pid}.abc.tmp"  # another target: left for its writer
+    other.write_text("{")
+    atomic_write_json(tmp_path / "00003.json", {"ok": 1})
+    assert not stale.exists() and alive.exists() and other.exists()
+    assert json.loads((tmp_path / "00003.json").read_text()) == {"ok": 1}
