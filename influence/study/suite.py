@@ -288,7 +288,7 @@ def load_suite(
     hf_logging.disable_progress_bar()  # per-file "Loading weights" bars drown the notebooks
     for size in params["sizes"]:
         path = cache.entry_dir("model", model_key(size, params, corpus, seed))
-        if not cache.is_complete(path):
+        if not cache.verified(path):  # checksums; a broken entry is moved aside and retrained
             model, log = train_model(
                 size, params["train"], tok, seqs, params["context"], seed, device, progress
             )
