@@ -232,3 +232,17 @@ def test_atomic_writes_clean_temporaries_of_killed_writers(tmp_path):
     atomic_write_json(tmp_path / "00003.json", {"ok": 1})
     assert not stale.exists() and alive.exists() and other.exists()
     assert json.loads((tmp_path / "00003.json").read_text()) == {"ok": 1}
+
+
+def test_legacy_entries_can_be_adopted_on_request(root, monkeypatch, capsys):
+    path = _entry(root)
+    _build(path)
+    (path / cache.MARKER).write_text("ok\n")
+    monkeypatch.setenv("INFLUENCE_CACHE_ADOPT_LEGACY", "1")
+    assert cache.verified(path)
+    assert "adopted legacy entry" in capsys.readouterr().err
+    monkeypatch.delenv("INFLUENCE_CACHE_ADOPT_LEGACY")
+    cache._VERIFIED.clear()
+    assert cache.verified(path)  # checksums recorded: verified from now on
+    (path / "model.bin").write_bytes(b"other" * 140)
+    assert not cache.verified(path)

@@ -162,11 +162,21 @@ def check_entry(path: Path) -> str | None:
     marker = path / MARKER
     if not marker.is_file():
         return "no completion marker (an interrupted or foreign build)"
+    text = marker.read_text()
+    if text.strip() == "ok" and os.environ.get("INFLUENCE_CACHE_ADOPT_LEGACY") == "1":
+        # Opt-in migration: trust an entry built before checksums once, and record them now.
+        record = {"version": 1, "files": manifest(path), "adopted": True}
+        marker.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
+        print(f"[cache] adopted legacy entry {path.parent.name}/{path.name}", file=sys.stderr)
+        return None
     try:
-        record = json.loads(marker.read_text())
+        record = json.loads(text)
         expected = record["files"]
     except (ValueError, KeyError, TypeError):
-        return "marker without checksums (written by an older version, or damaged)"
+        return (
+            "marker without checksums (written by an older version, or damaged; "
+            "INFLUENCE_CACHE_ADOPT_LEGACY=1 adopts such entries instead)"
+        )
     files = _files(path)
     missing = sorted(set(expected) - set(files))
     extra = sorted(set(files) - set(expected))
