@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -92,6 +93,10 @@ def _read_retrain(path, k: int) -> list[float] | None:
     try:
         record = json.loads(path.read_text())
         values = record["measurements"]
+        if "sha256" not in record and os.environ.get("INFLUENCE_CACHE_ADOPT_LEGACY") == "1":
+            # Opt-in migration of records written before checksums (see study/cache.py).
+            record["sha256"] = _values_sha256(values)
+            atomic_write_json(path, record)
         ok = record["subset"] == k and record.get("sha256") == _values_sha256(values)
         reason = None if ok else "checksum or subset mismatch (modified, or an older format)"
     except (OSError, ValueError, KeyError, TypeError) as err:

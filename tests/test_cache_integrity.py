@@ -246,3 +246,24 @@ def test_legacy_entries_can_be_adopted_on_request(root, monkeypatch, capsys):
     assert cache.verified(path)  # checksums recorded: verified from now on
     (path / "model.bin").write_bytes(b"other" * 140)
     assert not cache.verified(path)
+
+
+def test_legacy_lds_records_can_be_adopted_on_request(root, monkeypatch):
+    calls = []
+
+    def train_fn(idx):
+        calls.append(1)
+        return float(len(idx))
+
+    masks = np.array([[True, False, True], [False, True, True]])
+    kw = dict(cache={"r": 2}, progress=False)
+    first = retrain_measurements(train_fn, lambda m: torch.tensor([m]), masks, **kw)
+    folder = next((root / "lds_retrains").iterdir())
+    for f in folder.glob("0*.json"):  # strip the checksums: records of the older format
+        rec = json.loads(f.read_text())
+        del rec["sha256"]
+        f.write_text(json.dumps(rec))
+    monkeypatch.setenv("INFLUENCE_CACHE_ADOPT_LEGACY", "1")
+    again = retrain_measurements(train_fn, lambda m: torch.tensor([m]), masks, **kw)
+    assert len(calls) == 2 and np.array_equal(first, again)  # adopted, not retrained
+    assert all("sha256" in json.loads(f.read_text()) for f in folder.glob("0*.json"))
