@@ -155,31 +155,50 @@ def score_all(
     estimators=ESTIMATORS,
     include_cg: bool = True,
     include_block_cg: bool = False,
+    fitted: dict | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, float], dict[str, float], dict]:
     """Fit every estimator and score all training examples on all queries.
 
     EK-FAC is fitted first; its per-layer 'auto' damping (× `damping_scale`) is then given to
-    every other estimator and to CG. With `include_block_cg`, also the exact inverse of the
-    block-diagonal part of G ("cg_block"): the best any block-diagonal estimator can do.
+    every other estimator and to CG. EK-FAC at that damping and K-FAC are derived from this one
+    fit (`with_damping`, `KFAC.from_ekfac`: the same factors a refit gives, without its passes);
+    K-FAC's seconds therefore count no fitting pass of its own. `fitted` may hold an EK-FAC
+    ("ekfac") and a Diagonal ("diagonal") fitted before, reused at each damping (the sweep).
+    With `include_block_cg`, also the exact inverse of the block-diagonal part of G
+    ("cg_block"): the best any block-diagonal estimator can do.
     Returns scores [Q, N], seconds (fit + scores), damping, and solver diagnostics.
     """
     kw = dict(batch_size=batch_size, progress=False)
     scores, seconds, diag = {}, {}, {}
+    fitted = fitted or {}
 
-    def run(est):
-        est.fit(model, task, train, **kw)
+    def run(est, fit=True):
+        if fit:
+            est.fit(model, task, train, **kw)
         return inf.pairwise_scores(model, task, est, queries, train, **kw)
 
-    ek_auto = inf.EKFAC().fit(model, task, train, **kw)
+    if "ekfac" in fitted:
+        ek_auto, ek_seconds = fitted["ekfac"], 0.0
+    else:
+        ek_auto, ek_seconds = _timed(lambda: inf.EKFAC().fit(model, task, train, **kw))
     lam = {n: v * damping_scale for n, v in ek_auto.damping_.items()}
     makers = {
         "identity": lambda: inf.Identity(),
         "diagonal": lambda: inf.Diagonal(damping=lam),
-        "kfac": lambda: inf.KFAC(damping=lam),
-        "ekfac": lambda: inf.EKFAC(damping=lam),
         "lissa": lambda: LiSSA(damping=lam, **lissa),
     }
+    derived = {
+        "kfac": lambda: inf.KFAC.from_ekfac(ek_auto, damping=lam),
+        "ekfac": lambda: ek_auto.with_damping(lam),
+    }
+    if "diagonal" in fitted:
+        derived["diagonal"] = lambda: fitted["diagonal"].with_damping(lam)
     for name in estimators:
+        if name in derived:
+            est, t_derive = _timed(derived[name])
+            scores[name], t = _timed(lambda est=est: run(est, fit=False))
+            seconds[name] = t_derive + t + (ek_seconds if name == "ekfac" else 0.0)
+            continue
         est = makers[name]()
         scores[name], seconds[name] = _timed(lambda est=est: run(est))
         if name == "lissa":
@@ -403,7 +422,13 @@ def damping_sweep(
     estimators=("identity", "diagonal", "kfac", "ekfac"),
 ) -> pd.DataFrame:
     """Pearson correlation with CG at each damping (× EK-FAC's 'auto' λ), mean over queries;
-    estimator and CG always share the damping."""
+    estimator and CG always share the damping. EK-FAC and the diagonal are fitted once and
+    only re-damped at each scale (K-FAC derived from the EK-FAC fit)."""
+    kw = dict(batch_size=batch_size, progress=False)
+    fitted = {"ekfac": inf.EKFAC().fit(model, task, train, **kw)}
+    if "diagonal" in estimators:
+        # Any positive damping: it is replaced at each scale by `with_damping`.
+        fitted["diagonal"] = inf.Diagonal(damping=1.0).fit(model, task, train, **kw)
     rows = []
     for s in scales:
         scores, _, _, _ = score_all(
@@ -416,6 +441,7 @@ def damping_sweep(
             batch_size=batch_size,
             damping_scale=s,
             estimators=estimators,
+            fitted=fitted,
         )
         for est in estimators:
             df = per_query_correlations(scores[est], scores["cg"])
