@@ -135,6 +135,34 @@ SECTIONS: dict[str, dict[str, dict[str, Any]]] = {
         "default": {"n_examples": 2},
         "large": {"n_examples": 2},
     },
+    # Owned by notebooks/05_word_order (issue 12). n_boot: bootstrap resamples over facts;
+    # token_facts: facts whose sequences of token_groups (first template each) are shown
+    # tokenwise for the smallest and the largest model.
+    "05_word_order": {
+        "smoke": {
+            "n_boot": 200,
+            "token_facts": 1,
+            "token_groups": ["rewording", "flipped", "irrelevant_with_names"],
+        },
+        "default": {
+            "n_boot": 1000,
+            "token_facts": 2,
+            "token_groups": ["rewording", "flipped", "irrelevant_with_names"],
+        },
+        "large": {
+            "n_boot": 1000,
+            "token_facts": 2,
+            "token_groups": ["rewording", "flipped", "irrelevant_with_names"],
+        },
+    },
+    # Owned by notebooks/06_role_play (issue 12). top_k: positive influences per query whose
+    # categories are counted; n_boot: bootstrap resamples over queries; n_examples: queries
+    # whose top sequences are printed for the smallest and the largest model.
+    "06_role_play": {
+        "smoke": {"top_k": 5, "n_boot": 200, "n_examples": 1},
+        "default": {"top_k": 10, "n_boot": 1000, "n_examples": 3},
+        "large": {"top_k": 10, "n_boot": 1000, "n_examples": 3},
+    },
     # Owned by notebooks/01_ihvp_accuracy (issue 4). MLP settings: data split, model and
     # training recipe, queries, LiSSA/CG/PBRF settings and LDS retrains; language_model: the
     # suite's smallest model on a subset of the corpus (MLP layers tracked, the paper's choice).
