@@ -142,7 +142,7 @@ names.round(4)
 # %%
 with report.stage("tokenwise"):
     tok = suite.tokenizer
-    token_rows, max_gap, shares = {}, 0.0, []
+    token_rows, gaps, shares = {}, [], []
     shown = queries.iloc[: cfg["token_facts"]]
     for m in (small, large):
         rows = []
@@ -155,7 +155,7 @@ with report.stage("tokenwise"):
                     bt[0, j], sub[j]["input_ids"].tolist(), sub[j]["labels"].tolist()
                 )
                 total = sum(v for _, v in contrib) / st.n_train
-                max_gap = max(max_gap, abs(total - s.per_copy) / max(abs(s.per_copy), 1e-12))
+                gaps.append((abs(total - s.per_copy), abs(s.per_copy)))
                 toks = [(tok.decode([t]), v) for t, v in contrib]
                 # share of |influence| on the answer's tokens (the fact's object name)
                 obj = wo.span_share(toks, s.text, q.object)
@@ -163,7 +163,11 @@ with report.stage("tokenwise"):
                 caption = f"fact {qi} · {wo.GROUP_LABELS[g]} · total {total * 1e3:+.3g}"
                 rows.append((caption, toks))
         token_rows[m] = rows
-print(f"largest relative gap between token sums and the stage's scores: {max_gap:.1e}")
+# The token terms must add up to the stage's scores (float32 rounding aside): relative to the
+# largest score shown, so that a score near zero does not inflate the check.
+max_gap = max(d for d, _ in gaps) / max(max(a for _, a in gaps), 1e-30)
+print(f"largest gap between token sums and the stage's scores: {max_gap:.1e} (relative)")
+assert max_gap < 1e-3, "tokenwise scores do not add up to the stage's scores"
 answer_share = pd.DataFrame(shares).groupby(["model", "group"], sort=False).answer_share.mean()
 answer_share.unstack("model").round(2)
 
@@ -306,6 +310,13 @@ token_line = "; ".join(
     + ", ".join(f"{wo.GROUP_LABELS[g]} {answer_share[(m, g)]:.0%}" for g in cfg["token_groups"])
     for m in (small, large)
 )
+removed = table.loc["completion_removed", models]
+removed_note = (
+    ": negative at every size, so a sequence that continues the prompt phrase with something "
+    "else lowers the probability of the answer."
+    if (removed < 0).all()
+    else "."
+)
 best = {m: wo.GROUP_LABELS[table[m].idxmax()] for m in models}
 worst = {m: wo.GROUP_LABELS[table[m].idxmin()] for m in models}
 Markdown(
@@ -320,8 +331,7 @@ Markdown(
   {"These intervals rest on too few facts to mean much." if thin else ""}
 * **Completion removed.** Sequences that keep the prompt phrase but continue it with
   something else average {", ".join(fmt(table.loc["completion_removed", m]) for m in models)}
-  per copy: a sequence that teaches another continuation of the prompt phrase competes with
-  the answer.
+  per copy{removed_note}
 * **Tokens.** Share of each shown sequence's |influence| on the answer's name:
   {token_line}. With {len(shown)} fact(s) per group this illustrates; it does not measure.
 """

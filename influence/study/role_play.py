@@ -169,7 +169,8 @@ def category_means(
         )
     order = {c: i for i, c in enumerate(CATEGORIES)}
     out = pd.DataFrame(rec)
-    return out.sort_values(["category", "topic_match"], key=lambda c: c.map(order).fillna(c))
+    out["_order"] = out["category"].map(order)
+    return out.sort_values(["_order", "topic_match"]).drop(columns="_order")
 
 
 def paired_share_trend(shares: pd.DataFrame, columns: Sequence[str], small: str, large: str):

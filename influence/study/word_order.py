@@ -226,14 +226,14 @@ def size_trend(gap: pd.DataFrame, small: str, large: str) -> dict:
 
 
 def direction(values: Sequence[float]) -> str:
-    """'rises', 'falls' or 'not monotone' for a sequence ordered by model size."""
+    """'rises', 'falls' or 'is not monotone' for a sequence ordered by model size."""
     v = np.asarray(values, dtype=float)
     d = np.diff(v)
     if len(d) and np.all(d > 0):
         return "rises"
     if len(d) and np.all(d < 0):
         return "falls"
-    return "not monotone"
+    return "is not monotone"
 
 
 def plot_groups(frame: pd.DataFrame, summary: pd.DataFrame, models: Sequence[str]):
