@@ -346,8 +346,8 @@ print(report.paper_vs_here)
 # ## Reading the results
 #
 # * The per-copy numbers are larger than the paper's mostly because our corpus is small: the
-#   per-copy effect is score / N, and N is ~2,400 here instead of ~5M (see the sentence above
-#   for the measured values).
+#   per-copy effect is score / N, and N is a few thousand here instead of ~5M (see the
+#   measured values above).
 # * A corpus of a few thousand sequences has a short tail: the fits rest on tens of points,
 #   so the KS p-values and likelihood ratios have little power, and a bootstrap with a few
 #   tens of synthetic sets resolves p only to a few hundredths.

@@ -210,7 +210,7 @@ def query_table(
 
     `per_copy[(model, query_set)]` is a [Q, N] array of per-copy influences; `bootstrap`
     maps (model, query_set, query) to a number of bootstrap data sets for the KS p-value."""
-    from tqdm.auto import tqdm
+    from tqdm import tqdm
 
     bootstrap = bootstrap or {}
     rows = []
