@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from influence.study import tails
@@ -94,3 +95,41 @@ def test_sampler_draws_power_law_tail_and_data_body():
     # MLE of α on the synthetic tail, α̂ = 1 + n / Σ log(x/x_min), SE ≈ 2/√500 ≈ 0.09
     alpha_hat = 1 + tail.size / np.log(tail).sum()
     assert alpha_hat == pytest.approx(3.0, abs=0.3)
+
+
+def test_query_table_summary_and_verdicts():
+    rng = np.random.default_rng(7)
+    # model "a": power-law tails (plus negatives); model "b": exponential tails.
+    per_copy = {
+        ("a", "facts"): np.stack(
+            [np.concatenate([pareto(2.5, 400, seed=s), -rng.exponential(1, 100)]) for s in range(3)]
+        ),
+        ("a", "quotes"): np.stack([np.concatenate([pareto(2.5, 450, seed=9), [1e4] * 50])]),
+        ("b", "facts"): rng.exponential(1.0, (3, 500)),
+        ("b", "quotes"): rng.exponential(1.0, (1, 500)),
+    }
+    table = tails.query_table(per_copy, 0.2, 20, bootstrap={("a", "facts", 0): 5})
+    assert len(table) == 8 and set(table.model) == {"a", "b"}
+    row = table.iloc[0]
+    x = per_copy[("a", "facts")][0]
+    assert row.max_per_copy == x.max() and row.top1_share == tails.top_share(x)
+    assert row.n_half == tails.n_for_half(x) and row.n_bootstrap == 5
+    summary = tails.summarise(table, ["b", "a"])
+    assert list(summary.index) == ["b", "a"]
+    a = table[table.model == "a"]
+    assert summary.loc["a", "median_alpha"] == a.alpha.median()
+    assert summary.loc["a", "max_per_copy_no_quotes"] == per_copy[("a", "facts")].max()
+    assert summary.loc["a", "ks_pvalue_queries"] == 1
+    assert summary.loc["b", "powerlaw_preferred_share"] == 0.0  # exponential data
+    memo = pd.DataFrame(
+        [
+            {"model": "a", "query_set": "quotes", "related_share": 1.0},
+            {"model": "a", "query_set": "facts", "related_share": 0.3},
+        ]
+    )
+    pvh = tails.paper_vs_here(summary, table, memo, 500).set_index("finding")
+    assert set(pvh.verdict) <= {"agrees", "partly", "disagrees"}
+    assert pvh.verdict.iloc[-1] == "agrees"  # 100% of the quotes' top-k contain the quote
+    # Largest model "a": quotes hold the largest per-copy value (1e4) and facts stay above 1,
+    # so "no influence above 1 nat except quotes" is partly reproduced.
+    assert pvh.verdict.iloc[3] == "partly"

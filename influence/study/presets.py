@@ -335,9 +335,9 @@ SECTIONS: dict[str, dict[str, dict[str, Any]]] = {
             "ccdf_queries": 2,
         },
         "default": {
-            "tail_share": 0.2,
+            "tail_share": 0.1,
             "min_tail": 20,
-            "bootstrap": 20,
+            "bootstrap": 50,
             "bootstrap_queries": 8,
             "top_k": 10,
             "ccdf_queries": 3,
