@@ -62,8 +62,8 @@ train = st.train_frame()
 queries = st.queries("role_play")
 k = cfg["top_k"]
 corpus = rp.corpus_shares(train)
-per_topic = queries.groupby("topic").size()
-print(f"{len(queries)} role-play queries ({dict(per_topic)}); models {models}; top-{k}")
+per_topic = {str(t): int(n) for t, n in queries.groupby("topic").size().items()}
+print(f"{len(queries)} role-play queries ({per_topic}); models {models}; top-{k}")
 
 # %% [markdown]
 # ## 1. The material
@@ -161,7 +161,7 @@ pd.DataFrame.from_dict(trends, orient="index")
 # %%
 # NBVAL_CHECK_OUTPUT
 # Deterministic: counts and names only (scores depend on floating-point details).
-print("queries per topic:", dict(per_topic))
+print("queries per topic:", per_topic)
 print("categories:", list(rp.CATEGORIES))
 print("role-play training sequences:", len(rpt))
 print("models:", models, "top k:", k)
@@ -171,7 +171,7 @@ print("models:", models, "top k:", k)
 
 # %%
 n_q = len(queries)
-thin = per_topic.min() < 10
+thin = min(per_topic.values()) < 10
 
 
 def share(m, cols, table=shares):
@@ -246,7 +246,7 @@ rows = [
     ),
 ]
 if thin:
-    thin_reason = f"only {per_topic.min()} queries per topic at preset {preset!r}: too few"
+    thin_reason = f"only {min(per_topic.values())} queries per topic at preset {preset!r}: too few"
     rows = [(f, h, "not comparable", thin_reason) for f, h, _, _ in rows]
 pvh = pd.DataFrame(rows, columns=["finding (paper)", "here", "verdict", "reason"])
 Markdown(rp.markdown_table(pvh))
@@ -280,7 +280,7 @@ report.summarize(
 )
 report.metrics["role_play"] = {
     "n_queries": n_q,
-    "queries_per_topic": {str(a): int(b) for a, b in per_topic.items()},
+    "queries_per_topic": per_topic,
     "top_k": k,
     "corpus_share": {c: float(v) for c, v in corpus.items()},
     "top_k_category_share": {
@@ -312,10 +312,12 @@ Markdown(f"**In one line.** {here}")
 
 # %%
 same = {m: share(m, ["same topic"], topic_shares) for m in models}
+largest_cat = {m: share_table[m].idxmax() for m in models}
 seen = queries.group == "seen_completion"
 Markdown(
     f"""
-* **Assistant dialogues dominate** where they do: their share of the top-{k} is
+* **Largest category** in the top-{k}: {", ".join(f"{m} {largest_cat[m]}" for m in models)}.
+  Assistant dialogues hold
   {", ".join(f"{m} {share(m, ['assistant']):.0%}" for m in models)} against
   {float(corpus["assistant"]):.1%} of the corpus. They share the query's format
   ("Human: … Assistant: …") as well as its topic, which the paper's pretraining data did not
