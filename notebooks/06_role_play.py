@@ -102,6 +102,20 @@ share_table.insert(0, "corpus", corpus)
 share_table.style.format("{:.1%}")
 
 # %% [markdown]
+# The same shares for the queries whose completion sentence never closes a training dialogue
+# (`group == "new_completion"`): a control for verbatim overlap with the assistant dialogues.
+
+# %%
+new_q = queries.index[queries.group == "new_completion"]
+new_shares = shares[shares.index.get_level_values("query").isin(new_q)]
+new_summary = rp.share_summary(new_shares, corpus, n_boot=cfg["n_boot"], seed=seed)
+new_table = new_summary.pivot(index="value", columns="model", values="share").reindex(
+    index=list(rp.CATEGORIES), columns=models
+)
+print(f"{len(new_q)} of {len(queries)} queries have a new completion")
+new_table.style.format("{:.1%}")
+
+# %% [markdown]
 # ## 3. Mean per-copy influence per category
 # The mean over a category's sequences of their per-copy influence (nats of log-probability
 # of the completion per added copy), averaged over queries with a 95% bootstrap interval over
@@ -290,6 +304,11 @@ report.metrics["role_play"] = {
         }
         for m in models
     },
+    "top_k_category_share_new_completion": {
+        m: {r.value: {"share": r.share, "lo": r.lo, "hi": r.hi} for r in g.itertuples()}
+        for m, g in new_summary.groupby("model", sort=False)
+    },
+    "n_new_completion_queries": len(new_q),
     "top_k_topic_share": {
         m: {r.value: {"share": r.share, "lo": r.lo, "hi": r.hi} for r in g.itertuples()}
         for m, g in topic_summary.groupby("model", sort=False)
@@ -322,7 +341,8 @@ Markdown(
   {float(corpus["assistant"]):.1%} of the corpus. They share the query's format
   ("Human: … Assistant: …") as well as its topic, which the paper's pretraining data did not
   label; {int(seen.sum())} of the {n_q} queries end with a sentence that also closes a
-  training dialogue.
+  training dialogue. Over the {len(new_q)} queries whose completion is new, assistant
+  dialogues still hold {", ".join(f"{m} {new_table.loc['assistant', m]:.0%}" for m in models)}.
 * **Fiction and essays** hold
   {", ".join(f"{m} {share(m, fe):.0%}" for m in models)} of the top-{k}
   (corpus {fe_corpus:.1%}): the share {rp.direction([share(m, fe) for m in models])} with
