@@ -284,6 +284,20 @@ SECTIONS: dict[str, dict[str, dict[str, Any]]] = {
             "threads": None,
         },
     },
+    # Owned by notebooks/03_abstraction_with_scale (issue 11): top-k sizes for the composition
+    # (the first is the headline), bootstrap resamples, queries shown with their top texts.
+    "03_abstraction_with_scale": {
+        "smoke": {"k": [10, 50], "n_boot": 500, "n_examples": 3, "n_texts": 5},
+        "default": {"k": [10, 50], "n_boot": 1000, "n_examples": 3, "n_texts": 5},
+        "large": {"k": [10, 50], "n_boot": 1000, "n_examples": 3, "n_texts": 5},
+    },
+    # Owned by notebooks/04_cross_lingual (issue 11): k of the top-k share, the paper's top-n
+    # English sequences, how many English queries the translation protocol rescores.
+    "04_cross_lingual": {
+        "smoke": {"k": 10, "n_top": 10, "max_translation_queries": 6, "n_boot": 500},
+        "default": {"k": 10, "n_top": 10, "max_translation_queries": 24, "n_boot": 1000},
+        "large": {"k": 10, "n_top": 10, "max_translation_queries": 64, "n_boot": 1000},
+    },
 }
 
 

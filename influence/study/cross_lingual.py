@@ -1,0 +1,208 @@
+"""Notebook 04: does influence cross languages, and more so in larger models?
+
+frame = own_sequence_table(st, model, k=10)     # per query asked in X about a fact stated
+                                                # only in Y: rank/share of Y's sequences
+grid = heatmap_grid(frame, "top_share")         # X × Y
+tr = translation_protocol(st, model)            # paper Figs. 15–16: top-10 English
+                                                # sequences scored against translations
+acc = cross_lingual_accuracy(suite)             # completion accuracy per X × Y and size
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .suite import completion_scores, query_dataset, train_dataset
+
+LANGS = ("en", "fr", "de")
+
+
+def fact_languages(train_frame: pd.DataFrame) -> dict[int, tuple[str, ...]]:
+    """{fact_id: the languages its training statements are in (sorted)}."""
+    f = train_frame[train_frame["kind"] == "fact"]
+    return {int(k): tuple(sorted(set(v))) for k, v in f.groupby("fact_id")["language"]}
+
+
+def own_rows(train_frame: pd.DataFrame, fact_id: int) -> np.ndarray:
+    """Row positions of the fact's own statements (kind "fact")."""
+    m = (train_frame["kind"] == "fact").to_numpy() & (train_frame["fact_id"] == fact_id).to_numpy()
+    return np.flatnonzero(m)
+
+
+def own_sequence_stats(scores: np.ndarray, own: np.ndarray, k: int = 10) -> dict[str, float]:
+    """For one query's scores over all N sequences and its own sequences' positions:
+    best_rank (1 = the most influential sequence; ties ranked pessimistically), top_share
+    (share of the top k that are own), own_mean and others_mean (mean score)."""
+    s = np.asarray(scores, dtype=np.float64)
+    if len(own) == 0:
+        raise ValueError("own must hold at least one sequence position")
+    rest = np.ones(len(s), bool)
+    rest[own] = False
+    best = s[own].max()
+    top = np.argsort(-s, kind="stable")[:k]
+    return {
+        "best_rank": int((s >= best).sum()),
+        "top_share": float(np.isin(top, own).mean()),
+        "own_mean": float(s[own].mean()),
+        "others_mean": float(s[rest].mean()) if rest.any() else float("nan"),
+    }
+
+
+def own_sequence_table(st: Any, model: str, k: int = 10) -> pd.DataFrame:
+    """One row per query about a fact stated in one language Y only: the cross-lingual queries
+    (asked in X ≠ Y) and, as the diagonal, the `facts` queries of such facts (X = Y). Columns:
+    set, query, fact_id, X, Y, best_rank, top_share, own_mean and others_mean (per copy), n_own."""
+    train = st.train_frame()
+    langs = fact_languages(train)
+    recs = []
+    for qs in ("cross_lingual", "facts"):
+        if qs not in st.query_sets:
+            continue
+        q = st.queries(qs)
+        pc = st.per_copy(model, qs).double().numpy()
+        for i, (fid, x) in enumerate(zip(q["fact_id"], q["language"], strict=True)):
+            stated = langs.get(int(fid), ())
+            if len(stated) != 1:
+                continue
+            own = own_rows(train, int(fid))
+            recs.append(
+                {"model": model, "set": qs, "query": i, "fact_id": int(fid), "X": x,
+                 "Y": stated[0], "n_own": len(own), **own_sequence_stats(pc[i], own, k)}
+            )  # fmt: skip
+    return pd.DataFrame(recs)
+
+
+def heatmap_grid(frame: pd.DataFrame, value: str, agg: str = "mean") -> pd.DataFrame:
+    """X (query language) × Y (stated language) table of `value` aggregated over queries."""
+    g = frame.pivot_table(index="X", columns="Y", values=value, aggfunc=agg)
+    return g.reindex(index=list(LANGS), columns=list(LANGS))
+
+
+def cross_lingual_accuracy(suite: Any, models: Sequence[str] | None = None) -> pd.DataFrame:
+    """Greedy completion accuracy of every cross-lingual query, per model: long frame with
+    model, X, Y, accuracy, n."""
+    q = suite.corpus.queries["cross_lingual"]
+    langs = fact_languages(suite.corpus.train.select_columns(["kind", "fact_id", "language"])
+                           .to_pandas())  # fmt: skip
+    y = [langs[int(f)][0] for f in q["fact_id"]]
+    recs = []
+    for m in models or list(suite.models):
+        ok = completion_scores(suite.models[m], suite.tokenizer, q)["correct"]
+        df = pd.DataFrame({"X": q["language"], "Y": y, "ok": ok})
+        for (x, yy), sub in df.groupby(["X", "Y"]):
+            recs.append({"model": m, "X": x, "Y": yy, "accuracy": float(sub.ok.mean()),
+                         "n": len(sub)})  # fmt: skip
+    return pd.DataFrame(recs)
+
+
+# -- the paper's protocol (Figs. 15–16) --------------------------------------------------------
+def translation_queries(st: Any, max_queries: int | None = None) -> pd.DataFrame:
+    """English `facts` queries (scored ones) of facts stated in every language, with the
+    corpus rows of their French and German versions: columns query (row in st's tensors),
+    fact_id and, per language, the prompt and completion."""
+    train = st.train_frame()
+    langs = fact_languages(train)
+    q = st.queries("facts")
+    allq = st.suite.corpus.queries["facts"].to_pandas()
+    recs = []
+    for i, r in enumerate(q.itertuples()):
+        if r.language != "en" or langs.get(int(r.fact_id)) != tuple(sorted(LANGS)):
+            continue
+        rec = {"query": i, "fact_id": int(r.fact_id)}
+        for lang in LANGS:
+            row = allq[(allq.fact_id == r.fact_id) & (allq.language == lang)].iloc[0]
+            rec[f"prompt_{lang}"] = row.prompt
+            rec[f"completion_{lang}"] = row.completion
+        recs.append(rec)
+        if max_queries is not None and len(recs) >= max_queries:
+            break
+    return pd.DataFrame(recs)
+
+
+def top_english(scores: np.ndarray, english: np.ndarray, n: int = 10) -> np.ndarray:
+    """Positions of the n highest-scoring English sequences (boolean mask `english`)."""
+    idx = np.flatnonzero(english)
+    return idx[np.argsort(-np.asarray(scores)[idx], kind="stable")[:n]]
+
+
+def translation_protocol(
+    st: Any, model: str, n_top: int = 10, max_queries: int | None = None
+) -> tuple[pd.DataFrame, float]:
+    """For each English query about a fact stated in every language: its top-`n_top` English
+    training sequences, scored against the query and its French and German translations with
+    the stage's fitted EK-FAC (recomputed here for these sequences only). Returns (frame, check)
+    where frame has one row per query × language: query, fact_id, language, influence (sum of
+    per-copy scores over the n_top sequences), relative (influence / the English query's), and
+    check is the largest relative difference between the recomputed English scores and the
+    stage's (should be float32 rounding)."""
+    import influence as inf
+
+    tq = translation_queries(st, max_queries)
+    if tq.empty:
+        return pd.DataFrame(), float("nan")
+    train = st.train_frame()
+    english = (train["language"] == "en").to_numpy()
+    full = st.scores(model, "facts").double().numpy()
+    tops = [top_english(full[i], english, n_top) for i in tq["query"]]
+    ids = np.unique(np.concatenate(tops))
+    rows = {"prompt": [], "completion": []}
+    for lang in LANGS:
+        rows["prompt"] += tq[f"prompt_{lang}"].tolist()
+        rows["completion"] += tq[f"completion_{lang}"].tolist()
+    suite, cfg = st.suite, st.config
+    net = suite.models[model].to(getattr(torch, cfg["dtype"]))
+    try:
+        task = inf.LanguageModelingTask(modules=cfg["modules"])
+        est = inf.EKFAC.load(st.paths[model] / "ekfac.safetensors", net, task)
+        tr = train_dataset(suite, suite.corpus).select(ids.tolist())
+        s = inf.pairwise_scores(
+            net, task, est, query_dataset(suite.tokenizer, rows), tr,
+            batch_size=cfg["batch_size"], progress=False,
+        ).double().numpy()  # fmt: skip
+    finally:
+        net.float()
+    s = s / st.n_train  # per copy
+    pos = {int(t): j for j, t in enumerate(ids)}
+    nq = len(tq)
+    recs, check = [], 0.0
+    for a, (qi, top) in enumerate(zip(tq["query"], tops, strict=True)):
+        cols = [pos[int(t)] for t in top]
+        ref = full[qi, top] / st.n_train
+        en = s[a, cols]
+        check = max(check, float(np.abs(en - ref).max() / max(np.abs(ref).max(), 1e-30)))
+        base = en.sum()
+        for li, lang in enumerate(LANGS):
+            val = s[li * nq + a, cols].sum()
+            recs.append({"model": model, "query": int(qi), "fact_id": int(tq.fact_id.iloc[a]),
+                         "language": lang, "influence": float(val),
+                         "relative": float(val / base) if base > 0 else float("nan")})  # fmt: skip
+    return pd.DataFrame(recs), check
+
+
+def plot_heatmaps(grids: dict[str, pd.DataFrame], title: str, fmt: str = "{:.2f}", vmax=None):
+    """One X × Y heatmap per model, side by side."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(grids), figsize=(2.8 * len(grids) + 0.8, 2.9), squeeze=False)
+    vals = np.concatenate([g.to_numpy().ravel() for g in grids.values()])
+    vmax = vmax if vmax is not None else np.nanmax(np.append(vals, 1e-12))
+    for ax, (m, g) in zip(axes[0], grids.items(), strict=True):
+        im = ax.imshow(g.to_numpy(dtype=float), vmin=0, vmax=vmax, cmap="viridis")
+        ax.set_xticks(range(len(g.columns)))
+        ax.set_xticklabels(g.columns)
+        ax.set_yticks(range(len(g.index)))
+        ax.set_yticklabels(g.index)
+        ax.set_xlabel("stated in (Y)")
+        ax.set_title(m, fontsize=10)
+        for (r, c), v in np.ndenumerate(g.to_numpy(dtype=float)):
+            if not np.isnan(v):
+                ax.text(c, r, fmt.format(v), ha="center", va="center", color="w", fontsize=8)
+    axes[0][0].set_ylabel("asked in (X)")
+    fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8)
+    fig.suptitle(title, fontsize=10)
+    return fig
