@@ -101,56 +101,62 @@ def cross_lingual_accuracy(suite: Any, models: Sequence[str] | None = None) -> p
 
 
 # -- the paper's protocol (Figs. 15–16) --------------------------------------------------------
-def translation_queries(st: Any, max_queries: int | None = None) -> pd.DataFrame:
-    """English `facts` queries (scored ones) of facts stated in every language, with the
-    corpus rows of their French and German versions: columns query (row in st's tensors),
-    fact_id and, per language, the prompt and completion."""
+def translation_queries(st: Any, max_per_language: int | None = None) -> pd.DataFrame:
+    """Scored `facts` queries of facts stated in every language (at most `max_per_language`
+    per source language, in corpus order), with the corpus's versions of the same query in
+    every language: columns query (row in st's tensors), fact_id, source (the scored query's
+    language) and, per language, prompt_<lang> and completion_<lang>."""
     train = st.train_frame()
     langs = fact_languages(train)
     q = st.queries("facts")
     allq = st.suite.corpus.queries["facts"].to_pandas()
-    recs = []
+    recs, per = [], dict.fromkeys(LANGS, 0)
     for i, r in enumerate(q.itertuples()):
-        if r.language != "en" or langs.get(int(r.fact_id)) != tuple(sorted(LANGS)):
+        if langs.get(int(r.fact_id)) != tuple(sorted(LANGS)):
             continue
-        rec = {"query": i, "fact_id": int(r.fact_id)}
+        if max_per_language is not None and per[r.language] >= max_per_language:
+            continue
+        per[r.language] += 1
+        rec = {"query": i, "fact_id": int(r.fact_id), "source": r.language}
         for lang in LANGS:
             row = allq[(allq.fact_id == r.fact_id) & (allq.language == lang)].iloc[0]
             rec[f"prompt_{lang}"] = row.prompt
             rec[f"completion_{lang}"] = row.completion
         recs.append(rec)
-        if max_queries is not None and len(recs) >= max_queries:
-            break
     return pd.DataFrame(recs)
 
 
-def top_english(scores: np.ndarray, english: np.ndarray, n: int = 10) -> np.ndarray:
-    """Positions of the n highest-scoring English sequences (boolean mask `english`)."""
-    idx = np.flatnonzero(english)
+def top_in_language(scores: np.ndarray, mask: np.ndarray, n: int = 10) -> np.ndarray:
+    """Positions of the n highest-scoring sequences among those where `mask` is true."""
+    idx = np.flatnonzero(mask)
     return idx[np.argsort(-np.asarray(scores)[idx], kind="stable")[:n]]
 
 
 def translation_protocol(
-    st: Any, model: str, n_top: int = 10, max_queries: int | None = None
+    st: Any, model: str, n_top: int = 10, max_per_language: int | None = None
 ) -> tuple[pd.DataFrame, float]:
-    """For each English query about a fact stated in every language: its top-`n_top` English
-    training sequences, scored against the query and its French and German translations with
-    the stage's fitted EK-FAC (recomputed here for these sequences only). Returns (frame, check)
-    where frame has one row per query × language: query, fact_id, language, influence (sum of
-    per-copy scores over the n_top sequences), relative (influence / the English query's), and
-    check is the largest relative difference between the recomputed English scores and the
-    stage's (should be float32 rounding)."""
+    """The paper's protocol (Figs. 15–16), from every source language: for each scored query in
+    language X about a fact stated in every language, its top-`n_top` training sequences in
+    X, scored against the query and its translations with the stage's fitted EK-FAC
+    (recomputed here for those sequences only). Returns (frame, check): frame has one row per
+    query × target language: query, fact_id, source, language, influence (sum of per-copy
+    scores over the n_top sequences), relative (influence / the source query's own, NaN when
+    that is not positive); check is the largest relative difference between the recomputed
+    source-language scores and the stage's (float32 rounding when all is well)."""
     import influence as inf
 
-    tq = translation_queries(st, max_queries)
+    tq = translation_queries(st, max_per_language)
     if tq.empty:
         return pd.DataFrame(), float("nan")
     train = st.train_frame()
-    english = (train["language"] == "en").to_numpy()
+    lang_of = train["language"].to_numpy()
     full = st.scores(model, "facts").double().numpy()
-    tops = [top_english(full[i], english, n_top) for i in tq["query"]]
+    tops = [
+        top_in_language(full[i], lang_of == src, n_top)
+        for i, src in zip(tq["query"], tq["source"], strict=True)
+    ]
     ids = np.unique(np.concatenate(tops))
-    rows = {"prompt": [], "completion": []}
+    rows: dict[str, list] = {"prompt": [], "completion": []}
     for lang in LANGS:
         rows["prompt"] += tq[f"prompt_{lang}"].tolist()
         rows["completion"] += tq[f"completion_{lang}"].tolist()
@@ -171,15 +177,16 @@ def translation_protocol(
     nq = len(tq)
     recs, check = [], 0.0
     for a, (qi, top) in enumerate(zip(tq["query"], tops, strict=True)):
+        src = tq["source"].iloc[a]
         cols = [pos[int(t)] for t in top]
         ref = full[qi, top] / st.n_train
-        en = s[a, cols]
-        check = max(check, float(np.abs(en - ref).max() / max(np.abs(ref).max(), 1e-30)))
-        base = en.sum()
+        own = s[LANGS.index(src) * nq + a, cols]
+        check = max(check, float(np.abs(own - ref).max() / max(np.abs(ref).max(), 1e-30)))
+        base = own.sum()
         for li, lang in enumerate(LANGS):
             val = s[li * nq + a, cols].sum()
             recs.append({"model": model, "query": int(qi), "fact_id": int(tq.fact_id.iloc[a]),
-                         "language": lang, "influence": float(val),
+                         "source": src, "language": lang, "influence": float(val),
                          "relative": float(val / base) if base > 0 else float("nan")})  # fmt: skip
     return pd.DataFrame(recs), check
 

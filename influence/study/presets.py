@@ -292,11 +292,12 @@ SECTIONS: dict[str, dict[str, dict[str, Any]]] = {
         "large": {"k": [10, 50], "n_boot": 1000, "n_examples": 3, "n_texts": 5},
     },
     # Owned by notebooks/04_cross_lingual (issue 11): k of the top-k share, the paper's top-n
-    # English sequences, how many English queries the translation protocol rescores.
+    # sequences in the query's language, how many queries per source language the translation
+    # protocol rescores.
     "04_cross_lingual": {
-        "smoke": {"k": 10, "n_top": 10, "max_translation_queries": 6, "n_boot": 500},
-        "default": {"k": 10, "n_top": 10, "max_translation_queries": 24, "n_boot": 1000},
-        "large": {"k": 10, "n_top": 10, "max_translation_queries": 64, "n_boot": 1000},
+        "smoke": {"k": 10, "n_top": 10, "max_per_language": 4, "n_boot": 500},
+        "default": {"k": 10, "n_top": 10, "max_per_language": 12, "n_boot": 1000},
+        "large": {"k": 10, "n_top": 10, "max_per_language": 32, "n_boot": 1000},
     },
 }
 
