@@ -290,3 +290,36 @@ def plot_composition(comp: pd.DataFrame, params: dict[str, int], k: int):
     fig.supxlabel("model (parameters)")
     fig.tight_layout()
     return fig
+
+
+# -- verdicts ----------------------------------------------------------------------------------
+def verdict(trend: dict, expected: str) -> tuple[str, str]:
+    """(verdict, reason) of a `paired_trend` result against the paper's direction `expected`
+    ("rises" or "falls"): agrees when the paired test shows that direction; partly when the
+    mean moves that way without p < 0.05; disagrees when it moves the other way; not
+    comparable when there are too few queries."""
+    if expected not in ("rises", "falls"):
+        raise ValueError(f"expected must be 'rises' or 'falls', got {expected!r}")
+    w, d, p = trend["word"], trend["mean_diff"], trend["p"]
+    counts = f"{trend['rises']} queries up, {trend['falls']} down, {trend['ties']} tied"
+    if w == "too few queries":
+        return "not comparable", f"too few queries with a change ({counts})"
+    if w == expected:
+        return "agrees", ""
+    same_sign = (d > 0) == (expected == "rises") and d != 0
+    if w == "no clear change" and same_sign:
+        return "partly", f"moves that way but not significantly ({counts}, Wilcoxon p = {p:.2g})"
+    return "disagrees", f"{counts} (mean change {d:+.3g}, Wilcoxon p = {p:.2g})"
+
+
+def overall_verdict(verdicts: Sequence[str]) -> str:
+    """One verdict for several findings: agrees/disagrees/not comparable when all comparable
+    ones say so, partly otherwise."""
+    v = [x for x in verdicts if x != "not comparable"]
+    if not v:
+        return "not comparable"
+    if all(x == "agrees" for x in v):
+        return "agrees"
+    if all(x == "disagrees" for x in v):
+        return "disagrees"
+    return "partly"

@@ -17,6 +17,8 @@ import numpy as np
 import pandas as pd
 import torch
 
+from . import relations as R
+from .relations import relation_labels
 from .suite import completion_scores, query_dataset, train_dataset
 
 LANGS = ("en", "fr", "de")
@@ -141,7 +143,9 @@ def translation_protocol(
     (recomputed here for those sequences only). Returns (frame, check): frame has one row per
     query × target language: query, fact_id, source, language, influence (sum of per-copy
     scores over the n_top sequences), relative (influence / the source query's own, NaN when
-    that is not positive); check is the largest relative difference between the recomputed
+    that is not positive), top_same_fact and top_with_names (share of the n_top sequences that
+    state the query's fact, and that carry one of its names, which are spelled the same in
+    every language); check is the largest relative difference between the recomputed
     source-language scores and the stage's (float32 rounding when all is well)."""
     import influence as inf
 
@@ -175,6 +179,7 @@ def translation_protocol(
     s = s / st.n_train  # per copy
     pos = {int(t): j for j, t in enumerate(ids)}
     nq = len(tq)
+    facts = st.queries("facts")
     recs, check = [], 0.0
     for a, (qi, top) in enumerate(zip(tq["query"], tops, strict=True)):
         src = tq["source"].iloc[a]
@@ -183,33 +188,45 @@ def translation_protocol(
         own = s[LANGS.index(src) * nq + a, cols]
         check = max(check, float(np.abs(own - ref).max() / max(np.abs(ref).max(), 1e-30)))
         base = own.sum()
+        lab = relation_labels(facts.loc[qi], train)
+        same_fact = float(np.isin(lab[top], (R.SAME_WORDS, R.OTHER_WORDS)).mean())
+        names = float(np.isin(lab[top], (R.SAME_WORDS, R.OTHER_WORDS, R.SHARES_NAME)).mean())
         for li, lang in enumerate(LANGS):
             val = s[li * nq + a, cols].sum()
             recs.append({"model": model, "query": int(qi), "fact_id": int(tq.fact_id.iloc[a]),
                          "source": src, "language": lang, "influence": float(val),
-                         "relative": float(val / base) if base > 0 else float("nan")})  # fmt: skip
+                         "relative": float(val / base) if base > 0 else float("nan"),
+                         "top_same_fact": same_fact, "top_with_names": names})  # fmt: skip
     return pd.DataFrame(recs), check
 
 
-def plot_heatmaps(grids: dict[str, pd.DataFrame], title: str, fmt: str = "{:.2f}", vmax=None):
-    """One X × Y heatmap per model, side by side."""
+def plot_heatmaps(rows: Sequence[tuple[str, dict[str, pd.DataFrame], str, float | None]]):
+    """Rows of X × Y heatmaps, one per model: each row is (label, {model: grid}, number
+    format, vmax or None for the row's largest value)."""
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(grids), figsize=(2.8 * len(grids) + 0.8, 2.9), squeeze=False)
-    vals = np.concatenate([g.to_numpy().ravel() for g in grids.values()])
-    vmax = vmax if vmax is not None else np.nanmax(np.append(vals, 1e-12))
-    for ax, (m, g) in zip(axes[0], grids.items(), strict=True):
-        im = ax.imshow(g.to_numpy(dtype=float), vmin=0, vmax=vmax, cmap="viridis")
-        ax.set_xticks(range(len(g.columns)))
-        ax.set_xticklabels(g.columns)
-        ax.set_yticks(range(len(g.index)))
-        ax.set_yticklabels(g.index)
-        ax.set_xlabel("stated in (Y)")
-        ax.set_title(m, fontsize=10)
-        for (r, c), v in np.ndenumerate(g.to_numpy(dtype=float)):
-            if not np.isnan(v):
-                ax.text(c, r, fmt.format(v), ha="center", va="center", color="w", fontsize=8)
-    axes[0][0].set_ylabel("asked in (X)")
-    fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8)
-    fig.suptitle(title, fontsize=10)
+    ncol = max(len(g) for _, g, _, _ in rows)
+    fig, axes = plt.subplots(
+        len(rows), ncol, figsize=(2.6 * ncol + 1.2, 2.6 * len(rows)), squeeze=False
+    )
+    for r, (label, grids, fmt, vmax) in enumerate(rows):
+        vals = np.concatenate([g.to_numpy(dtype=float).ravel() for g in grids.values()])
+        top = vmax if vmax is not None else float(np.nanmax(np.append(vals, 1e-12)))
+        for c, (m, g) in enumerate(grids.items()):
+            ax = axes[r][c]
+            a = g.to_numpy(dtype=float)
+            im = ax.imshow(a, vmin=0, vmax=top, cmap="viridis")
+            ax.set_xticks(range(len(g.columns)))
+            ax.set_xticklabels(g.columns)
+            ax.set_yticks(range(len(g.index)))
+            ax.set_yticklabels(g.index)
+            ax.set_title(f"{m}: {label}", fontsize=8)
+            for (i, j), v in np.ndenumerate(a):
+                if not np.isnan(v):
+                    ax.text(j, i, fmt.format(v), ha="center", va="center", color="w", fontsize=8)
+            if c == 0:
+                ax.set_ylabel("asked in (X)")
+            if r == len(rows) - 1:
+                ax.set_xlabel("stated in (Y)")
+        fig.colorbar(im, ax=axes[r].tolist(), shrink=0.8)
     return fig
