@@ -262,7 +262,7 @@ def plot_composition(comp: pd.DataFrame, params: dict[str, int], k: int):
     import matplotlib.pyplot as plt
 
     types = list(dict.fromkeys(comp["query_type"]))
-    fig, axes = plt.subplots(1, len(types), figsize=(3.2 * len(types), 3.8), squeeze=False)
+    fig, axes = plt.subplots(1, len(types), figsize=(3.2 * len(types), 4.6), squeeze=False)
     colors = {
         R.SAME_WORDS: "#4c72b0",
         R.OTHER_WORDS: "#55a868",
@@ -274,6 +274,7 @@ def plot_composition(comp: pd.DataFrame, params: dict[str, int], k: int):
         "other": "#bbbbbb",
     }
     models = list(params)
+    shown: set[tuple[str, ...]] = set()
     for ax, qt in zip(axes[0], types, strict=True):
         sub = comp[comp["query_type"] == qt]
         bottom = np.zeros(len(models))
@@ -285,7 +286,10 @@ def plot_composition(comp: pd.DataFrame, params: dict[str, int], k: int):
         ax.set_xticklabels([f"{m}\n{params[m] / 1e3:,.0f}k" for m in models], fontsize=8)
         ax.set_title(qt, fontsize=10)
         ax.set_ylim(0, 1)
-        ax.legend(fontsize=6, loc="lower left")
+        cats = R.categories(kind_of_type(qt))
+        if cats not in shown:  # one legend per set of categories, below the panel
+            shown.add(cats)
+            ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=1)
     axes[0][0].set_ylabel(f"share of top-{k} positive influences")
     fig.supxlabel("model (parameters)")
     fig.tight_layout()
