@@ -88,3 +88,35 @@ def test_top_in_language():
     mask = np.array([False, True, True, False, True])
     assert X.top_in_language(s, mask, 2).tolist() == [1, 2]
     assert X.top_in_language(s, mask, 10).tolist() == [1, 2, 4]
+
+
+def test_translation_protocol_matches_the_stage_scores(tmp_path, monkeypatch):
+    """A tiny model scored on every facts query: the protocol's recomputed scores of each
+    translation on the source query's top sequences equal the stage's own scores of that
+    translation (scored as a facts query in its own right), summed over the same sequences."""
+    from influence.study.influence_scores import study_scores
+    from influence.study.suite import load_suite
+
+    monkeypatch.setenv("INFLUENCE_ARTIFACTS", str(tmp_path))
+    tiny = [{"name": "t", "hidden": 16, "layers": 1, "intermediate": 32, "heads": 1}]
+    train_cfg = {"epochs": 2, "batch_size": 32, "lr": 3e-3, "warmup_frac": 0.1,
+                 "min_lr_ratio": 0.1, "weight_decay": 0.0, "log_every": 2,
+                 "threads": 1}  # fmt: skip
+    suite = load_suite("smoke", sizes=tiny, train=train_cfg, progress=False)
+    every = {"facts": 1000}  # more than the corpus has: every facts query is scored
+    st = study_scores(suite, "smoke", progress=False, query_sets=["facts"], max_queries=every,
+                      dtype="float64")  # fmt: skip
+    tr, check = X.translation_protocol(st, "t", n_top=5, max_per_language=2)
+    assert check < 1e-9  # float64: the recomputation is the same computation
+    assert (
+        len(tr) == 3 * tr["query"].nunique() and tr.groupby("source")["query"].nunique().max() <= 2
+    )
+    q = st.queries("facts").reset_index()
+    train = st.train_frame()
+    full = st.scores("t", "facts").double().numpy()
+    for r in tr.itertuples():
+        top = X.top_in_language(full[r.query], (train.language == r.source).to_numpy(), 5)
+        j = q.index[(q.fact_id == r.fact_id) & (q.language == r.language)][0]
+        assert r.influence == pytest.approx(full[j, top].sum() / st.n_train, rel=1e-9, abs=1e-12)
+        if r.language == r.source:
+            assert j == r.query and r.relative == pytest.approx(1.0)

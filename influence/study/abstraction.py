@@ -305,7 +305,7 @@ def verdict(trend: dict, expected: str) -> tuple[str, str]:
     if expected not in ("rises", "falls"):
         raise ValueError(f"expected must be 'rises' or 'falls', got {expected!r}")
     w, d, p = trend["word"], trend["mean_diff"], trend["p"]
-    counts = f"{trend['rises']} queries up, {trend['falls']} down, {trend['ties']} tied"
+    counts = f"{trend['rises']} up, {trend['falls']} down, {trend['ties']} tied"
     if w == "too few queries":
         return "not comparable", f"too few queries with a change ({counts})"
     if w == expected:

@@ -86,19 +86,27 @@ def heatmap_grid(frame: pd.DataFrame, value: str, agg: str = "mean") -> pd.DataF
 
 
 def cross_lingual_accuracy(suite: Any, models: Sequence[str] | None = None) -> pd.DataFrame:
-    """Greedy completion accuracy of every cross-lingual query, per model: long frame with
-    model, X, Y, accuracy, n."""
-    q = suite.corpus.queries["cross_lingual"]
-    langs = fact_languages(suite.corpus.train.select_columns(["kind", "fact_id", "language"])
-                           .to_pandas())  # fmt: skip
-    y = [langs[int(f)][0] for f in q["fact_id"]]
+    """Greedy completion accuracy, per model, of every cross-lingual query (a fact stated only
+    in Y asked in X) and, as the diagonal X = Y, of the seen-fact queries of one-language facts.
+    Long frame: model, set, X, Y, accuracy, n."""
+    train = suite.corpus.train.select_columns(["kind", "fact_id", "language"]).to_pandas()
+    langs = fact_languages(train)
+    sets = {}
+    for name in ("cross_lingual", "facts"):
+        q = suite.corpus.queries[name]
+        keep = [i for i, f in enumerate(q["fact_id"]) if len(langs.get(int(f), ())) == 1]
+        sets[name] = q.select(keep)
     recs = []
     for m in models or list(suite.models):
-        ok = completion_scores(suite.models[m], suite.tokenizer, q)["correct"]
-        df = pd.DataFrame({"X": q["language"], "Y": y, "ok": ok})
-        for (x, yy), sub in df.groupby(["X", "Y"]):
-            recs.append({"model": m, "X": x, "Y": yy, "accuracy": float(sub.ok.mean()),
-                         "n": len(sub)})  # fmt: skip
+        for name, q in sets.items():
+            if len(q) == 0:
+                continue
+            ok = completion_scores(suite.models[m], suite.tokenizer, q)["correct"]
+            y = [langs[int(f)][0] for f in q["fact_id"]]
+            df = pd.DataFrame({"X": q["language"], "Y": y, "ok": ok})
+            for (x, yy), sub in df.groupby(["X", "Y"]):
+                recs.append({"model": m, "set": name, "X": x, "Y": yy,
+                             "accuracy": float(sub.ok.mean()), "n": len(sub)})  # fmt: skip
     return pd.DataFrame(recs)
 
 
