@@ -327,3 +327,11 @@ def overall_verdict(verdicts: Sequence[str]) -> str:
     if all(x == "disagrees" for x in v):
         return "disagrees"
     return "partly"
+
+
+def trend_phrase(word: str) -> str:
+    """A `paired_trend` word as a verb phrase ("rises", "shows no clear change", ...)."""
+    return {
+        "no clear change": "shows no clear change",
+        "too few queries": "has too few queries that change to test",
+    }.get(word, word)
