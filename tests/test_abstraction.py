@@ -120,7 +120,12 @@ def test_labeled_top_k_and_composition(fake):
 
 
 def test_overlap_table_against_hand_computed_values(fake):
-    tok = SimpleNamespace(encode=lambda t, add_special_tokens=False: [hash(w) for w in t.split()])
+    vocab: dict[str, int] = {}  # word -> id >= 0 (BM25 counts only non-negative ids)
+    tok = SimpleNamespace(
+        encode=lambda t, add_special_tokens=False: [
+            vocab.setdefault(w, len(vocab)) for w in t.split()
+        ]
+    )
     ov = A.overlap_table(fake, tok, k=1, query_sets=("facts",)).set_index("model")
     # query tokens {capital, of, Ast, is, Zor}; row 0 has the same set (Jaccard 1), row 1
     # {Zor, rules, Ast} (2/6), row 2 {leader, of, Ast, is, Kim} (3/7), row 3 (3/7), rows 4-5 0
