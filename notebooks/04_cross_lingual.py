@@ -247,9 +247,8 @@ rows = [
         "own statements in the top 10 when asked in another language",
         "(no counterpart; same claim: cross-lingual influence rises with size)",
         " → ".join(f"{cs.top_share[m]:.2f}" for m in order if m in cs.index)
-        + f" ({own_trend['top share']['n']} queries: {own_trend['top share']['word']}); their "
-        f"mean per-copy influence {own_trend['own per copy']['mean_small']:.3g} → "
-        f"{own_trend['own per copy']['mean_large']:.3g} ({own_trend['own per copy']['word']})",
+        + f" ({own_trend['top share']['n']} queries: {own_trend['top share']['word']}); median "
+        "best rank " + " → ".join(f"{cs.median_best_rank[m]:.0f}" for m in order if m in cs.index),
         v_share,
         r_share,
     ),

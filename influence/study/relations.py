@@ -14,8 +14,8 @@ fact queries (query sets facts, paraphrase, cross_lingual, word_order)
     "shares a name"           any other sequence carrying the query's subject or object name:
                               another fact about the same entity, or the fact's other
                               word-order material (names without the fact in prompt order)
-    "same relation"           another fact of the same relation (shares the template's words,
-                              not the meaning)
+    "same relation"           another fact of the same relation, stated or in word-order
+                              material (shares the relation's words, not the meaning)
     "unrelated"
 math:  "same operation" (a worked problem of the same operation) / "other"
 code:  "same function kind" / "other"
