@@ -52,6 +52,7 @@ def test_scores_match_the_library_and_layers_sum_to_total(env):
         "quotes": {"scored": 3, "available": 3},
     }
     assert not sc.timings.loc["t", "cached"]
+    assert (sc.timings[["fit_s", "score_s", "fit_cpu_s", "score_cpu_s"]] > 0).all(axis=None)
     model = suite.models["t"].double()
     task = inf.LanguageModelingTask(modules="mlp")
     train = train_dataset(suite, suite.corpus)

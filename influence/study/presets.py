@@ -315,6 +315,21 @@ SECTIONS: dict[str, dict[str, dict[str, Any]]] = {
             "threads": None,
         },
     },
+    # Owned by notebooks/03_abstraction_with_scale (issue 11): top-k sizes for the composition
+    # (the first is the headline), bootstrap resamples, queries shown with their top texts.
+    "03_abstraction_with_scale": {
+        "smoke": {"k": [10, 50], "n_boot": 500, "n_examples": 3, "n_texts": 5},
+        "default": {"k": [10, 50], "n_boot": 1000, "n_examples": 3, "n_texts": 5},
+        "large": {"k": [10, 50], "n_boot": 1000, "n_examples": 3, "n_texts": 5},
+    },
+    # Owned by notebooks/04_cross_lingual (issue 11): k of the top-k share, the paper's top-n
+    # sequences in the query's language, how many queries per source language the translation
+    # protocol rescores.
+    "04_cross_lingual": {
+        "smoke": {"k": 10, "n_top": 10, "max_per_language": 4, "n_boot": 500},
+        "default": {"k": 10, "n_top": 10, "max_per_language": 12, "n_boot": 1000},
+        "large": {"k": 10, "n_top": 10, "max_per_language": 32, "n_boot": 1000},
+    },
     # Owned by influence/study/influence_scores.py (issue 10): the scores every notebook from
     # 02 on reads. sizes/query_sets None = all of the suite's / corpus's; max_queries caps the
     # large sets (drawn without replacement with sample_seed).
