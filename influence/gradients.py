@@ -132,7 +132,7 @@ def iter_layer_terms(
             task.check_batch(batch)
             batch = task.to_device(batch, dev)
             n = task.batch_size(batch)
-            with LayerCapture(model, layers, infos) as cap:
+            with LayerCapture(model, layers, infos, batch_size=n, batch=batch) as cap:
                 if measurement:
                     loss = task.measurement(model, batch)
                 else:
