@@ -95,8 +95,8 @@ class LayerCapture:
         self.layers = layers
         self.infos = infos
         self.batch_size = batch_size
-        self.lengths = None if batch is None or batch_size is None else sequence_lengths(
-            batch, batch_size
+        self.lengths = (
+            None if batch is None or batch_size is None else sequence_lengths(batch, batch_size)
         )
         routed = [n for n in layers if set(n.lower().split(".")) & set(EXPERT_NAME_PARTS)]
         if routed:
