@@ -21,7 +21,14 @@ from .lds import draw_subsets, lds, retrain_measurements
 from .lissa import LiSSA
 from .pbrf import pbrf_scores
 from .scores import pairwise_scores, preconditioned_queries, self_scores
-from .tasks import ClassificationTask, LanguageModelingTask, RegressionTask, Task
+from .tasks import (
+    ClassificationTask,
+    LanguageModelingTask,
+    RegressionTask,
+    Seq2SeqLMTask,
+    SequenceClassificationTask,
+    Task,
+)
 
 __all__ = [
     "CG",
@@ -36,6 +43,8 @@ __all__ = [
     "LayerInfo",
     "LiSSA",
     "RegressionTask",
+    "Seq2SeqLMTask",
+    "SequenceClassificationTask",
     "Task",
     "draw_subsets",
     "find_layers",

@@ -244,6 +244,7 @@ class _Bound:
 
     def __init__(self, wrapper: _TaskOutputs, params: dict[str, torch.Tensor]):
         self.wrapper, self.params = wrapper, params
+        self.forward = wrapper.model.forward  # its signature says which batch keys to pass
 
     def __call__(self, *args, **kwargs):
         # task.outputs(model, batch) calls model(x) or model(**kwargs): forward them as is.
