@@ -125,7 +125,10 @@ def pbrf_scores(
         for _, b in iter_batches(loader, batch_size):
             b = task.to_device(b, dev)
             batches.append((b, task.outputs(model, b).detach()))
-        queries = [task.to_device(b, dev) for _, b in iter_batches(query_data, 1)]
+        # One query per measurement, whatever batch size a DataLoader of queries has.
+        queries = [
+            task.to_device(take(query_data, [q]), dev) for q in range(num_examples(query_data))
+        ]
 
     def call(params, batch):
         return functional_call(wrapper, {f"model.{k}": v for k, v in params.items()}, (batch,))
