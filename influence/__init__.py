@@ -21,6 +21,7 @@ from .lds import draw_subsets, lds, retrain_measurements
 from .lissa import LiSSA
 from .pbrf import pbrf_scores
 from .scores import pairwise_scores, preconditioned_queries, self_scores
+from .tables import prompt_completion_queries, top_influences
 from .tasks import (
     ClassificationTask,
     LanguageModelingTask,
@@ -54,9 +55,11 @@ __all__ = [
     "pbrf_scores",
     "per_example_gradients",
     "preconditioned_queries",
+    "prompt_completion_queries",
     "retrain_measurements",
     "save_scores",
     "self_scores",
+    "top_influences",
 ]
 
 __version__ = "0.1.0"
