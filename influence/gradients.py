@@ -88,19 +88,35 @@ def collate(examples: Sequence[Any]) -> Any:
 
 def _loader_in_dataset_order(loader: DataLoader) -> DataLoader:
     """`loader`, or a copy that visits its dataset in order: scores come back in dataset order
-    whatever the loader's shuffling. Samplers that select or repeat examples are refused."""
+    whatever the loader's shuffling. Samplers that skip or repeat examples are refused."""
     if isinstance(loader.dataset, IterableDataset):
         return loader  # a stream: its order is the data's order
+    n = len(loader.dataset)
     sampler = loader.sampler
+    if loader.batch_size is None:  # a batch_sampler of the user's: check what it visits
+        batches = [list(b) for b in loader.batch_sampler]
+        order = [int(i) for b in batches for i in b]
+        if order == list(range(n)):
+            return loader
+        if sorted(order) != list(range(n)):
+            raise ValueError(
+                "the DataLoader's batch_sampler does not visit each example exactly once: "
+                "scores are indexed by position in the dataset, so pass a DataLoader that does "
+                "(or just the dataset and batch_size=)"
+            )
+        width = max(len(b) for b in batches)
+        return DataLoader(
+            loader.dataset, batch_size=width, shuffle=False, collate_fn=loader.collate_fn
+        )
     sequential = isinstance(sampler, SequentialSampler)
     shuffled = isinstance(sampler, RandomSampler) and (
-        not sampler.replacement and sampler.num_samples == len(loader.dataset)
+        not sampler.replacement and sampler.num_samples == n
     )
-    if not (sequential or shuffled) or loader.batch_size is None:
+    if not (sequential or shuffled):
         raise ValueError(
-            f"the DataLoader's sampler ({type(sampler).__name__}) or batch_sampler does not "
-            "visit each example once: scores are indexed by position in the dataset, so pass a "
-            "DataLoader with shuffle=False (or just the dataset and batch_size=)"
+            f"the DataLoader's sampler ({type(sampler).__name__}) may not visit each example "
+            "exactly once: scores are indexed by position in the dataset, so pass a DataLoader "
+            "with shuffle=False (or just the dataset and batch_size=)"
         )
     if sequential and not loader.drop_last:
         return loader

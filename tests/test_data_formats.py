@@ -147,3 +147,14 @@ def test_loaders_that_skip_or_repeat_examples_are_refused():
     # drop_last would lose examples: the loader is re-made to visit all of them.
     loader = make_loader(DataLoader(ds, batch_size=4, drop_last=True, collate_fn=own_collator), 4)
     assert sum(len(b["input_ids"]) for b in loader) == N
+
+
+def test_batch_samplers_in_order_are_kept_and_permutations_reordered():
+    ds = ListDataset(TRAIN)
+    growing = DataLoader(ds, batch_sampler=[[0, 1], [2, 3, 4, 5]], collate_fn=own_collator)
+    assert make_loader(growing, 1) is growing
+    permuted = DataLoader(ds, batch_sampler=[[3, 1], [0, 2, 5, 4]], collate_fn=own_collator)
+    ids = torch.cat([b["input_ids"] for b in make_loader(permuted, 1)])
+    assert torch.equal(ids, own_collator(ds.rows)["input_ids"])
+    with pytest.raises(ValueError, match="exactly once"):
+        make_loader(DataLoader(ds, batch_sampler=[[0, 1], [1, 2]]), 1)
