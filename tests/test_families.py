@@ -162,6 +162,19 @@ def test_encoder_and_seq2seq_mlp_selector():
         "bert.encoder.layer.0.intermediate.dense",
         "bert.encoder.layer.0.output.dense",
     ]
+    roberta = t.RobertaForSequenceClassification(
+        t.RobertaConfig(
+            vocab_size=VOCAB,
+            hidden_size=HID,
+            num_hidden_layers=1,
+            num_attention_heads=HEADS,
+            intermediate_size=FF,
+        )
+    )
+    assert list(find_layers(roberta, "mlp")) == [
+        "roberta.encoder.layer.0.intermediate.dense",
+        "roberta.encoder.layer.0.output.dense",
+    ]
     distil = t.DistilBertForSequenceClassification(
         t.DistilBertConfig(vocab_size=VOCAB, dim=HID, n_layers=1, n_heads=HEADS, hidden_dim=FF)
     )
