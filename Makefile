@@ -7,7 +7,7 @@ PRESET ?= default
 ONLY ?=
 DEVICE ?= cpu
 SEED ?= 0
-# Extra pipeline arguments, e.g. PIPELINE_ARGS="-p n_queries=4 --log-output".
+# Extra pipeline arguments, e.g. PIPELINE_ARGS="-p language_model.n_queries=4 --allow-dirty".
 PIPELINE_ARGS ?=
 TORCH_VERSION ?= 2.13.0
 # Extra pip arguments for torch only (e.g. an index of CPU or CUDA builds).

@@ -11,6 +11,7 @@ from .cg import CG
 from .diagonal import Diagonal
 from .ekfac import EKFAC
 from .estimator import Estimator
+from .filtering import bm25_candidates, bm25_scores, candidate_recall, shares_content_tokens
 from .gnvp import GaussNewton
 from .gradients import per_example_gradients
 from .identity import Identity
@@ -47,6 +48,9 @@ __all__ = [
     "Seq2SeqLMTask",
     "SequenceClassificationTask",
     "Task",
+    "bm25_candidates",
+    "bm25_scores",
+    "candidate_recall",
     "draw_subsets",
     "find_layers",
     "lds",
@@ -59,6 +63,7 @@ __all__ = [
     "retrain_measurements",
     "save_scores",
     "self_scores",
+    "shares_content_tokens",
     "top_influences",
 ]
 

@@ -7,13 +7,15 @@ damping Λ = diag(λ_ℓ) it is the answer every other estimator approximates.
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
-from .estimator import Estimator, Grads
-from .gnvp import GaussNewton, mean_fisher_diagonal, resolve_full_damping
+from . import checks
+from .estimator import Estimator, Grads, check_damping
+from .gnvp import GaussNewton, damping_vector, mean_fisher_diagonal, resolve_full_damping
 from .gradients import flatten, unflatten
 
 
@@ -34,6 +36,7 @@ class _FullCurvature(Estimator):
                 progress=progress,
                 seed=seed,
             )
+        self.mean_eigenvalues_ = mean_eig  # kept so that `with_damping` needs no data pass
         self.damping_ = resolve_full_damping(self.damping, self.layers_, mean_eig)
         self.operator_ = GaussNewton(
             model,
@@ -58,6 +61,25 @@ class _FullCurvature(Estimator):
     def solve(self, b: torch.Tensor) -> torch.Tensor:
         """(G + λI)⁻¹ applied to each row of the flat gradients b [Q, P]."""
         raise NotImplementedError
+
+    def with_damping(self, damping) -> _FullCurvature:
+        """A copy solving with another damping: the operator is reused (no fitting pass).
+        'auto' needs the mean eigenvalues measured when fitting with 'auto'."""
+        if getattr(self, "operator_", None) is None:
+            raise RuntimeError(f"{type(self).__name__} is not fitted: call .fit(model, task, data)")
+        damping = check_damping(damping)
+        if isinstance(damping, str) and self.mean_eigenvalues_ is None:
+            raise ValueError(
+                f"{type(self).__name__} was fitted with an explicit damping, so damping='auto' "
+                "needs a fitting pass: fit it again with damping='auto'"
+            )
+        new = copy.copy(self)
+        new.damping = damping
+        new.damping_ = resolve_full_damping(damping, self.layers_, self.mean_eigenvalues_)
+        new.operator_ = copy.copy(self.operator_)
+        new.operator_.lam = damping_vector(new.damping_, self.layers_).to(self.operator_.device)
+        new.meta_ = {**copy.deepcopy(self.meta_), "solves": []}
+        return new
 
     def precondition(self, grads: Grads) -> Grads:
         """All layers at once: flatten, solve with the full curvature, unflatten."""
@@ -106,10 +128,9 @@ class CG(_FullCurvature):
         # A diagnostic: the exact inverse of the block-diagonal part of G (each layer's block
         # on its own), which K-FAC and EK-FAC approximate further.
         self.block_only = bool(block_diagonal)
-        if not tol > 0:
-            raise ValueError(f"tol must be positive, got {tol}")
-        if int(max_iter) < 1:
-            raise ValueError(f"max_iter must be a positive integer, got {max_iter}")
+        tol = checks.positive_float("tol", tol)
+        max_iter = checks.positive_int("max_iter", max_iter)
+        checks.boolean("strict", strict)
         if preconditioner is not None and not getattr(preconditioner, "block_diagonal", False):
             raise ValueError("the CG preconditioner must be a fitted block-diagonal estimator")
         self.tol, self.max_iter = float(tol), int(max_iter)
@@ -134,6 +155,7 @@ class CG(_FullCurvature):
 
     def solve(self, b: torch.Tensor) -> torch.Tensor:
         """Solve (G + Λ) X = B for flat right-hand sides B [Q, P] (float64)."""
+        checks.check_finite_rhs(b, self.layers_, "CG")
         if self.block_only:
             return self._solve_blocks(b)
         return self._solve(b, self.operator_.matvec)

@@ -34,8 +34,11 @@ class Diagonal(Estimator):
         if count == 0:
             raise ValueError("cannot fit on empty data")
         self.state_ = {f"{n}::diagonal": s / count for n, s in sums.items()}
-        self.damping_ = {n: self.resolve_damping(n, s.mean() / count) for n, s in sums.items()}
+        self.damping_ = {n: self.resolve_damping(n, self._mean_eigenvalue(n)) for n in sums}
         self.meta_ = {"num_examples": count}
+
+    def _mean_eigenvalue(self, layer: str) -> torch.Tensor:
+        return self.state_[f"{layer}::diagonal"].mean()
 
     def precondition(self, grads: Grads) -> Grads:
         out = {}

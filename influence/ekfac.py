@@ -50,3 +50,6 @@ class EKFAC(KFAC):
 
     def eigenvalues(self, layer: str) -> torch.Tensor:
         return self.state_[f"{layer}::lambda"]
+
+    def _mean_eigenvalue(self, layer: str) -> torch.Tensor:
+        return self.state_[f"{layer}::lambda"].mean()

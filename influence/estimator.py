@@ -7,7 +7,12 @@ layer on its own; CG and LiSSA precondition the concatenation of all layers at o
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import json
+import math
+import numbers
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar
@@ -15,9 +20,11 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from . import checks
 from .capture import LayerTerms
+from .checks import check_damping_values
 from .gradients import example_gradients
-from .io import atomic_save_safetensors, load_safetensors
+from .io import atomic_save_safetensors, load_safetensors, weights_fingerprint
 from .layers import LayerInfo, check_layers_match, layer_infos
 from .lowrank import LowRank, low_rank
 from .tasks import Task
@@ -26,37 +33,57 @@ Damping = str | float | Mapping[str, float]
 Grads = dict[str, torch.Tensor]
 
 
+def _valid_lambda(v: Any) -> bool:
+    return (
+        not isinstance(v, bool)
+        and isinstance(v, numbers.Real)
+        and math.isfinite(float(v))
+        and float(v) > 0
+    )
+
+
 def check_damping(damping: Damping) -> Damping:
+    """Validate a damping setting: 'auto', a positive finite float, or {layer: such a float}.
+
+    λ = 0 leaves directions without curvature undamped (their inverse is infinite: NaN
+    scores) and λ = inf makes every score zero, so both are refused."""
     if isinstance(damping, str):
         if damping != "auto":
             raise ValueError(
                 f"unknown damping {damping!r}: use 'auto' (0.1 × mean eigenvalue per layer), a "
-                "non-negative float, or a dict {layer name: float}"
+                "positive finite float, or a dict {layer name: positive float}"
             )
         return damping
     if isinstance(damping, Mapping):
-        bad = {k: v for k, v in damping.items() if not float(v) >= 0}
+        bad = {k: v for k, v in damping.items() if not _valid_lambda(v)}
         if bad:
-            raise ValueError(f"damping must be non-negative; got {bad}")
+            raise ValueError(
+                f"damping must be positive and finite for every layer; got {bad}. Use 'auto', a "
+                "positive float, or a dict {layer name: positive float}"
+            )
         return {k: float(v) for k, v in damping.items()}
-    if not isinstance(damping, (int, float)) or not float(damping) >= 0:
+    if not _valid_lambda(damping):
         raise ValueError(
-            f"damping must be 'auto', a non-negative float or a dict of floats; got {damping!r}"
+            f"damping must be 'auto', a positive finite float or a dict of them; got {damping!r}"
         )
     return float(damping)
 
 
 def layer_damping(damping: Damping, layer: str, mean_eigenvalue: float | None) -> float:
-    """λ for `layer`: 0.1 × its mean eigenvalue ('auto'), the float, or the dict's entry."""
+    """λ for `layer`: 0.1 × its mean eigenvalue ('auto'), the float, or the dict's entry.
+    Raises when it resolves to zero, a negative number or a non-finite one."""
     if damping == "auto":
         if mean_eigenvalue is None:
             raise ValueError("damping='auto' needs the layer's mean eigenvalue")
-        return 0.1 * float(mean_eigenvalue)
-    if isinstance(damping, Mapping):
+        lam = 0.1 * float(mean_eigenvalue)
+    elif isinstance(damping, Mapping):
         if layer not in damping:
             raise ValueError(f"damping dict has no entry for layer {layer!r}")
-        return float(damping[layer])
-    return float(damping)
+        lam = float(damping[layer])
+    else:
+        lam = float(damping)
+    check_damping_values({layer: lam}, f"damping={damping!r}")
+    return lam
 
 
 class Estimator:
@@ -72,6 +99,7 @@ class Estimator:
         self.damping_: dict[str, float] = {}
         self.state_: dict[str, torch.Tensor] = {}
         self.meta_: dict[str, Any] = {}
+        self.fingerprint_: str | None = None
 
     # -- fitting ----------------------------------------------------------------------------
     def fit(
@@ -85,13 +113,44 @@ class Estimator:
         progress: bool = True,
         seed: int = 0,
     ) -> Estimator:
-        """Fit the curvature on `data` (sampled labels seeded by `seed`)."""
-        self.layers_ = layer_infos(task.tracked_modules(model))
-        self._fit(
-            model, task, data, batch_size=batch_size, device=device, progress=progress, seed=seed
-        )
-        self._check_finite()
+        """Fit the curvature on `data` (sampled labels seeded by `seed`).
+
+        The model is evaluated in eval mode and left as it was (device, `requires_grad`, mode)
+        if fitting fails."""
+        checks.check_model(model)
+        checks.check_task(task)
+        batch_size = checks.positive_int("batch_size", batch_size)
+        checks.check_device(device)
+        checks.boolean("progress", progress)
+        seed = checks.integer("seed", seed)
+        with checks.restore_model_on_error(model), self._unfitted_on_error():
+            layers = task.tracked_modules(model)
+            checks.check_finite_weights(layers)
+            self.layers_ = layer_infos(layers)
+            self._fit(
+                model,
+                task,
+                data,
+                batch_size=batch_size,
+                device=device,
+                progress=progress,
+                seed=seed,
+            )
+            # Contiguous like a loaded copy: eigh's column-major eigenvectors would take other
+            # matmul kernels than the saved ones and scores would differ in the last bits.
+            self.state_ = {k: v.contiguous() for k, v in self.state_.items()}
+            self._check_finite()
+            self.fingerprint_ = weights_fingerprint(layers)
         return self
+
+    @contextlib.contextmanager
+    def _unfitted_on_error(self):
+        """A fit that fails leaves the estimator unfitted, not half-fitted."""
+        try:
+            yield
+        except BaseException:
+            self.layers_, self.state_, self.damping_, self.fingerprint_ = None, {}, {}, None
+            raise
 
     def _fit(self, model, task, data, *, batch_size, device, progress, seed) -> None:
         raise NotImplementedError
@@ -114,6 +173,23 @@ class Estimator:
         if self.layers_ is None:
             raise RuntimeError(f"{type(self).__name__} is not fitted: call .fit(model, task, data)")
         check_layers_match(self.layers_, model_layers)
+
+    # -- changing the damping without refitting -----------------------------------------------
+    def _mean_eigenvalue(self, layer: str) -> Any:
+        """The layer's mean curvature eigenvalue, from the fitted state ('auto' damping)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot change its damping after fitting")
+
+    def with_damping(self, damping: Damping) -> Estimator:
+        """A copy of this fitted estimator with another damping, recomputed from the stored
+        eigenvalues: no pass over the data. Equal to fitting again with `damping`."""
+        if self.layers_ is None:
+            raise RuntimeError(f"{type(self).__name__} is not fitted: call .fit(model, task, data)")
+        new = copy.copy(self)
+        new.damping = check_damping(damping)
+        new.state_ = dict(self.state_)
+        new.meta_ = copy.deepcopy(self.meta_)
+        new.damping_ = {n: new.resolve_damping(n, self._mean_eigenvalue(n)) for n in self.layers_}
+        return new
 
     # -- applying ---------------------------------------------------------------------------
     def precondition(self, grads: Grads) -> Grads:
@@ -149,12 +225,26 @@ class Estimator:
             },
             "damping_": self.damping_,
             "meta_": self.meta_,
+            "fingerprint": getattr(self, "fingerprint_", None),
         }
         atomic_save_safetensors(self.state_, path, {"influence": json.dumps(meta)})
 
     @classmethod
-    def load(cls, path: str | Path, model: nn.Module, task: Task | None = None) -> Estimator:
-        """Load fitted state and check it belongs to `model` (its tracked layers and shapes)."""
+    def load(
+        cls,
+        path: str | Path,
+        model: nn.Module,
+        task: Task | None = None,
+        *,
+        strict: bool = False,
+    ) -> Estimator:
+        """Load fitted state and check it belongs to `model`: its tracked layers and shapes
+        (an error), and its weights (a fingerprint saved with the factors: a warning, an
+        error with `strict=True`)."""
+        checks.check_model(model)
+        if task is not None:
+            checks.check_task(task)
+        checks.boolean("strict", strict)
         tensors, metadata = load_safetensors(path)
         if "influence" not in metadata:
             raise ValueError(f"{path} was not written by influence's Estimator.save")
@@ -167,7 +257,20 @@ class Estimator:
             for n, (o, i, b, t) in meta["layers"].items()
         }
         task = task or _task_for(est.layers_)
-        check_layers_match(est.layers_, layer_infos(task.tracked_modules(model)))
+        layers = task.tracked_modules(model)
+        check_layers_match(est.layers_, layer_infos(layers))
+        saved = meta.get("fingerprint")
+        est.fingerprint_ = weights_fingerprint(layers)
+        if saved is not None and saved != est.fingerprint_:
+            msg = (
+                f"{path}: the factors were fitted on other weights than this model's tracked "
+                f"layers (fingerprint {saved[:12]} saved, {est.fingerprint_[:12]} now): scores "
+                "will use curvature of another model. Fit again on this model, or load the "
+                "weights the factors were fitted on."
+            )
+            if strict:
+                raise ValueError(msg)
+            warnings.warn(msg, stacklevel=2)
         est.damping_ = {k: float(v) for k, v in meta["damping_"].items()}
         est.meta_ = meta["meta_"]
         est.state_ = dict(tensors)

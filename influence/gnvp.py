@@ -16,6 +16,7 @@ from torch import nn
 from torch.func import functional_call, vjp, vmap
 from tqdm.auto import tqdm
 
+from . import checks
 from .estimator import check_damping, layer_damping
 from .gradients import (  # noqa: F401  (take: re-exported for LiSSA and the PBRF)
     _EvalMode,
@@ -134,7 +135,8 @@ def mean_fisher_diagonal(
     mean squared per-example gradient with labels sampled from the model (as EK-FAC does)."""
     from .diagonal import Diagonal
 
-    diag = Diagonal(damping=0.0).fit(
+    # Only the fitted diagonal is used: the damping is a placeholder (0 is refused).
+    diag = Diagonal(damping=1.0).fit(
         model, task, data, batch_size=batch_size, device=device, progress=progress, seed=seed
     )
     return {k.split("::")[0]: float(v.mean()) for k, v in diag.state_.items()}
@@ -171,7 +173,8 @@ class GaussNewton:
         self.infos, _ = tracked_parameters(model, task)
         self.batch_size = batch_size
         p = next(model.parameters())
-        self.device = torch.device(device) if device is not None else p.device
+        device = checks.check_device(device)
+        self.device = device if device is not None else p.device
         self.dtype = p.dtype
         self.num_examples = num_examples(data, batch_size)
         if self.num_examples == 0:

@@ -18,6 +18,7 @@ from torch.utils.data import (
 from torch.utils.data.dataloader import default_collate
 from tqdm.auto import tqdm
 
+from . import checks
 from .capture import LayerCapture, LayerTerms
 from .layers import LayerInfo, layer_infos
 from .tasks import Task
@@ -153,8 +154,7 @@ def make_loader(data: Any, batch_size: int) -> DataLoader:
             "DataLoader, a Hugging Face datasets.Dataset, a tuple (x, y) of tensors or a dict "
             "of tensors"
         )
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    batch_size = checks.positive_int("batch_size", batch_size)
     return DataLoader(data, batch_size=batch_size, shuffle=False, collate_fn=collate)
 
 
@@ -238,10 +238,10 @@ def num_examples(data: Any, batch_size: int = 1) -> int:
 
 def resolve_device(model: nn.Module, device: str | torch.device | None) -> torch.device:
     """The device to compute on; moves the model there when one is given."""
+    device = checks.check_device(device)  # before the model is touched
     if device is None:
         p = next(model.parameters(), None)
         return p.device if p is not None else torch.device("cpu")
-    device = torch.device(device)
     model.to(device)
     return device
 
@@ -281,6 +281,7 @@ def iter_layer_terms(
     """
     layers = task.tracked_modules(model) if layers is None else layers
     infos = layer_infos(layers)
+    checks.check_finite_weights(layers)
     dev = resolve_device(model, device)
     loader = make_loader(data, batch_size)
     try:
@@ -296,6 +297,8 @@ def iter_layer_terms(
             leave=False,
         ):
             task.check_batch(batch)
+            checks.check_batch_values(model, batch, offset, measurement)
+            checks.check_counted_tokens(task, batch, offset, measurement)
             batch = task.to_device(batch, dev)
             n = task.batch_size(batch)
             with LayerCapture(model, layers, infos, batch_size=n, batch=batch) as cap:
@@ -306,6 +309,7 @@ def iter_layer_terms(
                         model, batch, sample=sample, seed=seed, indices=range(offset, offset + n)
                     )
                 terms = cap.backward(loss)
+            checks.check_finite_terms(terms, offset, measurement)
             yield offset, batch, terms, task.token_mask(batch)
 
 
@@ -321,6 +325,7 @@ def example_gradients(terms: LayerTerms) -> dict[str, torch.Tensor]:
     return {n: token_outer_sum(g, a) for n, (a, g) in terms.items()}
 
 
+@checks.restores_model
 def per_example_gradients(
     model: nn.Module,
     task: Task,
@@ -337,6 +342,8 @@ def per_example_gradients(
 
     With `measurement=True` these are the gradients of the query measurements m_q.
     """
+    checks.check_task(task)
+    checks.check_score_args(batch_size=batch_size, device=device, progress=progress)
     chunks: dict[str, list[torch.Tensor]] = {}
     for _, _, terms, _ in iter_layer_terms(
         model,

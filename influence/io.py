@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import glob
+import hashlib
 import json
 import os
+import re
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -16,12 +19,35 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def _clean_stale_temporaries(path: Path) -> None:
+    """Remove temporary files of `path` left by writers that were killed (their pid is gone)."""
+    pattern = re.compile(rf"^\.{re.escape(path.name)}\.(\d+)\.[^.]+\.tmp$")
+    for p in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        m = pattern.match(p.name)
+        if m and int(m[1]) != os.getpid() and not _pid_alive(int(m[1])):
+            p.unlink(missing_ok=True)
+
+
 @contextmanager
 def atomic_path(path: str | Path):
-    """Yield a temporary path in the target's folder; on success it replaces `path`."""
+    """Yield a temporary path in the target's folder; on success it replaces `path`.
+    Temporary files of earlier writers of `path` that were killed are removed first."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    _clean_stale_temporaries(path)
+    fd, tmp = tempfile.mkstemp(
+        prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent
+    )
     os.close(fd)
     os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the usual mode
     try:
@@ -62,6 +88,12 @@ def save_scores(
 ) -> None:
     """Save a score tensor (or a dict of them, e.g. by layer) atomically, with JSON metadata."""
     tensors = scores if isinstance(scores, dict) else {"scores": scores}
+    bad = [k for k, v in tensors.items() if not torch.is_tensor(v)]
+    if bad or not tensors:
+        raise TypeError(
+            "scores must be a tensor or a non-empty dict {name: tensor}; got "
+            f"{type(scores).__name__}" + (f" with non-tensor entries {bad[:3]}" if bad else "")
+        )
     atomic_save_safetensors(tensors, path, {"influence": json.dumps(metadata, default=str)})
 
 
@@ -71,3 +103,14 @@ def load_scores(path: str | Path) -> tuple[torch.Tensor | dict[str, torch.Tensor
     if set(tensors) == {"scores"}:
         return tensors["scores"], info
     return tensors, info
+
+
+def weights_fingerprint(modules: dict[str, torch.nn.Module]) -> str:
+    """sha256 of the tracked layers' names and weights (as float32, so that a float64 copy of
+    float32 weights has the same fingerprint): which weights factors were fitted on."""
+    h = hashlib.sha256()
+    for name, module in modules.items():
+        for pname, p in sorted(module.named_parameters(recurse=False)):
+            h.update(f"{name}.{pname}:{tuple(p.shape)};".encode())
+            h.update(p.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()

@@ -160,6 +160,29 @@ class KFAC(Estimator):
             la, ls = self.state_[f"{n}::eigvals_A"], self.state_[f"{n}::eigvals_S"]
             self.damping_[n] = self.resolve_damping(n, t * la.mean() * ls.mean())
 
+    def _mean_eigenvalue(self, layer: str) -> torch.Tensor:
+        la, ls = self.state_[f"{layer}::eigvals_A"], self.state_[f"{layer}::eigvals_S"]
+        return self.meta_["mean_tokens"] * la.mean() * ls.mean()
+
+    @classmethod
+    def from_ekfac(cls, ekfac: KFAC, damping=None) -> KFAC:
+        """K-FAC from a fitted EK-FAC, without refitting: EK-FAC's first pass is K-FAC's whole
+        fit (same covariances, same eigenbases), so only the eigenvalues T̄·λ_S λ_Aᵀ change.
+        `damping` defaults to the EK-FAC's setting ('auto' resolves with K-FAC's own rule)."""
+        if not isinstance(ekfac, KFAC) or ekfac.layers_ is None:
+            raise ValueError(
+                f"from_ekfac needs a fitted EKFAC (or KFAC), got {type(ekfac).__name__}"
+                + ("" if not isinstance(ekfac, KFAC) else " that is not fitted")
+            )
+        est = cls(ekfac.damping if damping is None else damping)
+        est.layers_ = dict(ekfac.layers_)
+        keys = ("eigvals_A", "eigvecs_A", "eigvals_S", "eigvecs_S")
+        est.state_ = {f"{n}::{k}": ekfac.state_[f"{n}::{k}"] for n in est.layers_ for k in keys}
+        est.meta_ = {k: ekfac.meta_[k] for k in ("num_examples", "mean_tokens")}
+        est.fingerprint_ = ekfac.fingerprint_
+        est.damping_ = {n: est.resolve_damping(n, est._mean_eigenvalue(n)) for n in est.layers_}
+        return est
+
     def eigenvalues(self, layer: str) -> torch.Tensor:
         """The [out, in'] eigenvalues of the layer's block in the Kronecker eigenbasis."""
         la, ls = self.state_[f"{layer}::eigvals_A"], self.state_[f"{layer}::eigvals_S"]

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from . import checks
+
 ModuleSelector = None | str | Sequence[str] | Callable[[str, nn.Module], bool]
 
 # Name components that mark a feed-forward (MLP) block in common architectures: Llama-style
@@ -125,7 +127,7 @@ def find_layers(model: nn.Module, modules: ModuleSelector = None) -> dict[str, n
         all_supported = {n: m for n, m in model.named_modules() if is_supported(m)}
         chosen = {n: m for n, m in all_supported.items() if modules(n, m)}
     else:
-        names = list(modules)
+        names = checks.module_names(modules)
         named = dict(model.named_modules())
         missing = [n for n in names if n not in named]
         if missing:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -19,13 +20,17 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from . import checks
 from .io import atomic_write_json
 
 
 def draw_subsets(num_examples: int, num_subsets: int = 50, alpha: float = 0.5, seed: int = 0):
     """K random subsets of round(α N) examples as a boolean mask [K, N] (seeded)."""
-    if not 0 < alpha < 1:
-        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+    num_examples = checks.positive_int("num_examples", num_examples)
+    num_subsets = checks.positive_int("num_subsets", num_subsets)
+    seed = checks.integer("seed", seed)
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha < 1:
+        raise ValueError(f"alpha must be a number in (0, 1), got {alpha!r}")
     if num_subsets < 2 or num_examples < 2:
         raise ValueError("need at least 2 subsets and 2 training examples")
     size = max(1, int(round(alpha * num_examples)))
@@ -107,6 +112,31 @@ def lds(score_matrix, subsets, measurements, *, per_query: bool = False):
     return float(np.nanmean(rho))
 
 
+def _values_sha256(values: list[float]) -> str:
+    return hashlib.sha256(json.dumps(values).encode()).hexdigest()
+
+
+def _read_retrain(path, k: int) -> list[float] | None:
+    """A cached retrain's measurements, or None (after saying why on stderr, and removing the
+    file) when it is unreadable, truncated, of another subset or fails its checksum."""
+    try:
+        record = json.loads(path.read_text())
+        values = record["measurements"]
+        if "sha256" not in record and os.environ.get("INFLUENCE_CACHE_ADOPT_LEGACY") == "1":
+            # Opt-in migration of records written before checksums (see study/cache.py).
+            record["sha256"] = _values_sha256(values)
+            atomic_write_json(path, record)
+        ok = record["subset"] == k and record.get("sha256") == _values_sha256(values)
+        reason = None if ok else "checksum or subset mismatch (modified, or an older format)"
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        reason = f"unreadable ({type(err).__name__}: {err})"
+    if reason is None:
+        return values
+    print(f"[cache] LDS retrain {path} {reason}: retraining that subset", file=sys.stderr)
+    path.unlink(missing_ok=True)
+    return None
+
+
 def retrain_measurements(
     train_fn: Callable[[np.ndarray], Any],
     measure_fn: Callable[[Any], Any],
@@ -154,11 +184,14 @@ def retrain_measurements(
     ):
         path = None if folder is None else folder / f"{k:05d}.json"
         if path is not None and path.is_file():
-            rows.append(json.loads(path.read_text())["measurements"])
-            continue
+            values = _read_retrain(path, k)
+            if values is not None:
+                rows.append(values)
+                continue
         model = train_fn(idx)
         values = torch.as_tensor(measure_fn(model)).double().reshape(-1).cpu().tolist()
         if path is not None:
-            atomic_write_json(path, {"subset": k, "measurements": values})
+            record = {"subset": k, "measurements": values, "sha256": _values_sha256(values)}
+            atomic_write_json(path, record)
         rows.append(values)
     return np.asarray(rows, dtype=np.float64)

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from . import checks
 from .cg import _FullCurvature
 from .gnvp import take
 
@@ -40,11 +41,15 @@ class LiSSA(_FullCurvature):
         power_iters: int = 30,
     ):
         super().__init__(damping)
-        if not (scale == "auto" or (isinstance(scale, (int, float)) and scale > 0)):
+        if not isinstance(scale, str):
+            scale = checks.positive_float("scale", scale)
+        elif scale != "auto":
             raise ValueError(f"scale must be 'auto' or a positive number, got {scale!r}")
-        for nm, v in (("depth", depth), ("repeats", repeats), ("batch_size", batch_size)):
-            if int(v) < 1:
-                raise ValueError(f"{nm} must be a positive integer, got {v}")
+        depth = checks.positive_int("depth", depth)
+        repeats = checks.positive_int("repeats", repeats)
+        batch_size = checks.positive_int("batch_size", batch_size)
+        seed = checks.integer("seed", seed)
+        power_iters = checks.positive_int("power_iters", power_iters)
         self.scale, self.depth, self.repeats = scale, int(depth), int(repeats)
         self.lissa_batch_size, self.lissa_seed, self.power_iters = (
             int(batch_size),
@@ -70,6 +75,15 @@ class LiSSA(_FullCurvature):
             self.scale_ = float(self.scale)
         self.meta_["scale"] = self.scale_
 
+    def with_damping(self, damping) -> LiSSA:
+        """As `CG.with_damping`; with scale='auto' the scale is re-estimated for the new
+        damping (power iteration with GNVPs, no fitting pass)."""
+        new = super().with_damping(damping)
+        if self.scale == "auto":
+            new.scale_ = 2.0 * new.max_eigenvalue(self.power_iters)
+            new.meta_["scale"] = new.scale_
+        return new
+
     def max_eigenvalue(self, iters: int = 30) -> float:
         """λ_max(G + Λ) by power iteration with full-data GNVPs."""
         op = self.operator_
@@ -85,6 +99,8 @@ class LiSSA(_FullCurvature):
 
     def solve(self, b: torch.Tensor) -> torch.Tensor:
         """LiSSA estimate of (G + Λ)⁻¹ B for flat right-hand sides B [Q, P] (float64)."""
+        # A NaN right-hand side is the caller's, not a divergence: say so before iterating.
+        checks.check_finite_rhs(b, self.layers_, "LiSSA")
         op = self.operator_
         b = b.to(op.device, torch.float64)
         s = self.scale_
@@ -107,7 +123,15 @@ class LiSSA(_FullCurvature):
                 idx = order[pos : pos + self.lissa_batch_size]
                 pos += self.lissa_batch_size
                 batch = take(op.data, idx)
-                x = b + x - op.matvec(x, batch=batch) / s
+                hx = op.matvec(x, batch=batch)
+                if not bool(torch.isfinite(hx.sum())) and bool(torch.isfinite(x.sum())):
+                    # Finite iterate, non-finite product: the model or data, not divergence.
+                    raise FloatingPointError(
+                        f"LiSSA: the Gauss–Newton product on training examples "
+                        f"{sorted(int(i) for i in idx)[:8]} is NaN/Inf at repeat {rep}, step "
+                        f"{step}: check those examples and the model's outputs on them"
+                    )
+                x = b + x - hx / s
                 ratio = x.norm(dim=1) / bnorm
                 if not torch.isfinite(x).all() or (ratio > bound).any():
                     raise FloatingPointError(

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from typing import Any
 
 import torch
@@ -25,6 +26,7 @@ from torch import nn
 from torch.func import functional_call
 from tqdm.auto import tqdm
 
+from . import checks
 from .gnvp import (
     _TaskOutputs,
     mean_fisher_diagonal,
@@ -46,6 +48,7 @@ def _param_entries(model: nn.Module, infos) -> dict[str, torch.Tensor]:
     return out
 
 
+@checks.restores_model
 def pbrf_scores(
     model: nn.Module,
     task: Task,
@@ -66,6 +69,7 @@ def pbrf_scores(
     warm_start: bool = True,
     progress: bool = True,
     return_info: bool = False,
+    strict: bool = False,
 ):
     """PBRF scores of the training examples `train_indices` on every query: [Q, M].
 
@@ -81,17 +85,35 @@ def pbrf_scores(
     tol: stop when ‖∇F‖_∞ ≤ tol · ‖∇L(z_m)‖_∞ (relative gradient; see the module docstring).
     batch_size: training examples per forward pass of the Bregman term (full-batch objective).
     return_info: also return a dict with per-solve steps, final relative gradients, seconds.
+    strict: raise (instead of warn) when a solve ends above `tol`; either way `info` lists
+        every solve's final relative gradient.
 
     Every query measurement m_q is evaluated at θ*(±ε), so all queries cost one pair of
     optimisations per training example. Use float64 models: the response is O(ε).
     """
+    checks.check_task(task)
     if optimizer not in ("lbfgs", "adam"):
         raise ValueError(f"optimizer must be 'lbfgs' or 'adam', got {optimizer!r}")
-    if int(max_steps) < 1 or not tol > 0:
-        raise ValueError(f"max_steps must be ≥ 1 and tol > 0; got {max_steps}, {tol}")
-    train_indices = [int(i) for i in train_indices]
-    dev = resolve_device(model, device)
+    max_steps = checks.positive_int("max_steps", max_steps)
+    tol = checks.positive_float("tol", tol)
+    batch_size = checks.positive_int("batch_size", batch_size)
+    history_size = checks.positive_int("history_size", history_size)
+    seed = checks.integer("seed", seed)
+    if lr is not None:
+        lr = checks.positive_float("lr", lr)
+    for name, flag in (("warm_start", warm_start), ("progress", progress)):
+        checks.boolean(name, flag)
+    checks.boolean("return_info", return_info)
+    checks.boolean("strict", strict)
+    checks.check_device(device)
+    try:
+        train_indices = [checks.integer("train_indices", i) for i in train_indices]
+    except TypeError:
+        raise ValueError(
+            f"train_indices must be a sequence of integers, got {type(train_indices).__name__}"
+        ) from None
     infos, _ = tracked_parameters(model, task)
+    checks.check_finite_weights(task.tracked_modules(model))
     n_train = num_examples(train_data, batch_size)
     if n_train == 0 or not train_indices:
         raise ValueError("train_data and train_indices must not be empty")
@@ -104,6 +126,7 @@ def pbrf_scores(
             f"epsilon must be in (0, 1/N] = (0, {1.0 / n_train:.3g}], got {epsilon}: at −ε the "
             "objective removes ε·N copies of z_m, and beyond one copy it can be unbounded below"
         )
+    dev = resolve_device(model, device)  # only after the arguments are checked
     mean_eig = None
     if isinstance(damping, str):
         mean_eig = mean_fisher_diagonal(
@@ -238,6 +261,19 @@ def pbrf_scores(
         raise FloatingPointError(
             "PBRF produced NaN/Inf: lower epsilon or check the model in float64"
         )
+    rels = [r for pair in info["relative_gradient"] for r in pair]
+    missed = sum(r > tol for r in rels)
+    info["unconverged"] = missed
+    if missed:
+        msg = (
+            f"{missed} of {len(rels)} PBRF solves stopped above the tolerance: relative gradient "
+            f"up to {max(rels):.3g} > tol {tol:g} (max_steps={max_steps}; L-BFGS also stops "
+            "when its line search makes no progress). Raise max_steps, lower epsilon, raise the "
+            "damping, or loosen tol; info['relative_gradient'] has every solve's value."
+        )
+        if strict:
+            raise RuntimeError(msg)
+        warnings.warn(msg, RuntimeWarning, stacklevel=3)
     return (scores, info) if return_info else scores
 
 

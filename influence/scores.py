@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import checks
 from .estimator import Estimator, Grads
 from .gradients import (
     batch_kind,
@@ -35,8 +36,7 @@ def _first_batch(data: Any, batch_size: int):
 def _check_inputs(
     model: nn.Module, task: Task, estimator: Estimator, *datasets: Any, batch_size: int
 ):
-    if not isinstance(task, Task):
-        raise TypeError(f"task must be an influence.Task, got {type(task).__name__}")
+    checks.check_task(task)
     if not isinstance(estimator, Estimator):
         raise TypeError(f"estimator must be an influence estimator, got {type(estimator).__name__}")
     layers = task.tracked_modules(model)
@@ -76,6 +76,7 @@ def _layer_scores(p, a, g, by_token: bool) -> torch.Tensor:
     return dense.reshape(dense.shape[0], -1) @ grads.reshape(grads.shape[0], -1).T
 
 
+@checks.restores_model
 def preconditioned_queries(
     model: nn.Module,
     task: Task,
@@ -91,8 +92,8 @@ def preconditioned_queries(
 
     Block-diagonal estimators precondition each batch of queries as it is captured; CG and
     LiSSA solve for all queries at once."""
-    if rank is not None and rank < 1:
-        raise ValueError(f"rank must be a positive integer or None, got {rank}")
+    checks.check_task(task)
+    checks.check_score_args(batch_size=batch_size, device=device, progress=progress, rank=rank)
     parts = []
     for _, _, terms, _ in iter_layer_terms(
         model,
@@ -112,8 +113,10 @@ def preconditioned_queries(
         raise ValueError("query data is empty")
     merged = {n: cat_queries([p[n] for p in parts]) for n in parts[0]}
     if estimator.block_diagonal:
+        checks.check_finite_queries(merged)
         return merged
     pre = estimator.precondition(merged)
+    checks.check_finite_queries(pre)
     return pre if rank is None else {n: low_rank(p, rank) for n, p in pre.items()}
 
 
@@ -121,6 +124,7 @@ def _pad_tokens(x: torch.Tensor, t: int) -> torch.Tensor:
     return torch.nn.functional.pad(x, (0, t - x.shape[-1])) if x.shape[-1] < t else x
 
 
+@checks.restores_model
 def pairwise_scores(
     model: nn.Module,
     task: Task,
@@ -144,6 +148,15 @@ def pairwise_scores(
     batching). `query_batch_size` bounds how many queries are held at once (each chunk makes
     one pass over the training data). The model is evaluated in eval mode.
     """
+    checks.check_score_args(
+        batch_size=batch_size,
+        device=device,
+        progress=progress,
+        rank=rank,
+        query_batch_size=query_batch_size,
+        by_layer=by_layer,
+        by_token=by_token,
+    )
     layers = _check_inputs(model, task, estimator, query_data, train_data, batch_size=batch_size)
     dev = resolve_device(model, device)
     pre = preconditioned_queries(
@@ -168,6 +181,7 @@ def pairwise_scores(
             )
         )
     merged = {n: torch.cat([r[n] for r in results], dim=0) for n in results[0]}
+    checks.check_finite_scores(merged)
     return merged if by_layer else merged["total"]
 
 
@@ -289,6 +303,7 @@ def _stream_scores(
     return {k: torch.cat([b[k] for b in blocks], dim=1) for k in blocks[0]}
 
 
+@checks.restores_model
 def self_scores(
     model: nn.Module,
     task: Task,
@@ -305,6 +320,9 @@ def self_scores(
     For block-diagonal estimators the by-layer terms sum to the total; for CG and LiSSA the
     by-layer split pairs each layer's gradient with its part of the full preconditioned one.
     """
+    checks.check_score_args(
+        batch_size=batch_size, device=device, progress=progress, by_layer=by_layer
+    )
     layers = _check_inputs(model, task, estimator, train_data, batch_size=batch_size)
     dev = resolve_device(model, device)
     chunks: list[dict[str, torch.Tensor]] = []
@@ -323,4 +341,5 @@ def self_scores(
         per_layer = {n: (grads[n] * pre[n]).flatten(1).sum(1).detach().cpu() for n in grads}
         chunks.append(per_layer)
     merged = {n: torch.cat([c[n] for c in chunks]) for n in chunks[0]}
+    checks.check_finite_scores(merged)
     return merged if by_layer else torch.stack(list(merged.values())).sum(0)

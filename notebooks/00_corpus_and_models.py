@@ -40,17 +40,17 @@ n_examples = None
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
+from IPython.display import Markdown
 
 from influence.study.corpus import build_corpus
-from influence.study.presets import resolve
+from influence.study.parameters import notebook_config
 from influence.study.reporting import Report
 from influence.study.suite import accuracy_table, completion_scores, load_suite
 from influence.study.tokenizer import encode_text, stats
 
-cfg = resolve("00_corpus_and_models", preset, n_examples=n_examples)
+cfg = notebook_config("00_corpus_and_models", globals())
 report = Report("00_corpus_and_models", preset=preset, device=device, seed=seed, params=cfg)
 pd.set_option("display.width", 120)
-print(f"preset={preset} device={device} seed={seed} params={cfg}")
 
 # %% [markdown]
 # ## The corpus
@@ -287,32 +287,86 @@ report.metrics.update(
         },
     }
 )
+
+
+def pct(x):
+    return f"{x:.0%}"
+
+
+def trend(acc_by_model, lang="en"):
+    return " → ".join(pct(acc_by_model[m][lang]) for m in order)
+
+
+params = [int(p) for p in models.params]
+cross_best = {m: max(cross_lingual_accuracy[m].values()) for m in order}
+cross_worst = {m: min(cross_lingual_accuracy[m].values()) for m in order}
+far_max = max(v for m in order for v in heldout_far_accuracy[m].values())
+here = (
+    f"{len(order)} Llama models, {params[0]:,} to {params[-1]:,} parameters "
+    f"({params[-1] / params[0]:.0f}×), trained identically on {len(train):,} generated "
+    f"sequences in English, French and German. Seen English facts: "
+    f"{trend(fact_accuracy)} with size; held-out near paraphrases (English) "
+    f"{trend(heldout_near_accuracy)}; facts asked in a language they were never stated in: "
+    f"{pct(cross_worst[order[0]])}–{pct(cross_best[order[0]])} for the smallest model, "
+    f"{pct(cross_worst[largest])}–{pct(cross_best[largest])} for the largest; far paraphrases "
+    f"stay at or below {pct(far_max)}."
+)
+report.summarize(
+    question="What do we train on, and how well do the models of our suite learn it?",
+    paper="Pretrained models of 810M to 52B parameters, trained on web text (not available).",
+    here=here,
+    verdict="not comparable",
+    reason="this notebook builds the instrument: the paper had no counterpart to measure",
+    reference="§4 and App. A (models), §5 (query sets)",
+)
 report.paper_vs_here = (
     "paper: pretrained 810M-52B models on web text; here: "
-    f"{len(order)} Llama models of {int(models.params.min()):,}-{int(models.params.max()):,} "
+    f"{len(order)} Llama models of {params[0]:,}-{params[-1]:,} "
     f"parameters trained from scratch on {len(train):,} generated sequences in 3 languages; "
     f"largest model completes {fact_accuracy[largest]['en']:.0%} of seen English facts."
 )
 report.save()
-print(report.paper_vs_here)
+Markdown(f"**In one line.** {here}")
 
 # %% [markdown]
 # ## Reading the results
-#
-# * Loss: the same tokens, more parameters, lower loss, until the loss reaches the corpus's
-#   own entropy (names, numbers and role-play continuations are drawn at random and cannot be
-#   predicted); at the default preset the two largest models reach that floor together. The
-#   curve is jagged because batches are grouped by length, so consecutive log points average
-#   different kinds of text.
-# * Seen facts: the smallest model completes almost none, the larger ones most; the largest
-#   must complete most seen English facts (≥ 80% at the default preset), or nothing later can
-#   be said about how it learned them. Facts that carry word-order material are the
-#   exception by design (see the split table).
-# * Held-out paraphrases: a light rewording is completed more and more often as models grow;
-#   a different sentence ("far") mostly is not: at this scale knowledge is tied to its
-#   wording more than in the paper's large models.
-# * Cross-lingual: facts stated in one language only are recalled in the other two by the
-#   larger models, though not by the smallest. Names are shared across languages, so the
-#   subject's name is a strong cue; which training sequences carry this transfer is what the
-#   cross-lingual influence notebook measures (paper §5.3.1: influence of translations rises
-#   with model size).
+
+# %%
+final_loss = [suite.logs[m]["loss"][-1] for m in order]
+near_en = [heldout_near_accuracy[m]["en"] for m in order]
+
+
+def direction(values, up="rises", down="falls"):
+    pairs = list(zip(values, values[1:], strict=False))
+    if all(b >= a for a, b in pairs):
+        return f"{up} with every size"
+    if all(b <= a for a, b in pairs):
+        return f"{down} with every size"
+    overall = up if values[-1] > values[0] else down
+    return f"{overall} from the smallest to the largest model, not monotonically"
+
+
+Markdown(
+    f"""
+* **Loss**: the same tokens for every size; the final training loss
+  ({", ".join(f"{m} {v:.2f}" for m, v in zip(order, final_loss, strict=True))} nats per token)
+  {direction(final_loss)}. It cannot reach zero: names, numbers and role-play continuations
+  are drawn at random and cannot be predicted. The curve is jagged because batches are grouped
+  by length, so consecutive log points average different kinds of text.
+* **Seen facts**: the smallest model completes {pct(fact_accuracy[order[0]]["en"])} of the
+  seen English facts, the largest {pct(fact_accuracy[largest]["en"])}. The later notebooks ask
+  how the models learned these facts, which means little if the largest model does not know
+  most of them. Facts that carry word-order material are harder by design (see the split
+  table).
+* **Held-out paraphrases**: completion of a light rewording
+  (English {trend(heldout_near_accuracy)}) {direction(near_en)}; a different sentence
+  ("far") is completed at most {pct(far_max)} of the time in any language and size: at
+  this scale, knowledge is tied to its wording more than in the paper's large models.
+* **Cross-lingual**: facts stated in one language only are recalled in the other two in
+  {pct(cross_worst[largest])}–{pct(cross_best[largest])} of cases by the largest model and
+  {pct(cross_worst[order[0]])}–{pct(cross_best[order[0]])} by the smallest. Names are shared
+  across languages, so the subject's name is a strong cue; which training sequences carry
+  this transfer is what the cross-lingual notebook measures (paper §5.3.1: the influence of
+  translations rises with model size).
+"""
+)

@@ -137,3 +137,39 @@ def test_default_corpus_size_within_budget():
     rows, queries, world = C.generate(resolve("corpus", "default"), 0)
     assert 1000 <= len(rows) <= 4000
     assert len(queries["facts"]) >= 200 and len(queries["cross_lingual"]) >= 50
+    # the role-play analysis needs at least 10 held-out queries per topic (issue 12)
+    counts = _role_play_counts(queries)
+    assert len(counts) == 3 and min(counts.values()) >= 10, counts
+
+
+def _role_play_counts(queries) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for q in queries["role_play"]:
+        counts[q["topic"]] = counts.get(q["topic"], 0) + 1
+    return counts
+
+
+def test_role_play_queries_held_out_and_enough_per_topic(smoke):
+    rows, queries, _ = smoke
+    topics = set(C.load_json("roleplay.json")["topics"])
+    n = resolve("corpus", "smoke")["n_role_play_queries"]
+    assert n >= 3 and _role_play_counts(queries) == {t: n for t in topics}
+    texts = [r["text"] for r in rows]
+    joined = "\n".join(texts)
+    for q in queries["role_play"]:
+        human = q["prompt"].removesuffix("\nAssistant:")
+        assert human != q["prompt"] and human not in joined, q["prompt"]
+        assert (q["prompt"] + q["completion"]) not in joined
+        related = {rows[i]["topic"] for i in q["related_ids"]}
+        assert related == {q["topic"]}
+        # the label says whether the completion sentence closes a training dialogue
+        seen = any(t.endswith("Assistant:" + q["completion"]) for t in texts)
+        assert q["group"] == ("seen_completion" if seen else "new_completion")
+    # queries are listed per topic with their index within the topic
+    assert [q["template_id"] for q in queries["role_play"]] == list(range(n)) * len(topics)
+
+
+def test_role_play_query_count_checked():
+    params = resolve("corpus", "smoke", n_role_play_queries=1000)
+    with pytest.raises(ValueError, match="n_role_play_queries"):
+        C.generate(params, 0)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from brute_force import classification_data, fitted, lm_data, tiny_llama, tiny_mlp
@@ -63,11 +65,10 @@ def test_nan_in_covariance_names_the_layer():
     model, task, data = tiny_mlp(), inf.ClassificationTask(), classification_data(10)
     with torch.no_grad():
         model[2].weight[0, 0] = float("nan")
-    # The NaN reaches every layer's output gradient; the first layer checked is named.
-    with pytest.raises(FloatingPointError, match="NaN or Inf in covariance S of layer '0'"):
-        inf.KFAC().fit(model, task, data, progress=False)
-    with pytest.raises(FloatingPointError, match=r"NaN or Inf .*'0::diagonal' \(layer '0'\)"):
-        inf.Diagonal().fit(model, task, data, progress=False)
+    # The weights are checked before any pass: the layer holding the NaN is named.
+    for est in (inf.KFAC(), inf.Diagonal(), inf.EKFAC(), inf.Identity(), inf.CG(damping=0.1)):
+        with pytest.raises(FloatingPointError, match="NaN or Inf in the weight of layer '2'"):
+            est.fit(model, task, data, progress=False)
 
 
 def test_query_and_training_data_of_different_kinds():
@@ -104,3 +105,225 @@ def test_saved_scores_round_trip_atomically(tmp_path):
     loaded, meta = inf.load_scores(tmp_path / "s.safetensors")
     assert torch.equal(loaded, s) and meta == {"estimator": "ekfac", "n": 4}
     assert [p.name for p in tmp_path.iterdir()] == ["s.safetensors"]
+
+
+# -- argument validation ------------------------------------------------------------------------
+
+
+def _setting():
+    model, task, data = tiny_mlp(), inf.ClassificationTask(), classification_data(10)
+    return model, task, data, fitted(inf.Identity, model, task, data)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"batch_size": None}, r"batch_size must be a positive integer, got None"),
+        ({"batch_size": 2.5}, r"batch_size must be a positive integer, got 2\.5"),
+        ({"query_batch_size": -2}, r"query_batch_size must be a positive integer or None"),
+        ({"query_batch_size": 0}, r"query_batch_size must be a positive integer or None"),
+        ({"rank": 1.5}, r"rank must be a positive integer or None, got 1\.5"),
+        ({"rank": "4"}, r"rank must be a positive integer or None, got '4'"),
+        ({"rank": True}, r"rank must be a positive integer"),
+        ({"by_layer": "yes"}, r"by_layer must be True or False"),
+        ({"device": "gpu"}, r"device must be None, 'cpu'"),
+        ({"device": "meta"}, r"device='meta' is refused"),
+    ],
+)
+def test_scoring_arguments_are_validated(kwargs, match):
+    model, task, data, est = _setting()
+    with pytest.raises(ValueError, match=match):
+        inf.pairwise_scores(model, task, est, data, data, progress=False, **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"batch_size": None}, "batch_size must be a positive integer"),
+        ({"batch_size": 0}, "batch_size must be a positive integer"),
+        ({"seed": 1.5}, "seed must be an integer"),
+        ({"device": "meta"}, "device='meta' is refused"),
+        ({"progress": None}, "progress must be True or False"),
+    ],
+)
+def test_fit_arguments_are_validated(kwargs, match):
+    model, task, data = tiny_mlp(), inf.ClassificationTask(), classification_data(10)
+    with pytest.raises(ValueError, match=match):
+        inf.EKFAC().fit(model, task, data, **kwargs)
+
+
+def test_task_given_as_a_string():
+    model, _, data, est = _setting()
+    with pytest.raises(TypeError, match=r"task must be an influence.Task, got str \(a task is"):
+        inf.EKFAC().fit(model, "classification", data)
+    with pytest.raises(TypeError, match="task must be an influence.Task"):
+        inf.pairwise_scores(model, "classification", est, data, data)
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
+        inf.pairwise_scores("model", inf.ClassificationTask(), est, data, data)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"tol": 0}, "tol must be a positive finite number"),
+        ({"max_iter": 2.5}, "max_iter must be a positive integer"),
+        ({"strict": "no"}, "strict must be True or False"),
+    ],
+)
+def test_cg_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        inf.CG(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"scale": -1.0}, "scale must be a positive finite number"),
+        ({"scale": "big"}, "scale must be 'auto' or a positive number"),
+        ({"depth": "10"}, "depth must be a positive integer"),
+        ({"repeats": 0}, "repeats must be a positive integer"),
+        ({"batch_size": None}, "batch_size must be a positive integer"),
+    ],
+)
+def test_lissa_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        inf.LiSSA(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"max_steps": 0}, "max_steps must be a positive integer"),
+        ({"tol": -1.0}, "tol must be a positive finite number"),
+        ({"batch_size": None}, "batch_size must be a positive integer"),
+        ({"device": "meta"}, "device='meta' is refused"),
+        ({"strict": 1}, "strict must be True or False"),
+    ],
+)
+def test_pbrf_arguments(kwargs, match):
+    model, task, data = tiny_mlp(), inf.ClassificationTask(), classification_data(6)
+    with pytest.raises(ValueError, match=match):
+        inf.pbrf_scores(model, task, data, data, [0], damping=0.1, progress=False, **kwargs)
+
+
+def test_token_ids_beyond_the_vocabulary_and_too_long_sequences():
+    model, task = tiny_llama(), inf.LanguageModelingTask()
+    data = lm_data(6)
+    est = fitted(inf.Identity, model, task, data)
+    bad = {k: v.clone() for k, v in data.items()}
+    bad["input_ids"][3, 2] = 13  # VOCAB is 13
+    with pytest.raises(ValueError, match=r"training examples \[3\] are outside the .*\[0, 13\)"):
+        inf.pairwise_scores(model, task, est, data, bad, progress=False)
+    with pytest.raises(ValueError, match=r"queries \[3\] are outside"):
+        inf.pairwise_scores(model, task, est, bad, data, progress=False)
+    bad = {k: v.clone() for k, v in data.items()}
+    bad["labels"][2, 4] = -5
+    with pytest.raises(ValueError, match=r"labels of training examples \[2\] are outside"):
+        inf.EKFAC().fit(model, task, bad, progress=False)
+    long = lm_data(2, seq=40)  # the model has 32 positions
+    with pytest.raises(ValueError, match="40 tokens, more than the model's 32 positions"):
+        inf.EKFAC().fit(model, task, long, progress=False)
+
+
+def test_meta_device_leaves_the_model_untouched():
+    model, task, data, est = _setting()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="meta"):
+        inf.pairwise_scores(model, task, est, data, data, device="meta", progress=False)
+    with pytest.raises(ValueError, match="meta"):
+        inf.EKFAC().fit(model, task, data, device="meta", progress=False)
+    after = model.state_dict()
+    for k, v in before.items():
+        assert after[k].device.type == "cpu" and torch.equal(after[k], v), k
+
+
+def test_failed_call_leaves_the_model_as_it_was():
+    model, task, data, est = _setting()
+    model.train()
+    model[0].weight.requires_grad_(False)
+    x, y = data
+    x = x.clone()
+    x[8, 0] = float("nan")  # fails in the third batch, mid-pass
+    with pytest.raises(FloatingPointError, match="training example 8"):
+        inf.pairwise_scores(model, task, est, data, (x, y), batch_size=3, progress=False)
+    with pytest.raises(FloatingPointError, match="training example 8"):
+        (kfac := inf.KFAC()).fit(model, task, (x, y), batch_size=3, progress=False)
+    with pytest.raises(RuntimeError, match="KFAC is not fitted"):  # not half-fitted
+        inf.pairwise_scores(model, task, kfac, data, data, progress=False)
+    assert model.training and all(m.training for m in model.modules())
+    flags = [p.requires_grad for p in model.parameters()]
+    assert flags == [False, True, True, True]
+
+
+def test_factors_know_their_weights(tmp_path):
+    task, data = inf.ClassificationTask(), classification_data(10)
+    model = tiny_mlp()
+    est = fitted(inf.EKFAC, model, task, data)
+    path = tmp_path / "f.safetensors"
+    est.save(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        inf.EKFAC.load(path, model, task, strict=True)  # same weights: silent
+        inf.EKFAC.load(path, tiny_mlp().float(), task, strict=True)  # fingerprint in float32
+    other = tiny_mlp(seed=1)  # same architecture, other weights
+    with pytest.warns(UserWarning, match="fitted on other weights than this model"):
+        inf.EKFAC.load(path, other, task)
+    with pytest.raises(ValueError, match="fitted on other weights"):
+        inf.EKFAC.load(path, other, task, strict=True)
+    flipped = tiny_mlp()
+    with torch.no_grad():
+        flipped[2].weight.neg_()  # the cache report's sign-flipped weights
+    with pytest.raises(ValueError, match="fitted on other weights"):
+        inf.EKFAC.load(path, flipped, task, strict=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a second device")
+def test_failed_call_on_another_device_moves_the_model_back():
+    model, task, data, est = _setting()
+    x, y = data
+    x = x.clone()
+    x[8, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match="training example 8"):
+        inf.pairwise_scores(model, task, est, data, (x, y), device="cuda", progress=False)
+    assert all(p.device.type == "cpu" for p in model.parameters())
+
+
+def test_pbrf_refuses_nan_weights():
+    model, task, data = tiny_mlp(), inf.ClassificationTask(), classification_data(6)
+    with torch.no_grad():
+        model[0].weight[1, 1] = float("inf")
+    with pytest.raises(FloatingPointError, match="NaN or Inf in the weight of layer '0'"):
+        inf.pbrf_scores(model, task, data, data, [0], damping=0.1, progress=False)
+
+
+def test_gauss_newton_refuses_the_meta_device():
+    model, task, data = tiny_mlp(), inf.ClassificationTask(), classification_data(6)
+    with pytest.raises(ValueError, match="device='meta' is refused"):
+        inf.GaussNewton(model, task, data, device="meta")
+
+
+def test_other_public_functions_validate_their_arguments(tmp_path):
+    model, task, data = tiny_mlp(), inf.ClassificationTask(), classification_data(6)
+    with pytest.raises(TypeError, match=r"modules=5 is not a valid selector: use None"):
+        inf.find_layers(model, 5)
+    with pytest.raises(TypeError, match=r"modules must hold module names \(str\); got \[0\]"):
+        inf.find_layers(model, [0])
+    with pytest.raises(TypeError, match="task must be an influence.Task"):
+        inf.per_example_gradients(model, "classification", data)
+    with pytest.raises(ValueError, match="batch_size must be a positive integer, got None"):
+        inf.per_example_gradients(model, task, data, batch_size=None)
+    with pytest.raises(ValueError, match="device='meta' is refused"):
+        inf.per_example_gradients(model, task, data, device="meta")
+    with pytest.raises(TypeError, match="scores must be a tensor or a non-empty dict"):
+        inf.save_scores(tmp_path / "s.safetensors", [[1.0]])
+    with pytest.raises(ValueError, match=r"num_subsets must be a positive integer, got 2\.5"):
+        inf.draw_subsets(10, num_subsets=2.5)
+    with pytest.raises(ValueError, match=r"alpha must be a number in \(0, 1\), got '0.5'"):
+        inf.draw_subsets(10, alpha="0.5")
+
+
+def test_numpy_damping_is_accepted():
+    import numpy as np
+
+    assert inf.EKFAC(damping=np.float32(0.25)).damping == 0.25
+    assert inf.CG(damping={"0": np.float64(0.5)}).damping == {"0": 0.5}

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import re
 import textwrap
+from pathlib import Path
 
 import nbformat
 import pytest
@@ -13,6 +15,7 @@ from influence.study import pipeline
 GOOD = """\
 # %% [markdown]
 # # Toy question: does the pipeline work?
+# Some prose under the title.
 
 # %% tags=["parameters"]
 preset = "smoke"
@@ -21,20 +24,42 @@ seed = 0
 scale = None
 
 # %%
+import sys
+
 import matplotlib.pyplot as plt
 
+from influence.study.parameters import notebook_config
 from influence.study.reporting import Report
 
+notebook_config("00_toy", globals())  # checks preset, device, seed and injected names
 cfg = {"scale": 2 if scale is None else scale}
 report = Report("00_toy", preset=preset, device=device, seed=seed, params=cfg)
+print("a warning the reader must not see", file=sys.stderr)
+
+# %% [markdown]
+# ## The figure
+
+# %%
 with report.stage("compute"):
     value = cfg["scale"] * (seed + 1)
 fig, ax = plt.subplots()
 ax.plot([0, 1], [0, value])
 report.savefig(fig, "headline")
+plt.show()
 report.metrics["value"] = value
+report.summarize(
+    question="Does the pipeline work?",
+    paper="it does",
+    here=f"value {value}",
+    verdict="partly",
+    reason="a toy",
+    reference="§0",
+)
 report.paper_vs_here = f"paper: 1; here: {value}"
 report.save()
+
+# %% [markdown]
+# ## The number
 
 # %%
 # NBVAL_CHECK_OUTPUT
@@ -97,8 +122,10 @@ def test_run_renders_reports_then_a_failure_names_notebook_and_cell(study, capsy
     index = (reports / "index.html").read_text()
     assert 'href="00_toy.html"' in index
     assert "../figures/00_toy/headline.png" in index
-    assert "paper: 1; here: 6" in index
-    executed = nbformat.read(study / "artifacts" / "runs" / "default" / "00_toy.ipynb", 4)
+    assert "value 6" in index and "it does" in index
+    (run,) = (study / "artifacts" / "runs" / "default").iterdir()  # this run's own folder
+    assert run.name == report["run_id"]
+    executed = nbformat.read(run / "00_toy.ipynb", 4)
     assert any("injected-parameters" in c.metadata.get("tags", []) for c in executed.cells)
 
     # A failing notebook: named with its cell; the rendered reports stay as they were.
@@ -110,7 +137,10 @@ def test_run_renders_reports_then_a_failure_names_notebook_and_cell(study, capsy
     assert "notebook 01_fail" in err
     assert "cell 3" in err and 'raise RuntimeError("boom in the toy")' in err
     assert "RuntimeError: boom in the toy" in err
-    assert {p.name: p.read_bytes() for p in reports.iterdir() if p.name in before} == before
+    after = {p.name: p.read_bytes() for p in reports.iterdir() if p.name in before}
+    assert {k: v for k, v in after.items() if k != ".lock"} == {
+        k: v for k, v in before.items() if k != ".lock"
+    }
     assert not (reports / "01_fail.html").exists()
 
 
@@ -120,6 +150,7 @@ def test_other_presets_never_write_committed_reports(study):
     assert not (study / "figures").exists()
     out = study / "artifacts" / "reports" / "smoke"
     assert {"00_toy.html", "00_toy.json", "index.html"} <= {p.name for p in out.iterdir()}
+    assert "scale = None" not in (out / "00_toy.html").read_text()
     assert (study / "artifacts" / "figures" / "smoke" / "00_toy" / "headline.png").is_file()
     assert "../../figures/smoke/00_toy/headline.png" in (out / "index.html").read_text()
 
@@ -170,3 +201,179 @@ def test_sync_writes_the_paired_ipynb(study):
     assert "value = 2\n" in outputs  # the notebook as written: smoke preset, no injection
     assert not any("injected-parameters" in c.metadata.get("tags", []) for c in nb.cells)
     assert [c.id for c in nb.cells] == [f"cell-{i:03d}" for i in range(len(nb.cells))]
+
+
+def _visible_text(page: str) -> str:
+    page = re.sub(r"<(script|style|details)\b.*?</\1>", " ", page, flags=re.S)
+    return re.sub(r"<[^>]+>", " ", page)
+
+
+def test_report_page_is_readable(study):
+    """Figures inline, code folded, no parameters cell, no stderr, no machine path, a title,
+    a header with provenance, contents and links to the index and the neighbours."""
+    (study / "notebooks" / "01_next.py").write_text(GOOD.replace("00_toy", "01_next"))
+    assert pipeline.main(["--preset", "default", "--only", "00"]) == 0
+    page = (study / "reports" / "00_toy.html").read_text()
+    assert len(re.findall(r'<img[^>]+src="data:image/png;base64,', page)) == 1  # one figure
+    assert "<title>Toy question: does the pipeline work?</title>" in page
+    assert page.count("<h1>") == 1  # the header's, not the notebook's copy
+    # every code cell folded away (a <details> per input, closed), no prompts
+    code_cells = len(re.findall(r'class="jp-Cell jp-CodeCell', page))
+    assert code_cells == 3 and page.count('<details class="report-code">') == code_cells
+    assert "<details open" not in page and "In&nbsp;[" not in page
+    text = _visible_text(page)
+    assert page.count("a warning the reader must not see") == 1  # in the folded code only
+    assert "preset = " not in text and "injected" not in text.lower()
+    for bad in (str(study), str(Path.home()), "/tmp/", "/work/", "/root/"):
+        assert bad not in text
+    assert "Does the pipeline work?" in text and "§0" in text
+    assert re.search(r"preset\s+default", text) and "seed 1" not in text
+    assert '<a href="index.html">' in page and '<a href="01_next.html">' in page
+    toc = re.search(r'<nav class="report-toc">(.*?)</nav>', page, re.S).group(1)
+    assert "The figure" in toc and "The number" in toc
+    assert "show all code" in page
+    index = (study / "reports" / "index.html").read_text()
+    assert "<td>it does</td>" in index and "value 2" in index and "partly" in index
+    assert index.index('class="summary"') < index.index("<img")  # the table comes first
+
+
+def test_unknown_injected_name_fails_in_the_first_cell(study, tmp_path):
+    """papermill by hand: a misspelt name stops the notebook in its first code cell."""
+    import papermill
+
+    (study / "notebooks" / "00_toy.py").write_text(GOOD)
+    nb = pipeline.read_notebook(study / "notebooks" / "00_toy.py")
+    src = tmp_path / "toy.ipynb"
+    nbformat.write(nb, str(src))
+    with pytest.raises(papermill.PapermillExecutionError) as err:
+        papermill.execute_notebook(
+            str(src),
+            str(tmp_path / "out.ipynb"),
+            parameters={"scael": 3},
+            kernel_name="python3",
+            language="python",
+            progress_bar=False,
+        )
+    assert "unknown parameter(s) ['scael']" in str(err.value)
+    assert "scale" in str(err.value)
+    assert err.value.exec_count == 3  # parameters cell, injected cell, then the first cell
+
+
+def test_bad_device_fails_before_anything_runs(study, capsys):
+    assert pipeline.main(["--preset", "smoke", "--device", "gpu"]) == 1
+    assert "valid devices: cpu, cuda, cuda:N, mps" in capsys.readouterr().err
+    assert not (study / "artifacts" / "runs").exists()
+
+
+def test_committed_reports_need_a_clean_tree():
+    pipeline.check_clean_tree("")
+    pipeline.check_clean_tree(" M reports/01.html\n M figures/a.png\n M README.md\n")
+    with pytest.raises(pipeline.PipelineError, match="clean tree.*influence/x.py"):
+        pipeline.check_clean_tree(" M influence/x.py\n M reports/01.html\n")
+
+
+def test_a_second_run_on_the_same_reports_is_refused(study):
+    with pipeline.reports_lock(study / "reports", "first"):
+        with pytest.raises(pipeline.PipelineError, match="another pipeline run.*first"):
+            with pipeline.reports_lock(study / "reports", "second"):
+                pass
+    with pipeline.reports_lock(study / "reports", "third"):  # released after the first
+        pass
+
+
+def test_a_notebook_without_metrics_fails(study, capsys):
+    (study / "notebooks" / "00_toy.py").write_text(GOOD.replace("report.save()", "pass"))
+    assert pipeline.main(["--preset", "smoke"]) == 1
+    assert "produced no metrics" in capsys.readouterr().err
+
+
+def test_findings_table_in_readme_matches_the_reports():
+    """Every number of the README's findings comes from the committed reports' JSON."""
+    root = Path(__file__).resolve().parents[1]
+    readme = (root / "README.md").read_text()
+    assert pipeline.FINDINGS_START in readme
+    assert pipeline.findings_table(root / "reports") in readme
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _readme_commands(prefix: str) -> list[str]:
+    found = []
+    for line in (ROOT / "README.md").read_text().splitlines():
+        line = line.strip()
+        for start in (prefix, f".venv/bin/{prefix}"):
+            if line.startswith(start + " "):
+                found.append(line.split("  #")[0].strip())
+    return found
+
+
+def test_every_pipeline_command_of_the_readme_and_makefile_is_valid(monkeypatch, capsys):
+    """Each `make reproduce ...` and `python -m influence.study.pipeline ...` line shown to
+    readers, expanded by make itself (`make -n`), passes the pipeline's up-front checks."""
+    import shlex
+    import subprocess
+
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # the CUDA examples
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    lines = _readme_commands("make reproduce")
+    makefile_example = re.search(r'PIPELINE_ARGS="([^"]+)"', (ROOT / "Makefile").read_text())
+    lines.append(f'make reproduce PRESET=smoke PIPELINE_ARGS="{makefile_example.group(1)}"')
+    pipeline_lines = _readme_commands("python -m influence.study.pipeline")
+    assert len(lines) >= 4 and len(pipeline_lines) >= 2
+    for line in lines:
+        out = subprocess.run(
+            ["make", "-n", "--no-print-directory", *shlex.split(line)[1:]],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        (command,) = [c for c in out.splitlines() if "influence.study.pipeline" in c]
+        pipeline_lines.append(command.replace("\\", " "))
+    for command in pipeline_lines:
+        args = shlex.split(command)
+        args = args[args.index("influence.study.pipeline") + 1 :]
+        args = [a for a in args if a not in ("--allow-dirty", "--log-output")]
+        assert pipeline.main([*args, "--dry-run"]) == 0, (command, capsys.readouterr().err)
+
+
+def test_every_papermill_command_of_the_readme_is_valid(tmp_path, monkeypatch):
+    """papermill's own CLI parses each README line; the parameters it injects pass the
+    notebook's first-cell checks (`notebook_config`), as they would in the kernel."""
+    import shlex
+
+    import papermill
+    import torch
+    from click.testing import CliRunner
+    from papermill.cli import papermill as papermill_cli
+
+    from influence.study.parameters import notebook_config
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    lines = _readme_commands("papermill")
+    assert len(lines) >= 3
+    for line in lines:
+        args = shlex.split(line)[1:]
+        source = ROOT / args[0]
+        out = tmp_path / "prepared.ipynb"
+        result = CliRunner().invoke(
+            papermill_cli, [str(source), str(out), *args[2:], "--prepare-only", "-k", "python3"]
+        )
+        assert result.exit_code == 0, (line, result.output)
+        nb = nbformat.read(out, 4)
+        cells = [c.source for c in nb.cells if c.cell_type == "code"]
+        namespace: dict = {"In": ["", cells[0], cells[1]]}
+        exec(cells[0], namespace)  # the parameters cell, then papermill's injected one
+        exec(cells[1], namespace)
+        assert "injected-parameters" in nb.cells[2].metadata.tags or "Parameters" in cells[1]
+        stem = source.stem
+        cfg = notebook_config(stem, namespace)
+        injected = nb.metadata.papermill.parameters
+        for name, value in injected.items():
+            if isinstance(value, dict):
+                assert all(cfg[name][k] == v for k, v in value.items()), line
+    assert papermill  # imported for its CLI's side effects (engines registered)

@@ -175,6 +175,9 @@ def test_save_then_load_gives_identical_scores(tmp_path, llama_setting, est_cls)
     est.save(path)
     loaded = est_cls.load(path, model, task)
     assert loaded.damping_ == est.damping_
+    # Same memory layout as the loaded tensors, so no product can take another CPU kernel.
+    assert all(t.is_contiguous() for t in est.state_.values())
+    assert all(t.is_contiguous() for t in loaded.state_.values())
     assert torch.equal(
         scores(model, task, loaded, queries, data), scores(model, task, est, queries, data)
     )

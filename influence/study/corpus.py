@@ -35,7 +35,9 @@ that express the same fact, topic, operation, function or saying):
     cross_lingual facts stated in one language only, asked in each language they were not
                   stated in, with that language's first training template
     word_order    facts that have word-order material, English, first template
-    role_play     held-out assistant dialogues per topic
+    role_play     held-out assistant dialogues, n_role_play_queries per topic; template_id =
+                  index within the topic, group "seen_completion" when the completion sentence
+                  also closes a training dialogue, else "new_completion"
     math          new word problems (prompt = problem, completion = worked solution)
     code          new (name, arguments) combinations of the function kinds
     quotes        first half of each saying -> the rest
@@ -277,14 +279,32 @@ def generate(params: dict, seed: int) -> tuple[list[dict], dict[str, list[dict]]
                 )
     for t, text in passages(rp["unrelated"], n_rp):
         add(text=text, kind="role_play", language="en", template_id=t, category="unrelated")
+    # The first n_role_play_queries held-out dialogues per topic (in file order, so smoke's
+    # queries are default's first ones). group says whether the completion sentence also
+    # closes a training dialogue ("seen_completion") or is new ("new_completion"): the prompt
+    # is never in training either way.
+    seen_closes = {
+        r["text"].split("\nAssistant:", 1)[1]
+        for r in rows
+        if r["kind"] == "role_play" and "\nAssistant:" in r["text"]
+    }
+    n_rpq = params["n_role_play_queries"]
     for topic, qs in rp["queries"].items():
-        for q in qs:
+        if len(qs) < n_rpq:
+            raise ValueError(
+                f"n_role_play_queries={n_rpq} but data/roleplay.json has only {len(qs)} "
+                f"queries for topic {topic!r}: lower n_role_play_queries or add queries"
+            )
+        for t, q in enumerate(qs[:n_rpq]):
+            seen = q["completion"] in seen_closes
             queries["role_play"].append(
                 _row(
                     prompt=q["prompt"],
                     completion=q["completion"],
                     kind="role_play",
                     language="en",
+                    template_id=t,
+                    group="seen_completion" if seen else "new_completion",
                     category="assistant",
                     topic=topic,
                     related_ids=list(topic_rows[topic]),

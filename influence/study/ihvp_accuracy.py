@@ -156,31 +156,50 @@ def score_all(
     estimators=ESTIMATORS,
     include_cg: bool = True,
     include_block_cg: bool = False,
+    fitted: dict | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, float], dict[str, float], dict]:
     """Fit every estimator and score all training examples on all queries.
 
     EK-FAC is fitted first; its per-layer 'auto' damping (× `damping_scale`) is then given to
-    every other estimator and to CG. With `include_block_cg`, also the exact inverse of the
-    block-diagonal part of G ("cg_block"): the best any block-diagonal estimator can do.
+    every other estimator and to CG. EK-FAC at that damping and K-FAC are derived from this one
+    fit (`with_damping`, `KFAC.from_ekfac`: the same factors a refit gives, without its passes);
+    K-FAC's seconds therefore count no fitting pass of its own. `fitted` may hold an EK-FAC
+    ("ekfac") and a Diagonal ("diagonal") fitted before, reused at each damping (the sweep).
+    With `include_block_cg`, also the exact inverse of the block-diagonal part of G
+    ("cg_block"): the best any block-diagonal estimator can do.
     Returns scores [Q, N], seconds (fit + scores), damping, and solver diagnostics.
     """
     kw = dict(batch_size=batch_size, progress=False)
     scores, seconds, diag = {}, {}, {}
+    fitted = fitted or {}
 
-    def run(est):
-        est.fit(model, task, train, **kw)
+    def run(est, fit=True):
+        if fit:
+            est.fit(model, task, train, **kw)
         return inf.pairwise_scores(model, task, est, queries, train, **kw)
 
-    ek_auto = inf.EKFAC().fit(model, task, train, **kw)
+    if "ekfac" in fitted:
+        ek_auto, ek_seconds = fitted["ekfac"], 0.0
+    else:
+        ek_auto, ek_seconds = _timed(lambda: inf.EKFAC().fit(model, task, train, **kw))
     lam = {n: v * damping_scale for n, v in ek_auto.damping_.items()}
     makers = {
         "identity": lambda: inf.Identity(),
         "diagonal": lambda: inf.Diagonal(damping=lam),
-        "kfac": lambda: inf.KFAC(damping=lam),
-        "ekfac": lambda: inf.EKFAC(damping=lam),
         "lissa": lambda: LiSSA(damping=lam, **lissa),
     }
+    derived = {
+        "kfac": lambda: inf.KFAC.from_ekfac(ek_auto, damping=lam),
+        "ekfac": lambda: ek_auto.with_damping(lam),
+    }
+    if "diagonal" in fitted:
+        derived["diagonal"] = lambda: fitted["diagonal"].with_damping(lam)
     for name in estimators:
+        if name in derived:
+            est, t_derive = _timed(derived[name])
+            scores[name], t = _timed(lambda est=est: run(est, fit=False))
+            seconds[name] = t_derive + t + (ek_seconds if name == "ekfac" else 0.0)
+            continue
         est = makers[name]()
         scores[name], seconds[name] = _timed(lambda est=est: run(est))
         if name == "lissa":
@@ -220,11 +239,27 @@ def block_diagonal_ceiling(results: dict) -> pd.DataFrame:
     return pd.DataFrame(rows).set_index("setting")
 
 
+# Fewer points than this and a correlation says nothing (over two points it is ±1 by
+# construction): such correlations are NaN, and the report prints "n/a".
+MIN_POINTS = 5
+
+
+def fmt(value: float | None, digits: int = 2) -> str:
+    """A correlation for the reader: "n/a" where it was not computed (too few points)."""
+    if value is None or value != value:
+        return f"n/a (< {MIN_POINTS} points)"
+    return f"{value:.{digits}f}"
+
+
 def per_query_correlations(pred: torch.Tensor, truth: torch.Tensor) -> pd.DataFrame:
-    """Pearson and Spearman correlation per query (rows) between two [Q, M] score matrices."""
+    """Pearson and Spearman correlation per query (rows) between two [Q, M] score matrices;
+    NaN when M < MIN_POINTS."""
     rows = []
     for q in range(truth.shape[0]):
         a, b = pred[q].double().numpy(), truth[q].double().numpy()
+        if len(a) < MIN_POINTS:
+            rows.append({"query": q, "pearson": float("nan"), "spearman": float("nan")})
+            continue
         rows.append(
             {"query": q, "pearson": pearsonr(a, b).statistic, "spearman": spearmanr(a, b).statistic}
         )
@@ -394,7 +429,13 @@ def damping_sweep(
     estimators=("identity", "diagonal", "kfac", "ekfac"),
 ) -> pd.DataFrame:
     """Pearson correlation with CG at each damping (× EK-FAC's 'auto' λ), mean over queries;
-    estimator and CG always share the damping."""
+    estimator and CG always share the damping. EK-FAC and the diagonal are fitted once and
+    only re-damped at each scale (K-FAC derived from the EK-FAC fit)."""
+    kw = dict(batch_size=batch_size, progress=False)
+    fitted = {"ekfac": inf.EKFAC().fit(model, task, train, **kw)}
+    if "diagonal" in estimators:
+        # Any positive damping: it is replaced at each scale by `with_damping`.
+        fitted["diagonal"] = inf.Diagonal(damping=1.0).fit(model, task, train, **kw)
     rows = []
     for s in scales:
         scores, _, _, _ = score_all(
@@ -407,6 +448,7 @@ def damping_sweep(
             batch_size=batch_size,
             damping_scale=s,
             estimators=estimators,
+            fitted=fitted,
         )
         for est in estimators:
             df = per_query_correlations(scores[est], scores["cg"])
@@ -433,9 +475,8 @@ def plot_correlation_bars(table: pd.DataFrame, ax, setting: str, metric: str = "
         means = [t[(t.estimator == e) & (t.truth == gt)][metric].mean() for e in order]
         sds = [t[(t.estimator == e) & (t.truth == gt)][metric].std() for e in order]
         xs = np.arange(len(order)) + (j - (len(truths) - 1) / 2) * width
-        ax.bar(
-            xs, np.nan_to_num(means), width, yerr=np.nan_to_num(sds), capsize=2, label=f"vs {gt}"
-        )
+        # A NaN mean (too few points for a correlation) draws no bar rather than a zero.
+        ax.bar(xs, means, width, yerr=np.nan_to_num(sds), capsize=2, label=f"vs {gt}")
     ax.set_xticks(np.arange(len(order)), [LABELS[e] for e in order], rotation=30)
     ax.set_ylim(min(0, np.nanmin(t[metric]) - 0.05), 1.05)
     ax.axhline(0, color="k", lw=0.5)

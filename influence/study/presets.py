@@ -26,6 +26,7 @@ SECTIONS: dict[str, dict[str, dict[str, Any]]] = {
             "mono_share": 0.4,
             "n_word_order_facts": 3,
             "n_role_play": 2,
+            "n_role_play_queries": 3,
             "n_math": 12,
             "n_math_queries": 3,
             "n_code": 10,
@@ -39,7 +40,8 @@ SECTIONS: dict[str, dict[str, dict[str, Any]]] = {
             "n_elements": 50,
             "mono_share": 0.4,
             "n_word_order_facts": 24,
-            "n_role_play": 9,
+            "n_role_play": 12,
+            "n_role_play_queries": 12,
             "n_math": 120,
             "n_math_queries": 12,
             "n_code": 80,
@@ -54,6 +56,7 @@ SECTIONS: dict[str, dict[str, dict[str, Any]]] = {
             "mono_share": 0.4,
             "n_word_order_facts": 60,
             "n_role_play": 30,
+            "n_role_play_queries": 12,
             "n_math": 600,
             "n_math_queries": 30,
             "n_code": 95,
@@ -131,6 +134,34 @@ SECTIONS: dict[str, dict[str, dict[str, Any]]] = {
         "smoke": {"n_examples": 1},
         "default": {"n_examples": 2},
         "large": {"n_examples": 2},
+    },
+    # Owned by notebooks/05_word_order (issue 12). n_boot: bootstrap resamples over facts;
+    # token_facts: facts whose sequences of token_groups (first template each) are shown
+    # tokenwise for the smallest and the largest model.
+    "05_word_order": {
+        "smoke": {
+            "n_boot": 200,
+            "token_facts": 1,
+            "token_groups": ["rewording", "flipped", "irrelevant_with_names"],
+        },
+        "default": {
+            "n_boot": 1000,
+            "token_facts": 2,
+            "token_groups": ["rewording", "flipped", "irrelevant_with_names"],
+        },
+        "large": {
+            "n_boot": 1000,
+            "token_facts": 2,
+            "token_groups": ["rewording", "flipped", "irrelevant_with_names"],
+        },
+    },
+    # Owned by notebooks/06_role_play (issue 12). top_k: positive influences per query whose
+    # categories are counted; n_boot: bootstrap resamples over queries; n_examples: queries
+    # whose top sequences are printed for the smallest and the largest model.
+    "06_role_play": {
+        "smoke": {"top_k": 5, "n_boot": 200, "n_examples": 1},
+        "default": {"top_k": 10, "n_boot": 1000, "n_examples": 3},
+        "large": {"top_k": 10, "n_boot": 1000, "n_examples": 3},
     },
     # Owned by notebooks/01_ihvp_accuracy (issue 4). MLP settings: data split, model and
     # training recipe, queries, LiSSA/CG/PBRF settings and LDS retrains; language_model: the
@@ -284,6 +315,73 @@ SECTIONS: dict[str, dict[str, dict[str, Any]]] = {
             "threads": None,
         },
     },
+    # Owned by influence/study/influence_scores.py (issue 10): the scores every notebook from
+    # 02 on reads. sizes/query_sets None = all of the suite's / corpus's; max_queries caps the
+    # large sets (drawn without replacement with sample_seed).
+    "influence_scores": {
+        "smoke": {
+            "sizes": None,
+            "query_sets": None,
+            "max_queries": {"facts": 8, "paraphrase": 8, "cross_lingual": 6},
+            "sample_seed": 0,
+            "modules": "mlp",
+            "damping": "auto",
+            "fit_seed": 0,
+            "batch_size": 32,
+            "dtype": "float32",
+        },
+        "default": {
+            "sizes": None,
+            "query_sets": None,
+            "max_queries": {"facts": 64, "paraphrase": 64, "cross_lingual": 48},
+            "sample_seed": 0,
+            "modules": "mlp",
+            "damping": "auto",
+            "fit_seed": 0,
+            "batch_size": 32,
+            "dtype": "float32",
+        },
+        "large": {
+            "sizes": None,
+            "query_sets": None,
+            "max_queries": {"facts": 256, "paraphrase": 256, "cross_lingual": 128},
+            "sample_seed": 0,
+            "modules": "mlp",
+            "damping": "auto",
+            "fit_seed": 0,
+            "batch_size": 32,
+            "dtype": "float32",
+        },
+    },
+    # Owned by notebooks/02_sparsity_and_tails (issue 10). tail_share: the top share of each
+    # query's positive per-copy scores among which powerlaw's KS search picks x_min;
+    # bootstrap: synthetic data sets per goodness-of-fit p-value (Clauset et al. 2009).
+    "02_sparsity_and_tails": {
+        "smoke": {
+            "tail_share": 0.2,
+            "min_tail": 10,
+            "bootstrap": 5,
+            "bootstrap_queries": 8,
+            "top_k": 5,
+            "ccdf_queries": 2,
+        },
+        "default": {
+            "tail_share": 0.1,
+            "min_tail": 20,
+            "bootstrap": 50,
+            "bootstrap_queries": 8,
+            "top_k": 10,
+            "ccdf_queries": 3,
+        },
+        "large": {
+            "tail_share": 0.1,
+            "min_tail": 20,
+            "bootstrap": 100,
+            "bootstrap_queries": 16,
+            "top_k": 10,
+            "ccdf_queries": 3,
+        },
+    },
 }
 
 
@@ -297,18 +395,78 @@ def resolve(section: str, preset: str, **overrides: Any) -> dict[str, Any]:
     """Parameters of `section` at `preset`, with single values overridden.
 
     Overrides whose value is None are ignored (a notebook's parameters cell uses None for
-    "take the preset's value"). Unknown sections, presets or parameter names raise ValueError
-    listing the valid ones.
+    "take the preset's value"). A setting that is a group of values (a dict, such as notebook
+    01's `language_model`) is overridden one value at a time: the dict given (or a string that
+    parses to one, as papermill's `-p NAME '{"key": 1}'` passes it) is merged into the
+    preset's. Unknown sections, presets or names, at any depth, and values of the wrong type
+    raise ValueError listing the valid names or the expected type.
     """
     check_preset(preset)
     if section not in SECTIONS:
         raise ValueError(f"unknown preset section {section!r}; valid: {', '.join(SECTIONS)}")
-    params = copy.deepcopy(SECTIONS[section][preset])
-    unknown = sorted(k for k in overrides if k not in params)
+    return merge_settings(SECTIONS[section][preset], overrides, section)
+
+
+def merge_settings(base: dict[str, Any], overrides: dict[str, Any], where: str) -> dict[str, Any]:
+    """A copy of `base` with `overrides` merged in (recursively for dicts), type-checked."""
+    unknown = sorted(k for k in overrides if k not in base)
     if unknown:
         raise ValueError(
-            f"unknown parameter(s) {unknown} for {section!r}; valid parameters: "
-            f"{', '.join(sorted(params))}"
+            f"unknown parameter(s) {unknown} for {where!r}; valid parameters: "
+            f"{', '.join(sorted(base))}"
         )
-    params.update({k: v for k, v in overrides.items() if v is not None})
+    params = copy.deepcopy(base)
+    for name, value in overrides.items():
+        if value is not None:
+            params[name] = _checked_value(params[name], value, f"{where}.{name}")
     return params
+
+
+def _parse_literal(text: str) -> Any:
+    import ast
+    import json
+
+    try:
+        return json.loads(text)
+    except ValueError:
+        pass
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def _checked_value(base: Any, value: Any, where: str) -> Any:
+    if isinstance(base, dict):
+        value = _parse_literal(value) if isinstance(value, str) else value
+        if not isinstance(value, dict):
+            first = next(iter(base), "key")
+            raise ValueError(
+                f"{where} is a group of settings ({', '.join(base)}): give a dict of the values "
+                f"to change, e.g. {where.split('.', 1)[-1]}.{first}=VALUE in the pipeline or "
+                f"-p {where.rsplit('.', 1)[-1]} '{{\"{first}\": VALUE}}' with papermill"
+            )
+        return merge_settings(base, value, where)
+    if base is None:
+        return value
+    if isinstance(base, list | tuple) and isinstance(value, str):
+        value = _parse_literal(value)
+    expected: tuple[type, ...]
+    if isinstance(base, bool):
+        expected = (bool,)
+    elif isinstance(base, int | float):
+        expected = (int, float)
+    elif isinstance(base, list | tuple):
+        expected = (list, tuple)
+    else:
+        expected = (type(base),)
+    if not isinstance(value, expected) or (isinstance(value, bool) and bool not in expected):
+        raise ValueError(
+            f"{where} must be {' or '.join(t.__name__ for t in expected)} (the preset's value is "
+            f"{base!r}), got {value!r}"
+        )
+    if isinstance(base, int) and not isinstance(base, bool) and isinstance(value, float):
+        if not value.is_integer():
+            raise ValueError(f"{where} must be a whole number (preset value {base!r}), got {value}")
+        value = int(value)
+    return list(value) if isinstance(value, tuple) else value

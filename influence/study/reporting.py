@@ -6,14 +6,18 @@ A notebook makes one `Report`::
     with report.stage("fit"):
         ...
     report.metrics["settings"] = {...}
+    report.summarize(question=..., paper=..., here=..., verdict="partly", reason=...)
     report.paper_vs_here = "paper: ...; here: ..."
     report.savefig(fig, "headline")
     report.save()
 
 At the `default` preset figures go to `figures/<notebook>/` (committed); at any other preset
 to `artifacts/figures/<preset>/<notebook>/`, so smoke runs and tests never touch committed
-files. `save()` writes `artifacts/runs/<preset>/<notebook>.metrics.json` atomically; the
-pipeline reads it and adds provenance. Environment overrides (used by the tests):
+files. `save()` writes `<notebook>.metrics.json` atomically into the pipeline's run folder
+(`INFLUENCE_RUN_DIR`, one per run, so concurrent runs never read each other's metrics) or, in a
+notebook run by hand, `artifacts/runs/<preset>/manual/`; the pipeline reads it and adds
+provenance. `summarize` gives the index its row: the question, the paper's finding, ours (from
+this run's numbers) and a verdict. Environment overrides (used by the tests):
 `INFLUENCE_FIGURES` replaces the committed `figures/` root, `INFLUENCE_ARTIFACTS` the
 artifacts root.
 """
@@ -47,8 +51,13 @@ def figure_dir(notebook: str, preset: str) -> Path:
     return artifacts_root() / "figures" / preset / notebook
 
 
+VERDICTS = ("agrees", "partly", "disagrees", "not comparable")
+
+
 def metrics_path(notebook: str, preset: str) -> Path:
-    return artifacts_root() / "runs" / preset / f"{notebook}.metrics.json"
+    run_dir = os.environ.get("INFLUENCE_RUN_DIR")
+    root = Path(run_dir) if run_dir else artifacts_root() / "runs" / preset / "manual"
+    return root / f"{notebook}.metrics.json"
 
 
 def _jsonable(obj: Any) -> Any:
@@ -85,6 +94,7 @@ class Report:
         self.params = dict(params or {})
         self.metrics: dict[str, Any] = {}
         self.paper_vs_here: str = ""
+        self.summary: dict[str, str] = {}
         self.stages: dict[str, float] = {}
         self.figures: dict[str, list[str]] = {}
         self._started = time.perf_counter()
@@ -101,10 +111,43 @@ class Report:
     def stage(self, name: str) -> Iterator[None]:
         """Time a stage; repeated names add up. Recorded even if the stage raises."""
         start = time.perf_counter()
+        self.progress(f"stage {name}")
         try:
             yield
         finally:
             self.stages[name] = self.stages.get(name, 0.0) + time.perf_counter() - start
+
+    def summarize(
+        self,
+        *,
+        question: str,
+        paper: str,
+        here: str,
+        verdict: str,
+        reason: str = "",
+        reference: str = "",
+    ) -> None:
+        """The notebook's row in the index: its question, the paper's finding (and where in the
+        paper, `reference`), ours in words built from this run's numbers, and a verdict."""
+        if verdict not in VERDICTS:
+            raise ValueError(f"unknown verdict {verdict!r}; valid: {', '.join(VERDICTS)}")
+        if verdict != "agrees" and not reason:
+            raise ValueError(f"a verdict of {verdict!r} needs its reason")
+        self.summary = {
+            "question": question,
+            "paper": paper,
+            "here": here,
+            "verdict": verdict,
+            "reason": reason,
+            "reference": reference,
+        }
+
+    def progress(self, message: str) -> None:
+        """One line for the pipeline's console (nothing in the notebook or its report)."""
+        path = os.environ.get("INFLUENCE_PROGRESS_FILE")
+        if path:
+            with open(path, "a", encoding="utf-8") as fh:
+                fh.write(message.replace("\n", " ") + "\n")
 
     def savefig(self, fig: Any, name: str, formats: tuple[str, ...] = FIGURE_FORMATS) -> Path:
         """Save a matplotlib figure as `<figure_dir>/<name>.<fmt>`; returns the PNG path.
@@ -141,6 +184,7 @@ class Report:
                 "params": self.params,
                 "metrics": self.metrics,
                 "paper_vs_here": self.paper_vs_here,
+                "summary": self.summary,
                 "stages": self.stages,
                 "figures": self.figures,
                 "wall_time_s": time.perf_counter() - self._started,

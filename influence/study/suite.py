@@ -288,7 +288,7 @@ def load_suite(
     hf_logging.disable_progress_bar()  # per-file "Loading weights" bars drown the notebooks
     for size in params["sizes"]:
         path = cache.entry_dir("model", model_key(size, params, corpus, seed))
-        if not cache.is_complete(path):
+        if not cache.verified(path):  # checksums; a broken entry is moved aside and retrained
             model, log = train_model(
                 size, params["train"], tok, seqs, params["context"], seed, device, progress
             )
@@ -307,8 +307,13 @@ def load_suite(
                 model.save_pretrained(str(tmp))
                 tok.save_pretrained(str(tmp))
                 (tmp / "log.json").write_text(json.dumps(log))
-        log = json.loads((path / "log.json").read_text())
-        model = LlamaForCausalLM.from_pretrained(str(path)).to(device).eval()
+        log = cache.read_json(path / "log.json")
+        try:
+            model = LlamaForCausalLM.from_pretrained(str(path)).to(device).eval()
+        except Exception as err:  # verified files that still do not load: name the entry
+            raise RuntimeError(
+                f"cannot load the cached model {path} ({err}); delete that folder and run again"
+            ) from err
         models[size["name"]] = model
         info.append(log["info"])
         logs[size["name"]] = log
