@@ -56,13 +56,18 @@ def model_inputs(model: nn.Module, batch: Mapping[str, Any]) -> dict[str, torch.
 
     Every input the batch carries is forwarded (`input_ids`, `attention_mask`,
     `token_type_ids`, `position_ids`, `decoder_input_ids`, ...); `labels` never is, since the
-    task computes the loss itself. A forward with only `**kwargs` receives every tensor.
+    task computes the loss itself. A forward with `**kwargs` also receives `attention_mask`,
+    and one with only `**kwargs` every tensor.
     """
     named, var_kw = _forward_parameters(model)
+    if var_kw:
+        # forward(input_ids, **kwargs) wrappers still get the attention mask (as they always
+        # did); a forward of only **kwargs gets every tensor.
+        named = named | {"attention_mask"} if named else None
     return {
         k: v
         for k, v in batch.items()
-        if k != "labels" and torch.is_tensor(v) and (k in named or (var_kw and len(named) == 0))
+        if k != "labels" and torch.is_tensor(v) and (named is None or k in named)
     }
 
 

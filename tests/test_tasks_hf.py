@@ -206,3 +206,22 @@ def test_dict_batches_need_labels():
         inf.SequenceClassificationTask().check_batch({"input_ids": torch.zeros(2, 3)})
     with pytest.raises(TypeError, match="'labels'"):
         inf.Seq2SeqLMTask().check_batch({"input_ids": torch.zeros(2, 3)})
+
+
+def test_model_inputs_follow_the_forward_signature():
+    from influence.tasks import model_inputs
+
+    batch = {k: torch.zeros(1, 2) for k in ("input_ids", "attention_mask", "labels", "extra")}
+
+    class Named(torch.nn.Module):
+        def forward(self, input_ids, extra=None): ...
+
+    class Wrapper(torch.nn.Module):
+        def forward(self, input_ids, **kwargs): ...
+
+    class Anything(torch.nn.Module):
+        def forward(self, *args, **kwargs): ...
+
+    assert sorted(model_inputs(Named(), batch)) == ["extra", "input_ids"]
+    assert sorted(model_inputs(Wrapper(), batch)) == ["attention_mask", "input_ids"]
+    assert sorted(model_inputs(Anything(), batch)) == ["attention_mask", "extra", "input_ids"]
