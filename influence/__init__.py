@@ -22,7 +22,15 @@ from .lds import draw_subsets, lds, retrain_measurements
 from .lissa import LiSSA
 from .pbrf import pbrf_scores
 from .scores import pairwise_scores, preconditioned_queries, self_scores
-from .tasks import ClassificationTask, LanguageModelingTask, RegressionTask, Task
+from .tables import prompt_completion_queries, top_influences
+from .tasks import (
+    ClassificationTask,
+    LanguageModelingTask,
+    RegressionTask,
+    Seq2SeqLMTask,
+    SequenceClassificationTask,
+    Task,
+)
 
 __all__ = [
     "CG",
@@ -37,6 +45,8 @@ __all__ = [
     "LayerInfo",
     "LiSSA",
     "RegressionTask",
+    "Seq2SeqLMTask",
+    "SequenceClassificationTask",
     "Task",
     "bm25_candidates",
     "bm25_scores",
@@ -49,10 +59,12 @@ __all__ = [
     "pbrf_scores",
     "per_example_gradients",
     "preconditioned_queries",
+    "prompt_completion_queries",
     "retrain_measurements",
     "save_scores",
     "self_scores",
     "shares_content_tokens",
+    "top_influences",
 ]
 
 __version__ = "0.1.0"

@@ -14,13 +14,19 @@ from typing import Any
 import torch
 from torch import nn
 from torch.func import functional_call, vjp, vmap
-from torch.utils.data import DataLoader, Dataset
-from torch.utils.data.dataloader import default_collate
 from tqdm.auto import tqdm
 
 from . import checks
 from .estimator import check_damping, layer_damping
-from .gradients import _EvalMode, flatten, iter_batches, make_loader, num_examples, unflatten
+from .gradients import (  # noqa: F401  (take: re-exported for LiSSA and the PBRF)
+    _EvalMode,
+    flatten,
+    iter_batches,
+    make_loader,
+    num_examples,
+    take,
+    unflatten,
+)
 from .layers import LayerInfo, layer_infos
 from .tasks import Task
 
@@ -29,21 +35,29 @@ Damping = float | Mapping[str, float]
 
 class eager_attention:
     """Temporarily switch a Hugging Face model to eager attention: the fused CPU/GPU attention
-    kernels have no double-backward or forward-mode derivative, which GNVPs need."""
+    kernels have no double-backward or forward-mode derivative, which GNVPs need. Every config
+    in the model is switched (T5 and BART sub-modules hold their own copies)."""
 
     def __init__(self, model: nn.Module):
-        self.config = getattr(model, "config", None)
+        configs = [getattr(model, "config", None)]
+        configs += [getattr(m, "config", None) for m in model.modules()]
+        seen: dict[int, Any] = {}
+        for c in configs:
+            if c is not None and getattr(c, "_attn_implementation", None) is not None:
+                seen.setdefault(id(c), c)
+        self.configs = list(seen.values())
 
     def __enter__(self):
-        impl = getattr(self.config, "_attn_implementation", None)
-        self.saved = impl
-        if impl is not None and impl != "eager":
-            self.config._attn_implementation = "eager"
+        self.saved = [c._attn_implementation for c in self.configs]
+        for c in self.configs:
+            if c._attn_implementation != "eager":
+                c._attn_implementation = "eager"
         return self
 
     def __exit__(self, *exc):
-        if self.saved is not None and self.saved != "eager":
-            self.config._attn_implementation = self.saved
+        for c, impl in zip(self.configs, self.saved, strict=True):
+            if impl != "eager":
+                c._attn_implementation = impl
 
 
 class _TaskOutputs(nn.Module):
@@ -105,20 +119,6 @@ def damping_vector(damping: Damping, infos: Mapping[str, LayerInfo]) -> torch.Te
         lam = damping[n] if isinstance(damping, Mapping) else damping
         parts.append(torch.full((info.numel,), float(lam), dtype=torch.float64))
     return torch.cat(parts)
-
-
-def take(data: Any, indices) -> Any:
-    """The examples `indices` of `data` as one batch (torch Dataset, DataLoader or HF Dataset)."""
-    indices = [int(i) for i in indices]
-    if isinstance(data, DataLoader):
-        data = data.dataset
-    if hasattr(data, "select") and hasattr(data, "column_names"):  # Hugging Face datasets
-        return data[indices]
-    if isinstance(data, tuple) and all(torch.is_tensor(t) for t in data):
-        return tuple(t[indices] for t in data)
-    if isinstance(data, Dataset) or hasattr(data, "__getitem__"):
-        return default_collate([data[i] for i in indices])
-    raise TypeError(f"cannot index data of type {type(data).__name__}")
 
 
 def mean_fisher_diagonal(

@@ -17,8 +17,15 @@ from . import checks
 
 ModuleSelector = None | str | Sequence[str] | Callable[[str, nn.Module], bool]
 
-# Name components that mark a feed-forward (MLP) block in common architectures.
-MLP_NAME_PARTS = ("mlp", "feed_forward", "ffn")
+# Name components that mark a feed-forward (MLP) block in common architectures: Llama-style
+# `mlp`, `feed_forward`, DistilBERT `ffn`, T5 `DenseReluDense`, BERT `intermediate`/`output`.
+MLP_NAME_PARTS = ("mlp", "feed_forward", "ffn", "densereludense")
+# BERT-style blocks: `intermediate.dense` and `output.dense` (a parent component, not the layer).
+MLP_PARENT_PARTS = ("intermediate", "output")
+# Last name components of MLP layers that sit directly in a block (OPT, BART: fc1, fc2).
+MLP_LAYER_NAMES = ("fc1", "fc2")
+# Name components that mark attention (never MLP): BERT's attention block also has an `output`.
+ATTENTION_NAME_PARTS = ("attn", "attention")
 
 
 @dataclass(frozen=True)
@@ -81,7 +88,13 @@ def _output_embedding(model: nn.Module) -> nn.Module | None:
 
 def _is_mlp_name(name: str) -> bool:
     parts = name.lower().split(".")
-    return any(p in MLP_NAME_PARTS or p.startswith(MLP_NAME_PARTS) for p in parts)
+    if any(a in p for p in parts for a in ATTENTION_NAME_PARTS):
+        return False
+    if parts[-1] in MLP_LAYER_NAMES:
+        return True
+    if any(p in MLP_PARENT_PARTS for p in parts[:-1]):
+        return True
+    return any(p in MLP_NAME_PARTS or p.startswith(MLP_NAME_PARTS[:3]) for p in parts)
 
 
 def find_layers(model: nn.Module, modules: ModuleSelector = None) -> dict[str, nn.Module]:
@@ -89,7 +102,9 @@ def find_layers(model: nn.Module, modules: ModuleSelector = None) -> dict[str, n
 
     `modules`:
       - None: every nn.Linear / Conv1D except the output embedding (`lm_head`);
-      - "mlp": those of the above whose name has a component "mlp", "feed_forward" or "ffn";
+      - "mlp": the feed-forward layers among the above: names with a component "mlp",
+        "feed_forward", "ffn", "DenseReluDense" (T5), "intermediate" or "output" (BERT), or
+        ending in "fc1"/"fc2" (OPT, BART), never a name with "attn"/"attention" in it;
       - a list of qualified module names;
       - a predicate `(name, module) -> bool` over the supported layers.
     """

@@ -13,11 +13,11 @@ import json
 import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from scipy.stats import spearmanr
 from tqdm.auto import tqdm
 
 from . import checks
@@ -52,6 +52,35 @@ def _as_masks(subsets, n: int) -> np.ndarray:
     return masks
 
 
+def _hash(config: Any, length: int) -> str:
+    """Stable short hash of a JSON-able value (the same as the study cache's `config_hash`, so
+    existing retrain caches stay valid)."""
+    blob = json.dumps(config, sort_keys=True, default=str, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:length]
+
+
+def rankdata(x: np.ndarray) -> np.ndarray:
+    """Ranks 1..n of a 1-D array, ties given their average rank (scipy's 'average')."""
+    x = np.asarray(x)
+    order = np.argsort(x, kind="mergesort")
+    sorted_x = x[order]
+    # Start index of each run of equal values, and the average rank of the run.
+    new = np.r_[True, sorted_x[1:] != sorted_x[:-1]]
+    starts = np.flatnonzero(new)
+    ends = np.r_[starts[1:], len(x)]
+    avg = (starts + ends + 1) / 2.0  # mean of ranks starts+1 .. ends
+    ranks = np.empty(len(x), dtype=np.float64)
+    ranks[order] = np.repeat(avg, ends - starts)
+    return ranks
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    """Spearman rank correlation: the Pearson correlation of average ranks."""
+    ra, rb = rankdata(a), rankdata(b)
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    return float((ra @ rb) / np.sqrt((ra @ ra) * (rb @ rb)))
+
+
 def lds(score_matrix, subsets, measurements, *, per_query: bool = False):
     """Linear datamodeling score.
 
@@ -75,7 +104,7 @@ def lds(score_matrix, subsets, measurements, *, per_query: bool = False):
     rho = np.full(s.shape[0], np.nan)
     for q in range(s.shape[0]):
         if np.ptp(m[:, q]) > 0 and np.ptp(predictions[:, q]) > 0:
-            rho[q] = spearmanr(m[:, q], predictions[:, q]).statistic
+            rho[q] = spearman(m[:, q], predictions[:, q])
     if per_query:
         return rho
     if np.isnan(rho).all():
@@ -114,6 +143,7 @@ def retrain_measurements(
     subsets,
     *,
     cache: dict | None = None,
+    cache_dir: str | Path | None = None,
     num_examples: int | None = None,
     progress: bool = True,
 ) -> np.ndarray:
@@ -123,8 +153,10 @@ def retrain_measurements(
         same seed, for every subset); measure_fn(model) -> the Q query measurements m_q.
     cache: a JSON-able description of the recipe (data, model, training, queries); when
         given, each subset's measurements are stored under
-        `artifacts/lds_retrains/<hash of cache and subsets>/<k>.json` (atomic writes) and
+        `<cache_dir>/lds_retrains/<hash of cache and subsets>/<k>.json` (atomic writes) and
         reused, so interrupted runs resume and repeated runs are free.
+    cache_dir: the artifacts folder (default: $INFLUENCE_ARTIFACTS; one of the two is needed
+        with `cache`).
     """
     if isinstance(subsets, np.ndarray) and subsets.dtype == bool:
         index_lists = [np.flatnonzero(mk) for mk in subsets]
@@ -132,14 +164,18 @@ def retrain_measurements(
         index_lists = [np.asarray(ix, dtype=int) for ix in subsets]
     folder = None
     if cache is not None:
-        from .study.cache import config_hash, entry_dir
-
+        root = cache_dir if cache_dir is not None else os.environ.get("INFLUENCE_ARTIFACTS")
+        if root is None:
+            raise ValueError(
+                "retrain_measurements(cache=...) needs a folder: pass cache_dir= (or set "
+                "INFLUENCE_ARTIFACTS)"
+            )
         key = {
             "recipe": cache,
-            "subsets": config_hash([ix.tolist() for ix in index_lists], 16),
+            "subsets": _hash([ix.tolist() for ix in index_lists], 16),
             "num_examples": num_examples,
         }
-        folder = entry_dir("lds_retrains", key)
+        folder = Path(root).resolve() / "lds_retrains" / _hash(key, 12)
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "config.json").write_text(json.dumps(key, indent=2, default=str))
     rows = []

@@ -148,7 +148,10 @@ def pbrf_scores(
         for _, b in iter_batches(loader, batch_size):
             b = task.to_device(b, dev)
             batches.append((b, task.outputs(model, b).detach()))
-        queries = [task.to_device(b, dev) for _, b in iter_batches(query_data, 1)]
+        # One query per measurement, whatever batch size a DataLoader of queries has.
+        queries = [
+            task.to_device(take(query_data, [q]), dev) for q in range(num_examples(query_data))
+        ]
 
     def call(params, batch):
         return functional_call(wrapper, {f"model.{k}": v for k, v in params.items()}, (batch,))
@@ -280,6 +283,7 @@ class _Bound:
 
     def __init__(self, wrapper: _TaskOutputs, params: dict[str, torch.Tensor]):
         self.wrapper, self.params = wrapper, params
+        self.forward = wrapper.model.forward  # its signature says which batch keys to pass
 
     def __call__(self, *args, **kwargs):
         # task.outputs(model, batch) calls model(x) or model(**kwargs): forward them as is.

@@ -7,7 +7,9 @@ so that the gradient of an example's summand is that example's gradient alone.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +42,59 @@ def _sample_categorical(logits: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     cdf = torch.softmax(logits.detach().double(), dim=-1).cumsum(-1)
     idx = torch.searchsorted(cdf, u.to(cdf.device).unsqueeze(-1).contiguous())
     return idx.squeeze(-1).clamp_(max=logits.shape[-1] - 1)
+
+
+def _forward_parameters(model: nn.Module) -> tuple[set[str], bool]:
+    """Named parameters of `model.forward`, and whether it takes **kwargs."""
+    params = inspect.signature(getattr(model, "forward", model)).parameters.values()
+    named = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    return named, any(p.kind is p.VAR_KEYWORD for p in params)
+
+
+def model_inputs(model: nn.Module, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """The tensors of a dict batch that `model.forward` takes by name (all but `labels`).
+
+    Every input the batch carries is forwarded (`input_ids`, `attention_mask`,
+    `token_type_ids`, `position_ids`, `decoder_input_ids`, ...); `labels` never is, since the
+    task computes the loss itself. A forward with `**kwargs` also receives `attention_mask`,
+    and one with only `**kwargs` every tensor.
+    """
+    named, var_kw = _forward_parameters(model)
+    if var_kw:
+        # forward(input_ids, **kwargs) wrappers still get the attention mask (as they always
+        # did); a forward of only **kwargs gets every tensor.
+        named = named | {"attention_mask"} if named else None
+    return {
+        k: v
+        for k, v in batch.items()
+        if k != "labels" and torch.is_tensor(v) and (named is None or k in named)
+    }
+
+
+def _logits(out: Any) -> torch.Tensor:
+    if torch.is_tensor(out):
+        return out
+    logits = getattr(out, "logits", None)
+    if logits is None and isinstance(out, Mapping):
+        logits = out.get("logits")
+    if logits is None and isinstance(out, tuple) and out and torch.is_tensor(out[0]):
+        logits = out[0]
+    if logits is None:
+        raise TypeError(
+            f"the model returned a {type(out).__name__} without `logits`: the task needs the "
+            "model's logits as a tensor (or an output with a `.logits` field)"
+        )
+    return logits
+
+
+def _batch_size_of(batch: Mapping[str, Any]) -> int:
+    for key in ("labels", "input_ids", "inputs_embeds"):
+        if torch.is_tensor(batch.get(key)):
+            return int(batch[key].shape[0])
+    for v in batch.values():
+        if torch.is_tensor(v):
+            return int(v.shape[0])
+    raise TypeError("the dict batch holds no tensors")
 
 
 class Task:
@@ -130,30 +185,56 @@ class Task:
 
 
 class _TupleTask(Task):
-    """Batches are `(x, y)`; the model maps x to outputs of shape [B, ...]."""
+    """Batches are `(x, y)`, the model mapping x to outputs [B, ...]; or Hugging Face dict
+    batches with `labels` and the model's inputs (`input_ids`, `attention_mask`,
+    `token_type_ids`, ...), the model returning outputs or an object with `.logits`."""
 
     def batch_size(self, batch):
+        if isinstance(batch, Mapping):
+            return _batch_size_of(batch)
         return int(batch[0].shape[0])
 
     def to_device(self, batch, device):
+        if isinstance(batch, Mapping):
+            return {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
         return tuple(t.to(device) for t in batch)
 
+    def token_mask(self, batch):
+        # One output per example: no per-token structure to mask (padding positions' inputs
+        # are counted like real ones in K-FAC's input covariance).
+        return None
+
     def check_batch(self, batch):
-        if isinstance(batch, Mapping) or not isinstance(batch, Sequence) or len(batch) != 2:
+        if isinstance(batch, Mapping):
+            if not torch.is_tensor(batch.get("labels")):
+                raise TypeError(
+                    f"{type(self).__name__} got a dict batch without a 'labels' tensor (keys "
+                    f"{sorted(batch)[:8]}): add the labels, one per example"
+                )
+            return
+        if not isinstance(batch, Sequence) or len(batch) != 2:
             raise TypeError(
-                f"{type(self).__name__} expects batches (x, y); got {type(batch).__name__}. Use "
-                "LanguageModelingTask for dict batches with input_ids."
+                f"{type(self).__name__} expects batches (x, y) or dicts with 'labels'; got "
+                f"{type(batch).__name__}. Use LanguageModelingTask for causal language models."
             )
 
     def outputs(self, model, batch):
-        return model(batch[0])
+        if isinstance(batch, Mapping):
+            return _logits(model(**model_inputs(model, batch)))
+        return _logits(model(batch[0]))
 
     def targets(self, batch):
-        return batch[1]
+        return batch["labels"] if isinstance(batch, Mapping) else batch[1]
 
 
 class ClassificationTask(_TupleTask):
-    """Softmax classification with summed cross-entropy. Batches: (x, y) with integer y."""
+    """Softmax classification with summed cross-entropy.
+
+    Batches: `(x, y)` with integer y, or dicts with integer `labels` [B] and the model's inputs
+    (Hugging Face `*ForSequenceClassification`: `input_ids`, `attention_mask`,
+    `token_type_ids`, ...). The query measurement is −log p(label | input), summed: a positive
+    score means the training example raises the log-probability of the query's label.
+    """
 
     kind = "classification"
 
@@ -202,16 +283,30 @@ class RegressionTask(_TupleTask):
         return 0.5 * (outputs - reference).pow(2).sum()
 
 
+class SequenceClassificationTask(ClassificationTask):
+    """`ClassificationTask` for Hugging Face `*ForSequenceClassification` models.
+
+    Dict batches with the model's inputs and integer `labels` [B]; the loss is the summed
+    cross-entropy, the query measurement −log p(label | text): a positive score means the
+    training example raises the log-probability of the query's label.
+    """
+
+    kind = "sequence_classification"
+
+
 class LanguageModelingTask(Task):
     """Causal language modelling, Hugging Face conventions.
 
     Batches are dicts with `input_ids`, optional `attention_mask` and optional `labels`
-    (−100 = not counted; default: every real token). Position t's logits predict label t+1.
-    The loss is summed over counted tokens; the measurement is the same sum on the query's
-    labels, i.e. −log p(completion | prompt) when the prompt is masked.
+    (−100 = not counted; default: every real token), plus any other input of the model's
+    forward (`token_type_ids`, `position_ids`, ...), all forwarded. Position t's logits predict
+    label t+1. The loss is summed over counted tokens; the measurement is the same sum on the
+    query's labels, i.e. −log p(completion | prompt) when the prompt is masked.
     """
 
     kind = "language_modeling"
+    # Logits at position t predict the label at t + shift (1 for causal LMs, 0 for seq2seq).
+    shift = 1
 
     def batch_size(self, batch):
         return int(batch["input_ids"].shape[0])
@@ -222,7 +317,7 @@ class LanguageModelingTask(Task):
     def check_batch(self, batch):
         if not isinstance(batch, Mapping) or "input_ids" not in batch:
             raise TypeError(
-                "LanguageModelingTask expects dict batches with 'input_ids' (and optionally "
+                f"{type(self).__name__} expects dict batches with 'input_ids' (and optionally "
                 f"'attention_mask', 'labels'); got {type(batch).__name__}"
             )
 
@@ -233,11 +328,7 @@ class LanguageModelingTask(Task):
         return mask.bool()
 
     def outputs(self, model, batch):
-        kwargs = {"input_ids": batch["input_ids"]}
-        if batch.get("attention_mask") is not None:
-            kwargs["attention_mask"] = batch["attention_mask"]
-        out = model(**kwargs)
-        return out if torch.is_tensor(out) else out.logits
+        return _logits(model(**model_inputs(model, batch)))
 
     def targets(self, batch):
         labels = batch.get("labels")
@@ -245,9 +336,10 @@ class LanguageModelingTask(Task):
             labels = batch["input_ids"].masked_fill(~self.token_mask(batch), IGNORE_INDEX)
         return labels
 
-    @staticmethod
-    def _shift(outputs, targets):
-        return outputs[:, :-1], targets[:, 1:]
+    def _shift(self, outputs, targets):
+        """(logits, labels) aligned: logits[:, t] scores labels[:, t]."""
+        s = self.shift
+        return outputs[:, : outputs.shape[1] - s], targets[:, s:]
 
     def loss_from_outputs(self, outputs, batch, targets):
         logits, tgt = self._shift(outputs, targets)
@@ -260,22 +352,71 @@ class LanguageModelingTask(Task):
 
     def sample_targets(self, outputs, batch, indices, seed):
         true = self.targets(batch)
+        s = self.shift
         u = _uniforms(indices, seed, true.shape[1])
         drawn = torch.full_like(true, IGNORE_INDEX)
-        drawn[:, 1:] = _sample_categorical(outputs[:, :-1], u[:, 1:])
+        drawn[:, s:] = _sample_categorical(outputs[:, : outputs.shape[1] - s], u[:, s:])
         return torch.where(true == IGNORE_INDEX, true, drawn)
 
     def _counted(self, batch):
-        return (self.targets(batch)[:, 1:] != IGNORE_INDEX).unsqueeze(-1)
+        return (self.targets(batch)[:, self.shift :] != IGNORE_INDEX).unsqueeze(-1)
 
     def output_hvp(self, outputs, batch, vector):
-        logits, v = outputs[:, :-1], vector[:, :-1]
+        t = outputs.shape[1] - self.shift
+        logits, v = outputs[:, :t], vector[:, :t]
         p = torch.softmax(logits, dim=-1)
         hv = (p * v - p * (p * v).sum(-1, keepdim=True)) * self._counted(batch)
-        return torch.cat([hv, torch.zeros_like(vector[:, -1:])], dim=1)
+        return torch.cat([hv, torch.zeros_like(vector[:, t:])], dim=1)
 
     def bregman(self, outputs, reference, batch):
-        logq = F.log_softmax(outputs[:, :-1], -1)
-        logp = F.log_softmax(reference[:, :-1], -1)
+        t = outputs.shape[1] - self.shift
+        logq = F.log_softmax(outputs[:, :t], -1)
+        logp = F.log_softmax(reference[:, :t], -1)
         kl = (logp.exp() * (logp - logq)).sum(-1, keepdim=True)
         return (kl * self._counted(batch)).sum()
+
+
+class Seq2SeqLMTask(LanguageModelingTask):
+    """Sequence-to-sequence language modelling (T5, BART, ...), Hugging Face conventions.
+
+    Batches are dicts with the source `input_ids`, optional `attention_mask`, the target
+    `labels` [B, T'] (−100 = not counted) and optionally `decoder_input_ids` /
+    `decoder_attention_mask`; without `decoder_input_ids` the model's own
+    `prepare_decoder_input_ids_from_labels` shifts the labels right (as in training). Decoder
+    position t's logits score label t. The loss and the query measurement are
+    −log p(target | source), summed over the counted target tokens.
+    """
+
+    kind = "seq2seq_language_modeling"
+    shift = 0
+
+    def check_batch(self, batch):
+        super().check_batch(batch)
+        if not torch.is_tensor(batch.get("labels")):
+            raise TypeError(
+                "Seq2SeqLMTask needs the target tokens as 'labels' in each batch (−100 for "
+                f"positions that do not count); got keys {sorted(batch)[:8]}"
+            )
+
+    def token_mask(self, batch):
+        # Encoder and decoder layers see sequences of different lengths: no single mask.
+        return None
+
+    def targets(self, batch):
+        return batch["labels"]
+
+    def outputs(self, model, batch):
+        inputs = model_inputs(model, batch)
+        if "decoder_input_ids" not in inputs and "decoder_inputs_embeds" not in inputs:
+            # Stand-ins for the model (torch.func wrappers) expose its bound `forward`.
+            owner = getattr(getattr(model, "forward", None), "__self__", model)
+            prepare = getattr(model, "prepare_decoder_input_ids_from_labels", None) or getattr(
+                owner, "prepare_decoder_input_ids_from_labels", None
+            )
+            if prepare is None:
+                raise TypeError(
+                    f"{type(model).__name__} has no prepare_decoder_input_ids_from_labels: put "
+                    "'decoder_input_ids' (the labels shifted right) in each batch"
+                )
+            inputs["decoder_input_ids"] = prepare(labels=batch["labels"])
+        return _logits(model(**inputs))

@@ -79,7 +79,8 @@ def test_query_and_training_data_of_different_kinds():
         inf.pairwise_scores(model, task, est, classification_data(3), data, progress=False)
     mlp, ctask = tiny_mlp(), inf.ClassificationTask()
     est = fitted(inf.Identity, mlp, ctask, classification_data(5))
-    with pytest.raises(TypeError, match=r"expects batches \(x, y\)"):
+    # ClassificationTask also takes dict batches with labels: the kinds must still agree.
+    with pytest.raises(TypeError, match=r"different kinds \(tuple vs dict"):
         inf.pairwise_scores(mlp, ctask, est, classification_data(3), data, progress=False)
 
 

@@ -90,3 +90,28 @@ def test_lds_bad_arguments():
         draw_subsets(10, alpha=1.5)
     with pytest.raises(ValueError, match="measurements"):
         lds(np.zeros((2, 10)), draw_subsets(10, 5), np.zeros((5, 3)))
+
+
+def test_spearman_matches_scipy_with_ties():
+    scipy_stats = pytest.importorskip("scipy.stats")
+    from influence.lds import spearman
+
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        a = rng.integers(0, 5, 12).astype(float)  # many ties
+        b = a + rng.integers(0, 3, 12)
+        assert spearman(a, b) == pytest.approx(scipy_stats.spearmanr(a, b).statistic, abs=1e-12)
+
+
+def test_core_imports_neither_the_study_nor_scipy():
+    """`import influence` (and influence.lds) loads no module of influence.study, nor scipy,
+    which only the study's extra installs."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, influence, influence.lds, influence.tables; "
+        "bad = [m for m in sys.modules if m.startswith(('influence.study', 'scipy'))]; "
+        "assert not bad, bad"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -23,3 +23,32 @@ def test_readme_example_runs(capsys):
     top = scores.topk(5, dim=1).indices
     assert 0 in top[0] and 1 in top[1]
     assert "tensor(" in capsys.readouterr().out
+
+
+def _block(marker: str) -> str:
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+    found = [b for b in blocks if marker in b]
+    assert len(found) == 1, f"README should have one example using {marker}"
+    return found[0]
+
+
+def test_readme_classifier_example_runs(capsys):
+    scope: dict = {}
+    exec(compile(_block("SequenceClassificationTask"), "README.md", "exec"), scope)  # noqa: S102
+    scores, table = scope["scores"], scope["table"]
+    assert scores.shape == (2, 32) and torch.isfinite(scores).all()
+    # Each query is a training text: its own copy is the most helpful training example.
+    assert scores.argmax(dim=1).tolist() == [0, 1]
+    assert table["train"].tolist()[::3] == [0, 1] and table["rank"].tolist() == [1, 2, 3] * 2
+    assert table["per_copy_score"].tolist() == [v / 32 for v in table["score"].tolist()]
+    assert table["train_text"].tolist()[0] == "text 0"
+    assert "per_copy_score" in capsys.readouterr().out
+
+
+def test_readme_seq2seq_example_runs(capsys):
+    scope: dict = {}
+    exec(compile(_block("Seq2SeqLMTask"), "README.md", "exec"), scope)  # noqa: S102
+    scores = scope["scores"]
+    assert scores.shape == (2, 32) and torch.isfinite(scores).all()
+    assert scores.argmax(dim=1).tolist() == [0, 1]
+    assert "tensor(" in capsys.readouterr().out

@@ -25,6 +25,7 @@ from influence.cg import CG
 from influence.lds import draw_subsets, lds, retrain_measurements
 from influence.lissa import LiSSA
 from influence.pbrf import pbrf_scores
+from influence.study.cache import artifacts_root
 
 ESTIMATORS = ("identity", "diagonal", "kfac", "ekfac", "lissa")
 LABELS = {
@@ -401,7 +402,13 @@ def run_mlp_setting(
             "version": 1,
         }
         meas = retrain_measurements(
-            train_fn, measure_fn, masks, cache=key, num_examples=n, progress=progress
+            train_fn,
+            measure_fn,
+            masks,
+            cache=key,
+            cache_dir=artifacts_root(),
+            num_examples=n,
+            progress=progress,
         )
         for est, s in res.scores.items():
             res.lds_per_query[est] = lds(s, masks, meas, per_query=True)

@@ -1,0 +1,171 @@
+"""Scores as tables, and (prompt, completion) queries built from a tokenizer.
+
+`top_influences` turns a [Q, N] score matrix into a pandas DataFrame of the k most (or least)
+influential training examples per query, with the datasets' text and label columns beside
+them; `prompt_completion_queries` tokenizes (prompt, completion) pairs into query batches whose
+measurement is −log p(completion | prompt) (the prompt's labels are −100).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from .tasks import IGNORE_INDEX
+
+# Columns shown by default: those whose values are text or a single label.
+DEFAULT_COLUMNS = ("text", "prompt", "completion", "label", "labels", "source", "target")
+
+
+def _column(data: Any, name: str, index: int) -> Any:
+    """Value of column `name` of example `index` of `data`, or a KeyError."""
+    if hasattr(data, "column_names") and hasattr(data, "select"):  # Hugging Face datasets
+        if name not in data.column_names:
+            raise KeyError(name)
+        value = data.with_format(None)[int(index)][name]
+    elif hasattr(data, "iloc") and hasattr(data, "columns"):  # pandas
+        value = data.iloc[int(index)][name]
+    elif isinstance(data, Mapping):
+        value = data[name][int(index)]
+    elif isinstance(data, Sequence) and not isinstance(data, str):
+        row = data[int(index)]
+        value = row[name] if isinstance(row, Mapping) else row
+    else:
+        raise KeyError(name)
+    if torch.is_tensor(value):
+        value = value.item() if value.numel() == 1 else value.tolist()
+    return value
+
+
+def _columns_of(data: Any, wanted: Sequence[str] | None) -> list[str]:
+    if data is None:
+        return []
+    if wanted is not None:
+        return list(wanted)
+    if hasattr(data, "column_names"):
+        names = list(data.column_names)
+    elif hasattr(data, "columns"):
+        names = list(data.columns)
+    elif isinstance(data, Mapping):
+        names = list(data)
+    elif isinstance(data, Sequence) and data and isinstance(data[0], Mapping):
+        names = list(data[0])
+    elif isinstance(data, Sequence) and data and isinstance(data[0], str):
+        return [""]  # a plain list of texts
+    else:
+        names = []
+    return [n for n in names if n in DEFAULT_COLUMNS]
+
+
+def top_influences(
+    scores: torch.Tensor,
+    k: int = 10,
+    *,
+    train_data: Any = None,
+    query_data: Any = None,
+    columns: Sequence[str] | None = None,
+    query_columns: Sequence[str] | None = None,
+    largest: bool = True,
+    num_train: int | None = None,
+):
+    """The top-`k` training examples per query as a pandas DataFrame, one row per pair.
+
+    Columns: `query` (query index), `rank` (1 = most influential), `train` (training index),
+    `score`, `per_copy_score` (score / N, the change in the query's log-probability from one
+    more copy of the training example, see docs/MATH.md), then `train_<col>` for each of
+    `columns` of `train_data` and `query_<col>` for each of `query_columns` of `query_data`
+    (default: the columns named text, prompt, completion, label(s), source, target; a plain
+    list of texts gives `train_text` / `query_text`). `largest=False` lists the most negative
+    (most harmful) scores instead. `num_train` is N when `scores` covers a subset of the data.
+
+    Data may be a Hugging Face `datasets.Dataset`, a pandas DataFrame, a dict of columns, a
+    list of dicts, or a list of texts.
+    """
+    import pandas as pd
+
+    s = torch.as_tensor(scores).detach().double().cpu()
+    if s.dim() != 2:
+        raise ValueError(f"scores must be a [queries, train] matrix, got shape {list(s.shape)}")
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"k must be a positive integer, got {k!r}")
+    n = s.shape[1] if num_train is None else int(num_train)
+    if n < s.shape[1]:
+        raise ValueError(f"num_train={num_train} is below the {s.shape[1]} scored examples")
+    k = min(k, s.shape[1])
+    values, idx = s.topk(k, dim=1, largest=largest)
+    train_cols = _columns_of(train_data, columns)
+    query_cols = _columns_of(query_data, query_columns)
+    rows = []
+    for q in range(s.shape[0]):
+        for r in range(k):
+            m = int(idx[q, r])
+            row = {
+                "query": q,
+                "rank": r + 1,
+                "train": m,
+                "score": float(values[q, r]),
+                "per_copy_score": float(values[q, r]) / n,
+            }
+            for prefix, data, cols, i in (
+                ("train", train_data, train_cols, m),
+                ("query", query_data, query_cols, q),
+            ):
+                for c in cols:
+                    try:
+                        row[f"{prefix}_{c or 'text'}"] = _column(data, c, i)
+                    except (KeyError, IndexError) as e:
+                        arg = "columns" if prefix == "train" else "query_columns"
+                        raise KeyError(
+                            f"{prefix}_data has no column {c!r} (or no example {i}): pass the "
+                            f"names of existing columns as `{arg}=`"
+                        ) from e
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def prompt_completion_queries(
+    tokenizer: Any,
+    pairs: Sequence[tuple[str, str]],
+    *,
+    add_special_tokens: bool = True,
+    pad_token_id: int | None = None,
+) -> dict[str, torch.Tensor]:
+    """Query batch from (prompt, completion) pairs: the prompt's tokens are labelled −100, so
+    the measurement of `LanguageModelingTask` is −log p(completion | prompt).
+
+    The prompt is tokenized with the tokenizer's special tokens (`add_special_tokens`), the
+    completion on its own without them (so the prompt's tokens are exactly the prompt's;
+    give the completion its leading space, e.g. (" Paris")). Rows are right-padded with
+    `pad_token_id` (default: the tokenizer's pad, else its eos, else 0) and masked out.
+    Returns a dict of tensors `input_ids`, `attention_mask`, `labels`.
+    """
+    if isinstance(pairs, tuple) and len(pairs) == 2 and isinstance(pairs[0], str):
+        pairs = [pairs]
+    if not pairs:
+        raise ValueError("pairs is empty: give a list of (prompt, completion) strings")
+    rows = []
+    for i, pair in enumerate(pairs):
+        if len(pair) != 2 or not all(isinstance(x, str) for x in pair):
+            raise TypeError(f"pairs[{i}] must be a (prompt, completion) pair of strings")
+        prompt, completion = pair
+        p = list(tokenizer(prompt, add_special_tokens=add_special_tokens)["input_ids"])
+        c = list(tokenizer(completion, add_special_tokens=False)["input_ids"])
+        if not c:
+            raise ValueError(f"pairs[{i}]: the completion {completion!r} has no tokens")
+        rows.append((p + c, [IGNORE_INDEX] * len(p) + c))
+    if pad_token_id is None:
+        pad_token_id = getattr(tokenizer, "pad_token_id", None)
+        if pad_token_id is None:
+            pad_token_id = getattr(tokenizer, "eos_token_id", None)
+        pad_token_id = 0 if pad_token_id is None else pad_token_id
+    width = max(len(ids) for ids, _ in rows)
+    ids = torch.full((len(rows), width), int(pad_token_id), dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, (x, y) in enumerate(rows):
+        ids[i, : len(x)] = torch.tensor(x)
+        labels[i, : len(y)] = torch.tensor(y)
+        mask[i, : len(x)] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
