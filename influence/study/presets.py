@@ -1,7 +1,7 @@
 """The study's presets, defined once. Notebooks and pipeline read them through `resolve`.
 
 `smoke`: every notebook end to end in about two minutes on a 2-core CPU (the tests use it).
-`default`: the whole study in at most 45 minutes on a 2-core CPU; its reports are committed.
+`default`: the whole study in at most 60 minutes on a 2-core CPU; its reports are committed.
 `large`: bigger corpus and models, for a GPU or a long night.
 
 Each section belongs to one component (corpus, suite) or one notebook (named like the
