@@ -168,7 +168,8 @@ def top_overlap(a: torch.Tensor, b: torch.Tensor, k: int) -> np.ndarray:
     """Per row, |top-k of a ∩ top-k of b| / k."""
     ta = torch.topk(a.double(), k, dim=1).indices
     tb = torch.topk(b.double(), k, dim=1).indices
-    return np.array([len(set(x.tolist()) & set(y.tolist())) / k for x, y in zip(ta, tb)])
+    pairs = zip(ta.tolist(), tb.tolist(), strict=True)
+    return np.array([len(set(x) & set(y)) / k for x, y in pairs])
 
 
 def agreement(approx: torch.Tensor, exact: torch.Tensor, top: int = 10) -> pd.DataFrame:
