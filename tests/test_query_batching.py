@@ -102,3 +102,17 @@ def test_candidate_sizes_and_recall_curve():
     assert curve["shares tokens"].tolist() == [1.0, 1.0, 1.0]
     assert curve["no shared token"].tolist() == [0.0, 0.0, 1.0]
     assert np.allclose(curve["fraction"], [1 / 6, 5 / 6, 1.0])
+
+
+def test_low_rank_of_rank_deficient_float32_queries():
+    # A query whose completion has 2 tokens has layer gradients of rank <= 2; asked for rank
+    # 16, the range finder of a float32 matrix used to fail its Cholesky (found by notebook 08).
+    from influence.lowrank import low_rank
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(3, 64, 2, generator=g) @ torch.randn(3, 2, 48, generator=g)
+    lr = low_rank(a.float(), 16)
+    assert lr.u.dtype == torch.float32 and lr.u.shape == (3, 64, 16)
+    # Rank 2 kept whole: the truncation reproduces the matrix to float32 rounding.
+    torch.testing.assert_close(lr.dense(), a.float(), rtol=0, atol=1e-4 * a.abs().max().item())
+    assert (lr.s[:, 2:] < 1e-4 * lr.s[:, :1]).all()

@@ -115,6 +115,11 @@ def rank_sweep(
     layers = task.tracked_modules(model)
     dense: dict[int | None, dict[str, torch.Tensor]] = {}
     rows = []
+    # One untimed call first, so that the first rank's time does not include one-off costs
+    # (allocator growth, lazy initialisation of the linear-algebra kernels).
+    inf.preconditioned_queries(
+        model, task, estimator, queries, rank=ranks[0], batch_size=batch_size, device=dev
+    )
     for r in ranks:
 
         def query_side(r=r):
