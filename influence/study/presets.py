@@ -323,6 +323,73 @@ SECTIONS: dict[str, dict[str, dict[str, Any]]] = {
             "threads": None,
         },
     },
+    # Owned by influence/study/influence_scores.py (issue 10): the scores every notebook from
+    # 02 on reads. sizes/query_sets None = all of the suite's / corpus's; max_queries caps the
+    # large sets (drawn without replacement with sample_seed).
+    "influence_scores": {
+        "smoke": {
+            "sizes": None,
+            "query_sets": None,
+            "max_queries": {"facts": 8, "paraphrase": 8, "cross_lingual": 6},
+            "sample_seed": 0,
+            "modules": "mlp",
+            "damping": "auto",
+            "fit_seed": 0,
+            "batch_size": 32,
+            "dtype": "float32",
+        },
+        "default": {
+            "sizes": None,
+            "query_sets": None,
+            "max_queries": {"facts": 64, "paraphrase": 64, "cross_lingual": 48},
+            "sample_seed": 0,
+            "modules": "mlp",
+            "damping": "auto",
+            "fit_seed": 0,
+            "batch_size": 32,
+            "dtype": "float32",
+        },
+        "large": {
+            "sizes": None,
+            "query_sets": None,
+            "max_queries": {"facts": 256, "paraphrase": 256, "cross_lingual": 128},
+            "sample_seed": 0,
+            "modules": "mlp",
+            "damping": "auto",
+            "fit_seed": 0,
+            "batch_size": 32,
+            "dtype": "float32",
+        },
+    },
+    # Owned by notebooks/02_sparsity_and_tails (issue 10). tail_share: the top share of each
+    # query's positive per-copy scores among which powerlaw's KS search picks x_min;
+    # bootstrap: synthetic data sets per goodness-of-fit p-value (Clauset et al. 2009).
+    "02_sparsity_and_tails": {
+        "smoke": {
+            "tail_share": 0.2,
+            "min_tail": 10,
+            "bootstrap": 5,
+            "bootstrap_queries": 8,
+            "top_k": 5,
+            "ccdf_queries": 2,
+        },
+        "default": {
+            "tail_share": 0.1,
+            "min_tail": 20,
+            "bootstrap": 50,
+            "bootstrap_queries": 8,
+            "top_k": 10,
+            "ccdf_queries": 3,
+        },
+        "large": {
+            "tail_share": 0.1,
+            "min_tail": 20,
+            "bootstrap": 100,
+            "bootstrap_queries": 16,
+            "top_k": 10,
+            "ccdf_queries": 3,
+        },
+    },
 }
 
 

@@ -1,0 +1,330 @@
+"""The study's influence scores: every query set against every training sequence, per model.
+
+    scores = study_scores(suite, "default")            # fits / loads every model of the suite
+    scores.scores("l", "facts")                        # tensor [Q, N], −log p(completion|prompt)
+    scores.by_layer("l", "facts")                      # {layer: [Q, N]}, summing to the total
+    scores.per_copy("l", "facts")                      # score / N: nats per added copy
+    scores.queries("facts")                            # the (sampled) query rows, pandas
+    scores.top_k("l", "facts", k=10)                   # top-k training sequences per query
+
+For each model of the suite (at the stage's `sizes`): EK-FAC fitted on the whole training
+corpus with labels sampled from the model (MLP layers tracked, damping 0.1 × mean eigenvalue per
+layer: the paper's choices), then pairwise scores of every query set against every training
+sequence, total and per tracked layer. The query measurement is −log p(completion | prompt)
+(`docs/MATH.md`), so a positive score means the sequence helps the model produce the
+completion; score / N is the predicted change in log p(completion) in nats when one copy of the
+sequence is added to the N training sequences (the "per copy" value compared with the paper).
+
+Cached per model under `artifacts/influence_scores/<hash>/`, keyed by the model (its own cache
+key), the corpus sha256, the estimator settings and the selected queries; written atomically
+(`cache.building`). `manifest.json` records every file's size and sha256; an entry whose files
+are missing or do not match is deleted and rebuilt, never used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+import influence as inf
+from influence.io import load_scores, save_scores
+
+from . import cache
+from .corpus import QUERY_SETS
+from .presets import resolve
+from .suite import Suite, query_dataset, train_dataset
+
+SCORES_VERSION = 1
+SECTION = "influence_scores"
+LABEL_COLUMNS = (
+    "kind",
+    "fact_id",
+    "relation",
+    "template_id",
+    "language",
+    "group",
+    "order",
+    "category",
+    "topic",
+    "subject",
+    "object",
+)
+_FILES = ("scores.safetensors", "ekfac.safetensors")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def check_names(kind: str, names: Sequence[str], valid: Sequence[str]) -> None:
+    """Fail at once, listing the valid names, if any of `names` is not one of `valid`."""
+    unknown = [n for n in names if n not in valid]
+    if unknown:
+        raise ValueError(f"unknown {kind} {unknown}; valid {kind}s: {', '.join(valid)}")
+
+
+def select_queries(suite: Suite, cfg: dict) -> dict[str, list[int]]:
+    """Row indices of the queries scored per set: all of them, or `max_queries[set]` drawn
+    without replacement with a fixed seed (sorted, so the order follows the corpus)."""
+    out = {}
+    for i, name in enumerate(cfg["query_sets"]):
+        n = len(suite.corpus.queries[name])
+        cap = (cfg.get("max_queries") or {}).get(name)
+        if cap is None or cap >= n:
+            out[name] = list(range(n))
+        else:
+            rng = np.random.default_rng([cfg["sample_seed"], i])
+            out[name] = sorted(int(j) for j in rng.choice(n, size=cap, replace=False))
+    return out
+
+
+def stage_config(suite: Suite, preset: str, **overrides: Any) -> dict:
+    """The stage's parameters at `preset`, checked against the suite and the corpus."""
+    cfg = resolve(SECTION, preset, **overrides)
+    valid_sizes = suite.names()
+    cfg["sizes"] = list(cfg["sizes"] or valid_sizes)
+    check_names("model size", cfg["sizes"], valid_sizes)
+    cfg["query_sets"] = list(cfg["query_sets"] or QUERY_SETS)
+    check_names("query set", cfg["query_sets"], QUERY_SETS)
+    check_names("query set", list(cfg.get("max_queries") or {}), QUERY_SETS)
+    if cfg["dtype"] not in ("float32", "float64"):
+        raise ValueError(f"dtype must be 'float32' or 'float64', got {cfg['dtype']!r}")
+    return cfg
+
+
+def entry_key(suite: Suite, name: str, cfg: dict, selected: dict[str, list[int]]) -> dict:
+    return {
+        "model": suite.paths[name].name if name in suite.paths else name,
+        "corpus": suite.corpus.sha256,
+        "seq_len": suite.seq_len,
+        "estimator": {
+            "name": "EKFAC",
+            "modules": cfg["modules"],
+            "damping": cfg["damping"],
+            "fit_seed": cfg["fit_seed"],
+            "dtype": cfg["dtype"],
+        },
+        "queries": selected,
+        "version": SCORES_VERSION,
+    }
+
+
+def _valid(path: Path) -> bool:
+    """A complete entry whose every file matches the size and sha256 in its manifest."""
+    if not cache.is_complete(path) or not (path / "manifest.json").is_file():
+        return False
+    try:
+        manifest = json.loads((path / "manifest.json").read_text())
+        for fname, rec in manifest["files"].items():
+            f = path / fname
+            if not f.is_file() or f.stat().st_size != rec["size"] or _sha256(f) != rec["sha256"]:
+                return False
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return True
+
+
+def _build(suite, name, cfg, selected, entry, progress) -> None:
+    dtype = getattr(torch, cfg["dtype"])
+    model = suite.models[name].to(dtype).eval()
+    task = inf.LanguageModelingTask(modules=cfg["modules"])
+    train = train_dataset(suite, suite.corpus)
+    rows: dict[str, list] = {"prompt": [], "completion": []}
+    offsets = {}
+    for qs, idx in selected.items():
+        q = suite.corpus.queries[qs].select(idx)
+        offsets[qs] = [len(rows["prompt"]), len(rows["prompt"]) + len(idx)]
+        rows["prompt"] += q["prompt"]
+        rows["completion"] += q["completion"]
+    # One query dataset for every set: one pass over the training data per model.
+    queries = query_dataset(suite.tokenizer, rows)
+    t0 = time.perf_counter()
+    est = inf.EKFAC(damping=cfg["damping"]).fit(
+        model, task, train, batch_size=cfg["batch_size"], progress=progress, seed=cfg["fit_seed"]
+    )
+    fit_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    layers = inf.pairwise_scores(
+        model,
+        task,
+        est,
+        queries,
+        train,
+        by_layer=True,
+        batch_size=cfg["batch_size"],
+        progress=progress,
+    )
+    score_s = time.perf_counter() - t0
+    suite.models[name].float()  # leave the suite's model as the suite made it
+    total = sum(layers.values())  # block-diagonal: the total is the sum over layers
+    tensors = {}
+    for qs, (a, b) in offsets.items():
+        tensors[f"{qs}/total"] = total[a:b].contiguous()
+        for layer, s in layers.items():
+            tensors[f"{qs}/layer/{layer}"] = s[a:b].contiguous()
+    with cache.building(entry) as tmp:
+        save_scores(tmp / "scores.safetensors", tensors, model=name)
+        est.save(tmp / "ekfac.safetensors")
+        manifest = {
+            "key": entry_key(suite, name, cfg, selected),
+            "model": name,
+            "n_train": len(train),
+            "layers": list(layers),
+            "fit_seconds": fit_s,
+            "score_seconds": score_s,
+            "files": {
+                f: {"size": (tmp / f).stat().st_size, "sha256": _sha256(tmp / f)} for f in _FILES
+            },
+        }
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
+
+
+@dataclass
+class StudyScores:
+    """Scores of the stage's query sets against every training sequence, for each model."""
+
+    suite: Suite
+    config: dict
+    selected: dict[str, list[int]]
+    n_train: int
+    layers: dict[str, list[str]]
+    paths: dict[str, Path]
+    timings: pd.DataFrame
+    _tensors: dict[str, dict[str, torch.Tensor]] = field(repr=False)
+
+    @property
+    def models(self) -> list[str]:
+        return list(self.config["sizes"])
+
+    @property
+    def query_sets(self) -> list[str]:
+        return list(self.config["query_sets"])
+
+    def _check(self, model: str, query_set: str) -> None:
+        check_names("model size", [model], self.models)
+        check_names("query set", [query_set], self.query_sets)
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        """Per query set: queries scored and queries in the corpus."""
+        return {
+            qs: {"scored": len(idx), "available": len(self.suite.corpus.queries[qs])}
+            for qs, idx in self.selected.items()
+        }
+
+    def scores(self, model: str, query_set: str, layers: Sequence[str] | None = None):
+        """[Q, N] total scores, or the sum over `layers` only (names from `self.layers`)."""
+        self._check(model, query_set)
+        t = self._tensors[model]
+        if layers is None:
+            return t[f"{query_set}/total"]
+        check_names("layer", list(layers), self.layers[model])
+        return sum(t[f"{query_set}/layer/{n}"] for n in layers)
+
+    def by_layer(self, model: str, query_set: str) -> dict[str, torch.Tensor]:
+        """{layer: [Q, N]} in model order; the values sum to `scores(model, query_set)`."""
+        self._check(model, query_set)
+        t = self._tensors[model]
+        return {n: t[f"{query_set}/layer/{n}"] for n in self.layers[model]}
+
+    def per_copy(self, model: str, query_set: str, layers: Sequence[str] | None = None):
+        """score / N: predicted change of log p(completion) in nats per added copy."""
+        return self.scores(model, query_set, layers) / self.n_train
+
+    def queries(self, query_set: str) -> pd.DataFrame:
+        """The scored query rows (index `query` = row of the score tensors, `row` = corpus row)."""
+        check_names("query set", [query_set], self.query_sets)
+        df = self.suite.corpus.queries[query_set].select(self.selected[query_set]).to_pandas()
+        df.insert(0, "row", self.selected[query_set])
+        df.index.name = "query"
+        return df
+
+    def train_frame(self) -> pd.DataFrame:
+        cols = ["id", "text", *LABEL_COLUMNS]
+        return self.suite.corpus.train.select_columns(cols).to_pandas()
+
+    def top_k(
+        self, model: str, query_set: str, k: int = 10, layers: Sequence[str] | None = None
+    ) -> pd.DataFrame:
+        """The k most positively influential training sequences per query (torch.topk order),
+        one row each: query, rank (1 = largest), train_id, score, per_copy, related (the
+        sequence expresses the query's fact/topic/operation/function/saying), the sequence's
+        text and every label column of the corpus, and the query's prompt and completion."""
+        s = self.scores(model, query_set, layers)
+        if not 1 <= k <= s.shape[1]:
+            raise ValueError(f"k must be between 1 and {s.shape[1]}, got {k}")
+        val, idx = torch.topk(s, k, dim=1)
+        q = self.queries(query_set)
+        train = self.train_frame()
+        ids = idx.numpy().reshape(-1)
+        out = train.iloc[ids].reset_index(drop=True).rename(columns={"id": "train_id"})
+        qi = np.repeat(np.arange(s.shape[0]), k)
+        related = [set(r) for r in q["related_ids"]]
+        out.insert(0, "model", model)
+        out.insert(1, "query_set", query_set)
+        out.insert(2, "query", qi)
+        out.insert(3, "rank", np.tile(np.arange(1, k + 1), s.shape[0]))
+        out.insert(5, "score", val.numpy().reshape(-1).astype(np.float64))
+        out.insert(6, "per_copy", out["score"] / self.n_train)
+        out.insert(7, "related", [int(t) in related[i] for i, t in zip(qi, ids, strict=True)])
+        out["query_prompt"] = q["prompt"].to_numpy()[qi]
+        out["query_completion"] = q["completion"].to_numpy()[qi]
+        return out
+
+
+def study_scores(
+    suite: Suite, preset: str = "default", *, progress: bool = True, **overrides: Any
+) -> StudyScores:
+    """Fit (or load) EK-FAC and the scores of every query set for every model of the stage.
+
+    Overrides: single values of the preset section `influence_scores` (e.g. `sizes=["l"]`,
+    `query_sets=["facts"]`). Unknown sizes, query sets or parameters fail at once."""
+    cfg = stage_config(suite, preset, **overrides)
+    selected = select_queries(suite, cfg)
+    tensors, layers, paths, rec = {}, {}, {}, []
+    for name in cfg["sizes"]:
+        entry = cache.entry_dir("influence_scores", entry_key(suite, name, cfg, selected))
+        cached = _valid(entry)
+        t0 = time.perf_counter()
+        if not cached:
+            if entry.exists():  # truncated, missing or altered files: never use them
+                shutil.rmtree(entry)
+            _build(suite, name, cfg, selected, entry, progress)
+        manifest = json.loads((entry / "manifest.json").read_text())
+        data, _ = load_scores(entry / "scores.safetensors")
+        # Copies: safetensors may map the file, and a later rebuild must not change them.
+        tensors[name] = {k: v.clone() for k, v in data.items()}
+        layers[name] = manifest["layers"]
+        paths[name] = entry
+        rec.append(
+            {
+                "model": name,
+                "cached": cached,
+                "fit_s": manifest["fit_seconds"],
+                "score_s": manifest["score_seconds"],
+                "wall_s": time.perf_counter() - t0,
+            }
+        )
+    return StudyScores(
+        suite=suite,
+        config=cfg,
+        selected=selected,
+        n_train=len(suite.corpus.train),
+        layers=layers,
+        paths=paths,
+        timings=pd.DataFrame(rec).set_index("model"),
+        _tensors=tensors,
+    )
