@@ -175,14 +175,14 @@ display(
 q_text = {qs: sc.queries(qs) for qs in SETS}
 t1 = table[(table.model == largest) & (table.n_bootstrap > 0)].copy()
 t1["prompt"] = [q_text[qs].prompt.iloc[q][-40:] for qs, q in zip(t1.query_set, t1["query"])]
-t1["completion"] = [
-    q_text[qs].completion.iloc[q][:30] for qs, q in zip(t1.query_set, t1["query"])
-]
+t1["completion"] = [q_text[qs].completion.iloc[q][:30] for qs, q in zip(t1.query_set, t1["query"])]
 table1 = t1[
     ["query_set", "query", "prompt", "completion", "alpha", "xmin", "n_tail", "ks_pvalue"]
     + ["R_lognormal", "R_exponential", "top1_share", "max_per_copy"]
 ].reset_index(drop=True)
-print(f"bootstrap data sets per p-value: {cfg['bootstrap']} (resolution {1 / cfg['bootstrap']:.2f})")
+print(
+    f"bootstrap data sets per p-value: {cfg['bootstrap']} (resolution {1 / cfg['bootstrap']:.2f})"
+)
 print(table1.round(3).to_string())
 
 # %% [markdown]

@@ -42,7 +42,6 @@ n_boot = None
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
-import torch
 from IPython.display import HTML, Markdown, display
 from scipy import stats
 
@@ -90,10 +89,8 @@ with report.stage("layer_shares"):
     thirds = lt.third_share_table(shares)
     centroid = lt.depth_centroid(shares)
     even = lt.evenness(shares)
-print(
-    f"queries whose top-{K} total is not positive (no share): "
-    f"{int(shares.groupby(['model', 'query_set', 'query'])['share'].apply(lambda s: s.isna().all()).sum())}"
-)
+no_share = shares.groupby(["model", "query_set", "query"])["share"].apply(lambda s: s.isna().all())
+print(f"queries whose top-{K} total is not positive (no share): {int(no_share.sum())}")
 print(even.round(3))
 
 # %%
@@ -325,8 +322,9 @@ with report.stage("tokens"):
                 v = by_tok[i, cols.index(j), :n_real]
                 pieces = lt.token_pieces(tok, ids[:n_real].tolist(), n_real)
                 html.append(
-                    f"<li>score {float(total[i, j]):.4g} (Σ tokens {float(by_tok[i, cols.index(j)].sum()):.4g}):"
-                    f" {lt.token_html(pieces, v.tolist(), scale)}</li>"
+                    f"<li>score {float(total[i, j]):.4g} "
+                    f"(Σ tokens {float(by_tok[i, cols.index(j)].sum()):.4g}): "
+                    f"{lt.token_html(pieces, v.tolist(), scale)}</li>"
                 )
                 token_rows.append({"query_set": qs, "query": i, "rank": r + 1, "train_id": j})
             html.append("</ol>")
@@ -368,7 +366,8 @@ mid_ok = (
 tok_ok = bool(checks["Σ tokens vs score: max rel diff"].max() < 1e-4)
 plc_txt = (
     f"mean relative depth facts+quotes {placement['facts_quotes']:.2f} vs math+code+translation "
-    f"{placement['math_code_translation']:.2f} (one-sided Mann–Whitney p {placement['p_greater']:.2g}, "
+    f"{placement['math_code_translation']:.2f} "
+    f"(one-sided Mann–Whitney p {placement['p_greater']:.2g}, "
     f"n = {placement['n'][0]}/{placement['n'][1]})"
     if placement["p_greater"] is not None
     else "too few queries or blocks to compare"

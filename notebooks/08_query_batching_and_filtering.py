@@ -300,7 +300,8 @@ rows = [
     (
         "rank-32 vs full Pearson",
         "0.995 (52B, one query)",
-        f"{p32} (mean over {len(picked)} queries; {'rank 32 is exact for every layer here' if exact32 else 'rank 32 truncates'}"
+        f"{p32} (mean over {len(picked)} queries; "
+        f"{'rank 32 is exact for every layer here' if exact32 else 'rank 32 truncates'}"
         f"; rank {cfg['ranks'][0]}: {', '.join(f'{m} {v:.3f}' for m, v in lowest.items())})",
         "agrees" if ok32 and not exact32 else ("not comparable" if exact32 else "disagrees"),
         ""
@@ -329,7 +330,8 @@ rows = [
         "TF-IDF biased toward token overlap",
         "warned",
         (
-            f"{big}, m = {b10['fraction']:.0%}: recall shares tokens − not {b10['shares − not']:+.2f} "
+            f"{big}, m = {b10['fraction']:.0%}: recall shares tokens − not "
+            f"{b10['shares − not']:+.2f} "
             f"(p {b10['p']:.2g}, {int(b10['queries with both'])} queries)"
         )
         if bias_known
