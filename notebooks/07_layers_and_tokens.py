@@ -387,7 +387,13 @@ rows = [
         "agrees"
         if plc_ok
         else ("not comparable" if placement["p_greater"] is None else "disagrees"),
-        "" if plc_ok else "no significant difference in depth at the largest size",
+        ""
+        if plc_ok
+        else (
+            f"{big} has fewer than 3 blocks or fewer than 3 queries per group"
+            if placement["p_greater"] is None
+            else "facts and quotes do not sit significantly higher at the largest size"
+        ),
     ),
     (
         "middle third most thematic, outer thirds token overlap",
@@ -396,7 +402,13 @@ rows = [
         "agrees"
         if mid_ok
         else ("not comparable" if row_mid is None or not has_mid else "disagrees"),
-        "" if mid_ok else "the middle third's top-k is not more thematic and less overlapping",
+        ""
+        if mid_ok
+        else (
+            f"{big} has no middle third (fewer than 3 blocks)"
+            if row_mid is None or not has_mid
+            else "the middle third's top-k is not significantly more thematic and less overlapping"
+        ),
     ),
     (
         "token contributions sum to the score",
@@ -421,12 +433,13 @@ layers). Its largest mean layer share is {ev_big["max_mean_share"]:.2f} against 
 )
 
 # %%
-verdicts = [r[3] for r in rows[:3]]
-verdict_word = (
-    "agrees"
-    if all(v == "agrees" for v in verdicts)
-    else ("disagrees" if all(v == "disagrees" for v in verdicts) else "partly")
-)
+verdicts = [r[3] for r in rows[:3] if r[3] != "not comparable"]
+if not verdicts:
+    verdict_word = "not comparable"
+elif all(v == "agrees" for v in verdicts):
+    verdict_word = "agrees" if len(verdicts) == 3 else "partly"
+else:
+    verdict_word = "disagrees" if all(v == "disagrees" for v in verdicts) else "partly"
 reason = "; ".join(f"{r[0]}: {r[4]}" for r in rows[:3] if r[3] != "agrees")
 here = (
     f"At {big}: largest layer share {ev_big['max_over_uniform']:.1f}× an even share; "

@@ -35,6 +35,7 @@ device = "cpu"
 seed = 0
 ranks = None
 n_queries = None
+sweep_sizes = None
 sample_seed = None
 top = None
 fractions = None
@@ -99,8 +100,12 @@ print(
 rank_list = [*cfg["ranks"], None]
 task = inf.LanguageModelingTask(modules=st.config["modules"])
 sweeps, agree = {}, []
+swept = list(cfg["sweep_sizes"] or st.models)
+unknown = [m for m in swept if m not in st.models]
+if unknown:
+    raise ValueError(f"sweep_sizes {unknown} are not sizes of the scores stage {st.models}")
 with report.stage("rank_sweep"):
-    for m in st.models:
+    for m in swept:
         model = suite.models[m]
         est = inf.EKFAC.load(st.paths[m] / "ekfac.safetensors", model, task)
         res = qb.rank_sweep(
@@ -224,7 +229,7 @@ print({m: round(v, 3) for m, v in frac_shared.items()})
 
 # %%
 fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.8))
-for m in st.models:
+for m in swept:
     d = agree[(agree.model == m) & (agree["rank"] != "full")]
     a1.plot(d["rank"].astype(int), d["pearson"], marker="o", label=m)
 a1.axhline(0.995, color="grey", ls=":", lw=1)
@@ -285,17 +290,17 @@ print(bias.round(4).to_string(index=False))
 
 # %%
 r32 = agree[(agree["rank"] == 32)].set_index("model")
-p32 = ", ".join(f"{m} {r32.loc[m, 'pearson']:.4f}" for m in st.models)
+p32 = ", ".join(f"{m} {r32.loc[m, 'pearson']:.4f}" for m in swept)
 exact32 = bool(r32["exact_rank"].all())
-r_trend = lt.direction([float(r32.loc[m, "pearson"]) for m in st.models], tol=1e-4)
+r_trend = lt.direction([float(r32.loc[m, "pearson"]) for m in swept], tol=1e-4)
 ok32 = bool(r32["pearson"].min() >= 0.99)
 lowest = agree[agree["rank"] == cfg["ranks"][0]].set_index("model")["pearson"]
 b_big = bias[(bias.model == big)]
 b10 = b_big.iloc[(b_big["fraction"] - 0.1).abs().argmin()]
 bias_known = b10["queries with both"] >= 6 and np.isfinite(b10["p"])
 bias_ok = bias_known and b10["shares − not"] > 0 and b10["p"] < 0.05
-mem_full = agree[(agree.model == big) & (agree["rank"] == "full")]["stored_MB"].iloc[0]
-mem_32 = agree[(agree.model == big) & (agree["rank"] == 32)]["stored_MB"].iloc[0]
+mem_full = agree[(agree.model == swept[-1]) & (agree["rank"] == "full")]["stored_MB"].iloc[0]
+mem_32 = agree[(agree.model == swept[-1]) & (agree["rank"] == 32)]["stored_MB"].iloc[0]
 rows = [
     (
         "rank-32 vs full Pearson",
@@ -315,7 +320,7 @@ rows = [
     (
         "stored query size at rank 32",
         "much smaller than full",
-        f"{big}: {mem_32:.2f} MB vs {mem_full:.2f} MB full",
+        f"{swept[-1]}: {mem_32:.2f} MB vs {mem_full:.2f} MB full",
         "agrees" if mem_32 < mem_full else "partly",
         "" if mem_32 < mem_full else "rank 32 is not smaller than the full matrices here",
     ),
@@ -393,7 +398,7 @@ report.metrics["query_batching"] = {
         }
         for r in agree[agree.model == m].to_dict("records")
     }
-    for m in st.models
+    for m in swept
 }
 report.metrics["query_batching_queries"] = {
     "n": len(picked),

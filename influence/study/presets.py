@@ -143,12 +143,14 @@ SECTIONS: dict[str, dict[str, dict[str, Any]]] = {
     },
     # Owned by notebooks/08_query_batching_and_filtering (issue 13). ranks: query-batching ranks
     # compared with full rank; n_queries: queries drawn (sample_seed) from all scored query sets
-    # for the rank sweep, per size (the sweep costs one training pass per size); top: the top-k
+    # for the rank sweep, per size (the sweep costs one training pass per size); sweep_sizes: the
+    # sizes swept (None = every size of the scores stage); top: the top-k
     # compared; fractions: BM25 candidate-set sizes m / N for the TF-IDF recall curve.
     "08_query_batching_and_filtering": {
         "smoke": {
             "ranks": [1, 2, 4, 8, 16, 32, 64],
             "n_queries": 4,
+            "sweep_sizes": None,
             "sample_seed": 0,
             "top": 10,
             "fractions": [0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5],
@@ -157,6 +159,7 @@ SECTIONS: dict[str, dict[str, dict[str, Any]]] = {
         "default": {
             "ranks": [1, 2, 4, 8, 16, 32, 64],
             "n_queries": 8,
+            "sweep_sizes": None,
             "sample_seed": 0,
             "top": 10,
             "fractions": [0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5],
@@ -165,6 +168,7 @@ SECTIONS: dict[str, dict[str, dict[str, Any]]] = {
         "large": {
             "ranks": [1, 2, 4, 8, 16, 32, 64],
             "n_queries": 32,
+            "sweep_sizes": None,
             "sample_seed": 0,
             "top": 10,
             "fractions": [0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5],
