@@ -82,10 +82,11 @@ print("models:", st.models, "| training sequences:", N)
 # Queries drawn with a fixed seed from all the scored query sets (the sweep costs one pass
 # over the training data per size, for all ranks together). For each rank the query side
 # (`influence.preconditioned_queries`: query gradients, EK-FAC preconditioning, truncated SVD
-# per layer in the eigenbasis) is timed on its own, then run again under the memory probe:
-# on CPU the torch profiler's allocation and free events, whose running sum's maximum is the
-# peak tensor memory of the call; on CUDA `torch.cuda.max_memory_allocated`. "stored" is the
-# size of the preconditioned queries kept for scoring (U, σ, V at rank r).
+# per layer in the eigenbasis) is timed on its own (fastest of 3 runs), then run again under
+# the memory probe: on CPU the torch profiler's allocation and free events, whose running
+# sum's maximum is the peak tensor memory of the call; on CUDA
+# `torch.cuda.max_memory_allocated`. "stored" is the size of the preconditioned queries kept
+# for scoring (U, σ, V at rank r).
 
 # %%
 counts = {qs: st.counts()[qs]["scored"] for qs in st.query_sets}

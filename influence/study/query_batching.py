@@ -103,9 +103,13 @@ def rank_sweep(
     batch_size: int = 32,
     device: str | torch.device | None = None,
     measure_memory: bool = True,
+    repeats: int = 3,
     progress: bool = False,
 ) -> RankSweep:
-    """Scores of every query against every training example at each rank (None = full)."""
+    """Scores of every query against every training example at each rank (None = full).
+
+    The query side's time is the fastest of `repeats` runs (the least disturbed by other
+    work on the machine)."""
     if not ranks:
         raise ValueError("ranks is empty; give e.g. [1, 2, 4, None]")
     bad = [r for r in ranks if r is not None and (isinstance(r, bool) or int(r) != r or r < 1)]
@@ -127,13 +131,15 @@ def rank_sweep(
                 model, task, estimator, queries, rank=r, batch_size=batch_size, device=dev
             )
 
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
-        t0 = time.perf_counter()
-        pre = query_side()
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
-        seconds = time.perf_counter() - t0
+        seconds = float("inf")
+        for _ in range(max(1, repeats)):
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+            t0 = time.perf_counter()
+            pre = query_side()
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+            seconds = min(seconds, time.perf_counter() - t0)
         peak = peak_memory(query_side, dev)[1] if measure_memory else None
         rows.append(
             {
