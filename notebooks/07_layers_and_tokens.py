@@ -122,7 +122,8 @@ for ax, m in zip(axes[0], st.models, strict=True):
     im = ax.imshow(piv.to_numpy(dtype=float), cmap="RdBu", vmin=-1, vmax=1, aspect="auto")
     for (i, j), v in np.ndenumerate(piv.to_numpy(dtype=float)):
         if np.isfinite(v):
-            ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=6)
+            colour = "white" if abs(v) > 0.6 else "black"
+            ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=6, color=colour)
     ax.set_xticks(range(len(sets)), sets, rotation=60, ha="right", fontsize=7)
     ax.set_yticks(range(3), list(piv.index), fontsize=8)
     ax.set_title(f"{m} ({depths[m].n_blocks.iloc[0]} blocks)", fontsize=9)
