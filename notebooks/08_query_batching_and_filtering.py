@@ -309,8 +309,13 @@ rows = [
         "rank-32 vs full Pearson",
         "0.995 (52B, one query)",
         f"{p32} (mean over {len(picked)} queries; "
-        f"{'rank 32 is exact for every layer here' if exact32 else 'rank 32 truncates'}"
-        f"; rank {cfg['ranks'][0]}: {', '.join(f'{m} {v:.3f}' for m, v in lowest.items())})",
+        + (
+            "rank 32 keeps every layer whole at every size"
+            if exact32
+            else "rank 32 keeps every layer whole at "
+            + (", ".join(m for m in swept if r32.loc[m, "exact_rank"]) or "no size")
+        )
+        + f"; rank {cfg['ranks'][0]}: {', '.join(f'{m} {v:.3f}' for m, v in lowest.items())})",
         "agrees" if ok32 and not exact32 else ("not comparable" if exact32 else "disagrees"),
         ""
         if ok32 and not exact32
