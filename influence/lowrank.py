@@ -60,6 +60,11 @@ def low_rank(
     k = min(rank, o, i)
     if k == min(o, i):
         return p
+    out_dtype = p.dtype
+    # The range finder runs in float64 whatever p's dtype: the Cholesky shift is sized for
+    # float64 rounding, and float32 products of a rank-deficient p (a query with few completion
+    # tokens) leave yᵀy indefinite at float32 rounding, far above that shift.
+    p = p.double()
     width = min(k + oversample, o, i)
     gen = torch.Generator().manual_seed(seed)
     y = p @ torch.randn(i, width, generator=gen, dtype=torch.float64).to(p)
@@ -81,8 +86,11 @@ def low_rank(
     s = evals[..., -k:].flip(-1).clamp_min(0).sqrt()
     t = torch.linalg.solve_triangular(r, evecs[..., -k:].flip(-1), upper=True)  # R⁻¹ W_k
     u = y @ t
-    v = (z @ t) / s.clamp_min(torch.finfo(s.dtype).tiny).unsqueeze(-2)
-    return LowRank(u.to(p.dtype), s.to(p.dtype), v.to(p.dtype))
+    # A zero singular value (rank-deficient p) gets a zero column of V, not z/tiny, which
+    # overflows once cast to float32 and turns U diag(σ) Vᵀ into NaN.
+    pos = s > 0
+    v = (z @ t) / torch.where(pos, s, torch.ones_like(s)).unsqueeze(-2) * pos.unsqueeze(-2)
+    return LowRank(u.to(out_dtype), s.to(out_dtype), v.to(out_dtype))
 
 
 def cat_queries(parts: list[LowRank | torch.Tensor]) -> LowRank | torch.Tensor:

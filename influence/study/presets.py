@@ -163,6 +163,49 @@ SECTIONS: dict[str, dict[str, dict[str, Any]]] = {
         "default": {"top_k": 10, "n_boot": 1000, "n_examples": 3},
         "large": {"top_k": 10, "n_boot": 1000, "n_examples": 3},
     },
+    # Owned by notebooks/07_layers_and_tokens (issue 13). top_k: sequences per query whose
+    # influence is split by layer and ranked in the restriction experiment; token_queries /
+    # token_sequences: queries per query set and top sequences per query drawn as token heatmaps
+    # (largest model); n_boot: bootstrap resamples over queries.
+    "07_layers_and_tokens": {
+        "smoke": {"top_k": 5, "token_queries": 3, "token_sequences": 3, "n_boot": 200},
+        "default": {"top_k": 10, "token_queries": 3, "token_sequences": 3, "n_boot": 1000},
+        "large": {"top_k": 20, "token_queries": 4, "token_sequences": 3, "n_boot": 1000},
+    },
+    # Owned by notebooks/08_query_batching_and_filtering (issue 13). ranks: query-batching ranks
+    # compared with full rank; n_queries: queries drawn (sample_seed) from all scored query sets
+    # for the rank sweep, per size (the sweep costs one training pass per size); sweep_sizes: the
+    # sizes swept (None = every size of the scores stage); top: the top-k
+    # compared; fractions: BM25 candidate-set sizes m / N for the TF-IDF recall curve.
+    "08_query_batching_and_filtering": {
+        "smoke": {
+            "ranks": [1, 2, 4, 8, 16, 32, 64],
+            "n_queries": 4,
+            "sweep_sizes": None,
+            "sample_seed": 0,
+            "top": 10,
+            "fractions": [0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5],
+            "n_boot": 200,
+        },
+        "default": {
+            "ranks": [1, 2, 4, 8, 16, 32, 64],
+            "n_queries": 8,
+            "sweep_sizes": None,
+            "sample_seed": 0,
+            "top": 10,
+            "fractions": [0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5],
+            "n_boot": 1000,
+        },
+        "large": {
+            "ranks": [1, 2, 4, 8, 16, 32, 64],
+            "n_queries": 32,
+            "sweep_sizes": None,
+            "sample_seed": 0,
+            "top": 10,
+            "fractions": [0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5],
+            "n_boot": 1000,
+        },
+    },
     # Owned by notebooks/01_ihvp_accuracy (issue 4). MLP settings: data split, model and
     # training recipe, queries, LiSSA/CG/PBRF settings and LDS retrains; language_model: the
     # suite's smallest model on a subset of the corpus (MLP layers tracked, the paper's choice).
