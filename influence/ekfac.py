@@ -20,7 +20,7 @@ class EKFAC(KFAC):
         bases: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         count = 0
         workspace = Workspace()
-        for _, batch, terms, _ in iter_layer_terms(
+        for _, batch, terms, _, _ in iter_layer_terms(
             model,
             task,
             data,

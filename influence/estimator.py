@@ -128,8 +128,11 @@ class Estimator:
 
         For block-diagonal estimators, whose examples are preconditioned independently; CG and
         LiSSA solve for all examples at once through `precondition`."""
-        pre = self.precondition(example_gradients(terms))
-        return pre if rank is None else {n: low_rank(p, rank) for n, p in pre.items()}
+        out: dict[str, torch.Tensor | LowRank] = {}
+        for n, (a, g) in terms.items():  # one layer at a time: bounded memory on large models
+            p = self.precondition(example_gradients({n: (a, g)}))[n]
+            out[n] = p if rank is None else low_rank(p, rank)
+        return out
 
     # -- persistence ------------------------------------------------------------------------
     def _config(self) -> dict[str, Any]:

@@ -82,7 +82,7 @@ def fit_covariances(model, task, data, *, seed, batch_size, device, progress):
     a_sum: dict[str, torch.Tensor] = {}
     s_sum: dict[str, torch.Tensor] = {}
     tokens = examples = 0
-    for _, batch, terms, mask in iter_layer_terms(
+    for _, batch, terms, mask, _ in iter_layer_terms(
         model,
         task,
         data,
@@ -123,7 +123,8 @@ def _eigh(m: torch.Tensor, what: str) -> tuple[torch.Tensor, torch.Tensor]:
             "data (half precision or a diverged model are the usual causes)"
         )
     vals, vecs = torch.linalg.eigh(m.double())
-    return vals.clamp_(min=0.0), vecs
+    # Row-major like a loaded state, so that saved and loaded estimators run identical products.
+    return vals.clamp_(min=0.0), vecs.contiguous()
 
 
 class KFAC(Estimator):
