@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from . import distributed
 from .estimator import Estimator, Grads
 from .gradients import iter_layer_terms, token_outer_sum
 
@@ -26,6 +27,7 @@ class Diagonal(Estimator):
             device=device,
             progress=progress,
             desc="diagonal",
+            shard=True,
         ):
             count += task.batch_size(batch)
             # One layer's per-example gradients at a time: a batch of all of them would not
@@ -33,6 +35,11 @@ class Diagonal(Estimator):
             for n, (a, g) in terms.items():
                 sq = token_outer_sum(g, a).square_().sum(0).double()  # in place: a temporary
                 sums[n] = sums[n] + sq if n in sums else sq
+        if distributed.is_distributed():  # every rank ends with the sums over all ranks
+            for n, info in self.layers_.items():
+                sums.setdefault(n, torch.zeros(info.out_features, info.in_dim).double())
+            sums = distributed.all_reduce_sum(sums)
+            count = int(distributed.all_reduce_number(count))
         if count == 0:
             raise ValueError("cannot fit on empty data")
         self.state_ = {f"{n}::diagonal": s / count for n, s in sums.items()}

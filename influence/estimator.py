@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from . import distributed
 from .capture import LayerTerms
 from .gradients import example_gradients
 from .io import atomic_save_safetensors, load_safetensors
@@ -85,7 +86,9 @@ class Estimator:
         progress: bool = True,
         seed: int = 0,
     ) -> Estimator:
-        """Fit the curvature on `data` (sampled labels seeded by `seed`)."""
+        """Fit the curvature on `data` (sampled labels seeded by `seed`). Under a process group
+        the passes are split across ranks and their sums all-reduced (influence.distributed)."""
+        model = distributed.unwrap_model(model)
         self.layers_ = layer_infos(task.tracked_modules(model))
         self._fit(
             model, task, data, batch_size=batch_size, device=device, progress=progress, seed=seed

@@ -10,6 +10,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 from tqdm.auto import tqdm
 
+from . import distributed
 from .capture import LayerCapture, LayerTerms
 from .layers import LayerInfo, layer_infos
 from .tasks import IGNORE_INDEX, Task
@@ -165,18 +166,31 @@ def _data_lengths(data: Any) -> torch.Tensor | None:
 
 
 def _take(data: Any, idx: list[int]) -> Any:
-    if isinstance(data, Mapping):
+    if isinstance(data, Mapping) and all(torch.is_tensor(t) for t in data.values()):
         return {k: v[idx] for k, v in data.items()}
+    if isinstance(data, tuple) and all(torch.is_tensor(t) for t in data):
+        return tuple(t[idx] for t in data)
     return next(iter(DataLoader(data, batch_sampler=[idx])))
 
 
-def ordered_batches(data: Any, batch_size: int) -> Iterator[tuple[torch.Tensor, Any, int]]:
+def ordered_batches(
+    data: Any, batch_size: int, *, shard: bool = False
+) -> Iterator[tuple[torch.Tensor, Any, int]]:
     """Yield `(indices, batch, width)`: examples ordered by real length (longest first, ties in
     the caller's order) when the data allows it, each batch trimmed to its longest real length;
-    `indices` are the examples' positions in `data` and `width` the batch's untrimmed width."""
+    `indices` are the examples' positions in `data` and `width` the batch's untrimmed width.
+
+    With `shard` under a process group, this rank's share only: every world-size-th example of
+    that order (or, for data that cannot be indexed, every world-size-th batch)."""
+    rank, size = distributed.world() if shard else (0, 1)
     lengths = _data_lengths(data) if ORDER_BY_LENGTH else None
+    by_length = lengths is not None
+    if lengths is None and size > 1 and not isinstance(data, DataLoader):
+        lengths = _data_lengths_any(data)  # split by index, in the caller's order
     if lengths is None:
-        for offset, batch in iter_batches(data, batch_size):
+        for number, (offset, batch) in enumerate(iter_batches(data, batch_size)):
+            if number % size != rank:
+                continue
             n = batch["input_ids"].shape[0] if isinstance(batch, Mapping) else batch[0].shape[0]
             width = _width(batch)
             real = real_lengths(batch) if ORDER_BY_LENGTH else None
@@ -186,12 +200,24 @@ def ordered_batches(data: Any, batch_size: int) -> Iterator[tuple[torch.Tensor, 
         return
     if batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
-    order = torch.sort(-lengths, stable=True).indices
+    order = torch.sort(-lengths, stable=True).indices if by_length else torch.arange(len(lengths))
+    order = order[rank::size]
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
         batch = _take(data, idx.tolist())
-        width = batch["input_ids"].shape[1]
-        yield idx, trim_batch(batch, int(lengths[idx].max())), width
+        width = _width(batch)
+        if by_length:
+            batch = trim_batch(batch, int(lengths[idx].max()))
+        yield idx, batch, width
+
+
+def _data_lengths_any(data: Any) -> torch.Tensor | None:
+    """Number of examples of indexable data as dummy lengths (for splitting it by index)."""
+    try:
+        n = len(make_loader(data, 1).dataset)
+    except TypeError:
+        return None
+    return torch.ones(n, dtype=torch.long)
 
 
 def _width(batch: Any) -> int:
@@ -217,13 +243,16 @@ def iter_layer_terms(
     device: str | torch.device | None = None,
     progress: bool = False,
     desc: str = "batches",
+    shard: bool = False,
 ) -> Iterator[PassBatch]:
     """One pass over `data`: a `PassBatch` (indices, batch, {layer: (ā, g)}, token mask,
     width) per batch, batches formed by `ordered_batches`.
 
     The loss is the task's training loss (true labels, or sampled ones when `sample`, example
     i seeded by (seed, i) whatever its batch), or its measurement when `measurement`. No weight
-    gradients are computed."""
+    gradients are computed. With `shard`, only this rank's share of the examples (see
+    `influence.distributed`)."""
+    model = distributed.unwrap_model(model)
     layers = task.tracked_modules(model) if layers is None else layers
     infos = layer_infos(layers)
     dev = resolve_device(model, device)
@@ -234,7 +263,9 @@ def iter_layer_terms(
         total = None
     with _EvalMode(model):
         for idx, batch, width in tqdm(
-            ordered_batches(loader if isinstance(data, DataLoader) else data, batch_size),
+            ordered_batches(
+                loader if isinstance(data, DataLoader) else data, batch_size, shard=shard
+            ),
             total=total,
             desc=desc,
             disable=not progress,

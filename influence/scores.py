@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import distributed
 from .estimator import Estimator, Grads
 from .gradients import (
     batch_kind,
@@ -94,6 +95,7 @@ def preconditioned_queries(
     LiSSA solve for all queries at once."""
     if rank is not None and rank < 1:
         raise ValueError(f"rank must be a positive integer or None, got {rank}")
+    model = distributed.unwrap_model(model)
     parts, indices = [], []
     for idx, _, terms, _, _ in iter_layer_terms(
         model,
@@ -153,6 +155,7 @@ def pairwise_scores(
     batching). `query_batch_size` bounds how many queries are held at once (each chunk makes
     one pass over the training data). The model is evaluated in eval mode.
     """
+    model = distributed.unwrap_model(model)
     layers = _check_inputs(model, task, estimator, query_data, train_data, batch_size=batch_size)
     dev = resolve_device(model, device)
     pre = preconditioned_queries(
@@ -306,6 +309,7 @@ def _stream_scores(
         device=device,
         progress=progress,
         desc="scores",
+        shard=True,
     ):
         indices.append(idx)
         a0 = next(iter(terms.values()))[0]
@@ -339,6 +343,11 @@ def _stream_scores(
         if group is None:
             flush()
     flush()
+    # Under a process group every rank scored its share: gather them all on every rank.
+    shares = distributed.all_gather_objects((indices, blocks, max_t))
+    indices = [i for share in shares for i in share[0]]
+    blocks = [b for share in shares for b in share[1]]
+    max_t = max(share[2] for share in shares)
     if not blocks:
         raise ValueError("training data is empty")
     order = restore_order(indices)
@@ -366,6 +375,7 @@ def self_scores(
     For block-diagonal estimators the by-layer terms sum to the total; for CG and LiSSA the
     by-layer split pairs each layer's gradient with its part of the full preconditioned one.
     """
+    model = distributed.unwrap_model(model)
     layers = _check_inputs(model, task, estimator, train_data, batch_size=batch_size)
     dev = resolve_device(model, device)
     chunks: list[dict[str, torch.Tensor]] = []
@@ -379,6 +389,7 @@ def self_scores(
         batch_size=batch_size,
         progress=progress,
         desc="self-influence",
+        shard=True,
     ):
         indices.append(idx)
         if estimator.block_diagonal:
@@ -394,6 +405,11 @@ def self_scores(
             pre = estimator.precondition(grads)
             per_layer = {n: (grads[n] * pre[n]).flatten(1).sum(1).detach().cpu() for n in grads}
         chunks.append(per_layer)
+    shares = distributed.all_gather_objects((indices, chunks))  # every rank's share
+    indices = [i for share in shares for i in share[0]]
+    chunks = [c for share in shares for c in share[1]]
+    if not chunks:
+        raise ValueError("training data is empty")
     order = restore_order(indices)
     merged = {n: torch.cat([c[n] for c in chunks])[order] for n in chunks[0]}
     return merged if by_layer else torch.stack(list(merged.values())).sum(0)
