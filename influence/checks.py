@@ -141,7 +141,14 @@ def _config_limit(model: nn.Module, names: tuple[str, ...]) -> int | None:
     return None
 
 
-def check_batch_values(model: nn.Module, batch: Any, offset: int, measurement: bool) -> None:
+def _examples(rows: torch.Tensor, indices: torch.Tensor) -> list[int]:
+    """Positions in `data` of rows of a batch (batches may come in length order)."""
+    return indices[rows.cpu()].tolist()
+
+
+def check_batch_values(
+    model: nn.Module, batch: Any, indices: torch.Tensor, measurement: bool
+) -> None:
     """Token ids inside the vocabulary and sequences no longer than the model's positions
     (where the model says: its input embedding and its config)."""
     if not isinstance(batch, Mapping) or not torch.is_tensor(batch.get("input_ids")):
@@ -158,7 +165,7 @@ def check_batch_values(model: nn.Module, batch: Any, offset: int, measurement: b
     if isinstance(vocab, int) and ids.numel():
         bad = ((ids < 0) | (ids >= vocab)).reshape(ids.shape[0], -1).any(1)
         if bool(bad.any()):
-            rows = (bad.nonzero().squeeze(1) + offset).tolist()
+            rows = _examples(bad.nonzero().squeeze(1), indices)
             raise ValueError(
                 f"input_ids of {_roles(measurement)} {rows[:5]} are outside the model's "
                 f"vocabulary [0, {vocab}) (max id {int(ids.max())}): tokenize with the model's "
@@ -173,7 +180,7 @@ def check_batch_values(model: nn.Module, batch: Any, offset: int, measurement: b
     ):
         bad = ((labels >= vocab) | ((labels < 0) & (labels != -100))).reshape(ids.shape[0], -1)
         if bool(bad.any()):
-            rows = (bad.any(1).nonzero().squeeze(1) + offset).tolist()
+            rows = _examples(bad.any(1).nonzero().squeeze(1), indices)
             raise ValueError(
                 f"labels of {_roles(measurement)} {rows[:5]} are outside the vocabulary "
                 f"[0, {vocab}) and are not −100 (ignored): fix the labels"
@@ -181,12 +188,12 @@ def check_batch_values(model: nn.Module, batch: Any, offset: int, measurement: b
     limit = _config_limit(model, ("max_position_embeddings", "n_positions", "n_ctx"))
     if limit is not None and ids.dim() == 2 and ids.shape[1] > limit:
         raise ValueError(
-            f"sequences of the {_roles(measurement)} from index {offset} have {ids.shape[1]} "
+            f"sequences of the {_roles(measurement)} {indices.tolist()[:5]} have {ids.shape[1]} "
             f"tokens, more than the model's {limit} positions: truncate them to at most {limit}"
         )
 
 
-def check_counted_tokens(task: Any, batch: Any, offset: int, measurement: bool) -> None:
+def check_counted_tokens(task: Any, batch: Any, indices: torch.Tensor, measurement: bool) -> None:
     """Examples whose labels are all ignored (−100) have no loss: their gradients are zero and
     their scores meaningless (and data made only of them gives zero curvature and damping)."""
     counted = getattr(task, "_counted", None)
@@ -194,7 +201,7 @@ def check_counted_tokens(task: Any, batch: Any, offset: int, measurement: bool) 
         return
     per_example = counted(batch).reshape(task.batch_size(batch), -1).any(1)
     if not bool(per_example.all()):
-        rows = ((~per_example).nonzero().squeeze(1) + offset).tolist()
+        rows = _examples((~per_example).nonzero().squeeze(1), indices)
         raise ValueError(
             f"{_roles(measurement)} {rows[:10]} have no counted tokens (every label is −100 "
             "after the shift to next-token targets): they have no loss and no gradient. Drop "
@@ -225,7 +232,9 @@ def check_finite_weights(layers: Mapping[str, nn.Module]) -> None:
                 )
 
 
-def check_finite_terms(terms: Mapping[str, tuple], offset: int, measurement: bool) -> None:
+def check_finite_terms(
+    terms: Mapping[str, tuple], indices: torch.Tensor, measurement: bool
+) -> None:
     """NaN/Inf in a layer's inputs or output gradients: name the example and the layer."""
     seen: set[int] = set()
     for name, (a, g) in terms.items():
@@ -237,7 +246,7 @@ def check_finite_terms(terms: Mapping[str, tuple], offset: int, measurement: boo
             if row is not None:
                 raise FloatingPointError(
                     f"NaN or Inf in the {what} of layer {name!r} for {_role(measurement)} "
-                    f"{offset + row}: its curvature terms and scores would be NaN. Check that "
+                    f"{int(indices[row])}: its curvature terms and scores would be NaN. Check that "
                     "example's inputs, and the model's weights and loss (half precision or a "
                     "diverged model are the usual causes)."
                 )

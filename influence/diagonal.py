@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import torch
 
+from . import distributed
 from .estimator import Estimator, Grads
-from .gradients import example_gradients, iter_layer_terms
+from .gradients import iter_layer_terms, token_outer_sum
 
 
 class Diagonal(Estimator):
@@ -16,7 +17,7 @@ class Diagonal(Estimator):
     def _fit(self, model, task, data, *, batch_size, device, progress, seed) -> None:
         sums: dict[str, torch.Tensor] = {}
         count = 0
-        for _, batch, terms, _ in iter_layer_terms(
+        for _, batch, terms, _, _ in iter_layer_terms(
             model,
             task,
             data,
@@ -26,11 +27,19 @@ class Diagonal(Estimator):
             device=device,
             progress=progress,
             desc="diagonal",
+            shard=True,
         ):
             count += task.batch_size(batch)
-            for n, gr in example_gradients(terms).items():
-                sq = gr.square_().sum(0).double()  # in place: gr is a fresh temporary
+            # One layer's per-example gradients at a time: a batch of all of them would not
+            # fit for a large model.
+            for n, (a, g) in terms.items():
+                sq = token_outer_sum(g, a).square_().sum(0).double()  # in place: a temporary
                 sums[n] = sums[n] + sq if n in sums else sq
+        if distributed.is_distributed():  # every rank ends with the sums over all ranks
+            for n, info in self.layers_.items():
+                sums.setdefault(n, torch.zeros(info.out_features, info.in_dim).double())
+            sums = distributed.all_reduce_sum(sums)
+            count = int(distributed.all_reduce_number(count))
         if count == 0:
             raise ValueError("cannot fit on empty data")
         self.state_ = {f"{n}::diagonal": s / count for n, s in sums.items()}

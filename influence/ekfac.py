@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from . import distributed
 from .gradients import iter_layer_terms
 from .kfac import KFAC, Workspace, eigenbasis_gradients
 
@@ -20,7 +21,7 @@ class EKFAC(KFAC):
         bases: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         count = 0
         workspace = Workspace()
-        for _, batch, terms, _ in iter_layer_terms(
+        for _, batch, terms, _, _ in iter_layer_terms(
             model,
             task,
             data,
@@ -30,6 +31,7 @@ class EKFAC(KFAC):
             device=device,
             progress=progress,
             desc="eigenvalues",
+            shard=True,
         ):
             count += task.batch_size(batch)
             workspace.next_batch()
@@ -42,6 +44,11 @@ class EKFAC(KFAC):
                 projected = eigenbasis_gradients(a, g, *bases[n], workspace, n)
                 sq = projected.square_().sum(0).double()  # in place: no new temporary
                 sums[n] = sums[n] + sq if n in sums else sq
+        if distributed.is_distributed():  # every rank ends with the sums over all ranks
+            for n, info in self.layers_.items():
+                sums.setdefault(n, torch.zeros(info.out_features, info.in_dim).double())
+            sums = distributed.all_reduce_sum(sums)
+            count = int(distributed.all_reduce_number(count))
         self.damping_ = {}
         for n, s in sums.items():
             lam = s / count

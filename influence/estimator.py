@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from . import checks
+from . import checks, distributed
 from .capture import LayerTerms
 from .checks import check_damping_values
 from .gradients import example_gradients
@@ -113,10 +113,12 @@ class Estimator:
         progress: bool = True,
         seed: int = 0,
     ) -> Estimator:
-        """Fit the curvature on `data` (sampled labels seeded by `seed`).
+        """Fit the curvature on `data` (sampled labels seeded by `seed`). Under a process group
+        the passes are split across ranks and their sums all-reduced (influence.distributed).
 
         The model is evaluated in eval mode and left as it was (device, `requires_grad`, mode)
         if fitting fails."""
+        model = distributed.unwrap_model(model)
         checks.check_model(model)
         checks.check_task(task)
         batch_size = checks.positive_int("batch_size", batch_size)
@@ -204,8 +206,11 @@ class Estimator:
 
         For block-diagonal estimators, whose examples are preconditioned independently; CG and
         LiSSA solve for all examples at once through `precondition`."""
-        pre = self.precondition(example_gradients(terms))
-        return pre if rank is None else {n: low_rank(p, rank) for n, p in pre.items()}
+        out: dict[str, torch.Tensor | LowRank] = {}
+        for n, (a, g) in terms.items():  # one layer at a time: bounded memory on large models
+            p = self.precondition(example_gradients({n: (a, g)}))[n]
+            out[n] = p if rank is None else low_rank(p, rank)
+        return out
 
     # -- persistence ------------------------------------------------------------------------
     def _config(self) -> dict[str, Any]:

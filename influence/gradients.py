@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -18,10 +18,10 @@ from torch.utils.data import (
 from torch.utils.data.dataloader import default_collate
 from tqdm.auto import tqdm
 
-from . import checks
+from . import checks, distributed
 from .capture import LayerCapture, LayerTerms
 from .layers import LayerInfo, layer_infos
-from .tasks import Task
+from .tasks import IGNORE_INDEX, Task
 
 # Padding values of the collator for ragged sequences (Hugging Face conventions): labels are
 # not counted (−100), masks are 0, every other key (input_ids, token_type_ids, ...) is 0.
@@ -260,6 +260,141 @@ class _EvalMode:
         self.model.train(self.was_training)
 
 
+# Sequence batches are formed from examples ordered by their number of real tokens and trimmed
+# to their longest real length, so that a pass costs what the real tokens cost (a corpus of
+# short sequences padded to a fixed width otherwise spends most of its work on padding).
+# Results are returned in the caller's order and do not depend on it (tested); the switch is
+# for those tests.
+ORDER_BY_LENGTH = True
+
+
+class PassBatch(NamedTuple):
+    """One batch of a pass: the caller's indices of its examples, the (trimmed) batch, the
+    tracked layers' terms, the token mask, and the batch's width before trimming."""
+
+    indices: torch.Tensor
+    batch: Any
+    terms: LayerTerms
+    mask: torch.Tensor | None
+    width: int
+
+
+def real_lengths(batch: Any) -> torch.Tensor | None:
+    """Per example, 1 + the last position that is a real token (attention_mask 1) or a counted
+    label (≠ −100), for dict batches of sequences; None for other batches.
+
+    Positions after it are padding that neither a causal model's earlier outputs nor the loss
+    can see, so a batch can be cut to its longest real length."""
+    if not isinstance(batch, Mapping) or "input_ids" not in batch:
+        return None
+    ids = batch["input_ids"]
+    if not torch.is_tensor(ids) or ids.dim() != 2:
+        return None
+    mask = batch.get("attention_mask")
+    real = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
+    labels = batch.get("labels")
+    if labels is not None:
+        real = real | (labels != IGNORE_INDEX)
+    pos = torch.arange(1, ids.shape[1] + 1, device=ids.device)
+    return (real * pos).amax(1).clamp_(min=1).cpu()
+
+
+def trim_batch(batch: Any, length: int) -> Any:
+    """Cut every [B, T] tensor of a dict batch to its first `length` positions."""
+    if not isinstance(batch, Mapping):
+        return batch
+    b, t = batch["input_ids"].shape
+    if length >= t:
+        return batch
+    return {
+        k: (v[:, :length] if torch.is_tensor(v) and v.dim() >= 2 and v.shape[:2] == (b, t) else v)
+        for k, v in batch.items()
+    }
+
+
+def _data_lengths(data: Any) -> torch.Tensor | None:
+    """Real lengths of every example of indexable sequence data, or None when the data is not
+    a dict-of-sequences dataset (then it is batched in the caller's order)."""
+    if isinstance(data, DataLoader):
+        return None
+    if isinstance(data, Mapping) and all(torch.is_tensor(t) for t in data.values()):
+        return real_lengths(data)
+    if isinstance(data, tuple) or not hasattr(data, "__getitem__") or not hasattr(data, "__len__"):
+        return None
+    parts = []
+    for _, batch in iter_batches(data, 1024):
+        lengths = real_lengths(batch)
+        if lengths is None:
+            return None
+        parts.append(lengths)
+    return torch.cat(parts) if parts else None
+
+
+def _take(data: Any, idx: list[int]) -> Any:
+    if isinstance(data, Mapping) and all(torch.is_tensor(t) for t in data.values()):
+        return {k: v[idx] for k, v in data.items()}
+    if isinstance(data, tuple) and all(torch.is_tensor(t) for t in data):
+        return tuple(t[idx] for t in data)
+    return next(iter(DataLoader(data, batch_sampler=[idx])))
+
+
+def ordered_batches(
+    data: Any, batch_size: int, *, shard: bool = False
+) -> Iterator[tuple[torch.Tensor, Any, int]]:
+    """Yield `(indices, batch, width)`: examples ordered by real length (longest first, ties in
+    the caller's order) when the data allows it, each batch trimmed to its longest real length;
+    `indices` are the examples' positions in `data` and `width` the batch's untrimmed width.
+
+    With `shard` under a process group, this rank's share only: every world-size-th example of
+    that order (or, for data that cannot be indexed, every world-size-th batch)."""
+    rank, size = distributed.world() if shard else (0, 1)
+    lengths = _data_lengths(data) if ORDER_BY_LENGTH else None
+    by_length = lengths is not None
+    if lengths is None and size > 1 and not isinstance(data, DataLoader):
+        lengths = _data_lengths_any(data)  # split by index, in the caller's order
+    if lengths is None:
+        for number, (offset, batch) in enumerate(iter_batches(data, batch_size)):
+            if number % size != rank:
+                continue
+            n = batch["input_ids"].shape[0] if isinstance(batch, Mapping) else batch[0].shape[0]
+            width = _width(batch)
+            real = real_lengths(batch) if ORDER_BY_LENGTH else None
+            if real is not None:
+                batch = trim_batch(batch, int(real.max()))
+            yield torch.arange(offset, offset + int(n)), batch, width
+        return
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
+    order = torch.sort(-lengths, stable=True).indices if by_length else torch.arange(len(lengths))
+    order = order[rank::size]
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        batch = _take(data, idx.tolist())
+        width = _width(batch)
+        if by_length:
+            batch = trim_batch(batch, int(lengths[idx].max()))
+        yield idx, batch, width
+
+
+def _data_lengths_any(data: Any) -> torch.Tensor | None:
+    """Number of examples of indexable data as dummy lengths (for splitting it by index)."""
+    try:
+        n = len(make_loader(data, 1).dataset)
+    except TypeError:
+        return None
+    return torch.ones(n, dtype=torch.long)
+
+
+def _width(batch: Any) -> int:
+    """Sequence width of a dict batch (0 for other batches: their terms say it)."""
+    return int(batch["input_ids"].shape[1]) if isinstance(batch, Mapping) else 0
+
+
+def restore_order(indices: list[torch.Tensor]) -> torch.Tensor:
+    """The permutation that puts rows gathered in pass order back in the caller's order."""
+    return torch.argsort(torch.cat(indices))
+
+
 def iter_layer_terms(
     model: nn.Module,
     task: Task,
@@ -273,12 +408,16 @@ def iter_layer_terms(
     device: str | torch.device | None = None,
     progress: bool = False,
     desc: str = "batches",
-) -> Iterator[tuple[int, Any, LayerTerms, torch.Tensor | None]]:
-    """One pass over `data`: yield `(offset, batch, {layer: (ā, g)}, token_mask)` per batch.
+    shard: bool = False,
+) -> Iterator[PassBatch]:
+    """One pass over `data`: a `PassBatch` (indices, batch, {layer: (ā, g)}, token mask,
+    width) per batch, batches formed by `ordered_batches`.
 
-    The loss is the task's training loss (true labels, or sampled ones when `sample`), or its
-    measurement when `measurement`. No weight gradients are computed.
-    """
+    The loss is the task's training loss (true labels, or sampled ones when `sample`, example
+    i seeded by (seed, i) whatever its batch), or its measurement when `measurement`. No weight
+    gradients are computed. With `shard`, only this rank's share of the examples (see
+    `influence.distributed`)."""
+    model = distributed.unwrap_model(model)
     layers = task.tracked_modules(model) if layers is None else layers
     infos = layer_infos(layers)
     checks.check_finite_weights(layers)
@@ -289,28 +428,28 @@ def iter_layer_terms(
     except TypeError:
         total = None
     with _EvalMode(model):
-        for offset, batch in tqdm(
-            iter_batches(loader, batch_size),
+        for idx, batch, width in tqdm(
+            ordered_batches(
+                loader if isinstance(data, DataLoader) else data, batch_size, shard=shard
+            ),
             total=total,
             desc=desc,
             disable=not progress,
             leave=False,
         ):
             task.check_batch(batch)
-            checks.check_batch_values(model, batch, offset, measurement)
-            checks.check_counted_tokens(task, batch, offset, measurement)
+            checks.check_batch_values(model, batch, idx, measurement)
+            checks.check_counted_tokens(task, batch, idx, measurement)
             batch = task.to_device(batch, dev)
             n = task.batch_size(batch)
             with LayerCapture(model, layers, infos, batch_size=n, batch=batch) as cap:
                 if measurement:
                     loss = task.measurement(model, batch)
                 else:
-                    loss = task.loss(
-                        model, batch, sample=sample, seed=seed, indices=range(offset, offset + n)
-                    )
+                    loss = task.loss(model, batch, sample=sample, seed=seed, indices=idx.tolist())
                 terms = cap.backward(loss)
-            checks.check_finite_terms(terms, offset, measurement)
-            yield offset, batch, terms, task.token_mask(batch)
+            checks.check_finite_terms(terms, idx, measurement)
+            yield PassBatch(idx, batch, terms, task.token_mask(batch), width)
 
 
 def token_outer_sum(g: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
@@ -345,7 +484,8 @@ def per_example_gradients(
     checks.check_task(task)
     checks.check_score_args(batch_size=batch_size, device=device, progress=progress)
     chunks: dict[str, list[torch.Tensor]] = {}
-    for _, _, terms, _ in iter_layer_terms(
+    indices = []
+    for idx, _, terms, _, _ in iter_layer_terms(
         model,
         task,
         data,
@@ -357,9 +497,13 @@ def per_example_gradients(
         progress=progress,
         desc="gradients",
     ):
+        indices.append(idx)
         for n, gr in example_gradients(terms).items():
             chunks.setdefault(n, []).append(gr)
-    return {n: torch.cat(c) for n, c in chunks.items()}
+    if not indices:
+        return {}
+    order = restore_order(indices)
+    return {n: torch.cat(c)[order] for n, c in chunks.items()}
 
 
 def flatten(grads: Mapping[str, torch.Tensor], infos: Mapping[str, LayerInfo]) -> torch.Tensor:

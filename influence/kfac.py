@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import torch
 
+from . import distributed
 from .capture import LayerTerms
 from .estimator import Estimator, Grads
 from .gradients import iter_layer_terms, token_outer_sum
+from .layers import layer_infos
 from .lowrank import LowRank, low_rank
 
 
@@ -82,7 +84,7 @@ def fit_covariances(model, task, data, *, seed, batch_size, device, progress):
     a_sum: dict[str, torch.Tensor] = {}
     s_sum: dict[str, torch.Tensor] = {}
     tokens = examples = 0
-    for _, batch, terms, mask in iter_layer_terms(
+    for _, batch, terms, mask, _ in iter_layer_terms(
         model,
         task,
         data,
@@ -92,6 +94,7 @@ def fit_covariances(model, task, data, *, seed, batch_size, device, progress):
         device=device,
         progress=progress,
         desc="covariances",
+        shard=True,
     ):
         examples += task.batch_size(batch)
         k = 0
@@ -106,6 +109,13 @@ def fit_covariances(model, task, data, *, seed, batch_size, device, progress):
             a_sum[n] = a_sum[n] + aa if n in a_sum else aa
             s_sum[n] = s_sum[n] + gg if n in s_sum else gg
         tokens += k
+    if distributed.is_distributed():  # every rank ends with the sums over all ranks
+        for n, info in layer_infos(task.tracked_modules(distributed.unwrap_model(model))).items():
+            a_sum.setdefault(n, torch.zeros(info.in_dim, info.in_dim, dtype=torch.float64))
+            s_sum.setdefault(n, torch.zeros(info.out_features, info.out_features).double())
+        a_sum, s_sum = distributed.all_reduce_sum(a_sum), distributed.all_reduce_sum(s_sum)
+        tokens = int(distributed.all_reduce_number(tokens))
+        examples = int(distributed.all_reduce_number(examples))
     if examples == 0:
         raise ValueError("cannot fit on empty data")
     return (
@@ -123,7 +133,8 @@ def _eigh(m: torch.Tensor, what: str) -> tuple[torch.Tensor, torch.Tensor]:
             "data (half precision or a diverged model are the usual causes)"
         )
     vals, vecs = torch.linalg.eigh(m.double())
-    return vals.clamp_(min=0.0), vecs
+    # Row-major like a loaded state, so that saved and loaded estimators run identical products.
+    return vals.clamp_(min=0.0), vecs.contiguous()
 
 
 class KFAC(Estimator):

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import checks
+from . import checks, distributed
 from .estimator import Estimator, Grads
 from .gradients import (
     batch_kind,
@@ -20,6 +20,7 @@ from .gradients import (
     iter_batches,
     iter_layer_terms,
     resolve_device,
+    restore_order,
     token_outer_sum,
 )
 from .layers import layer_infos
@@ -94,8 +95,9 @@ def preconditioned_queries(
     LiSSA solve for all queries at once."""
     checks.check_task(task)
     checks.check_score_args(batch_size=batch_size, device=device, progress=progress, rank=rank)
-    parts = []
-    for _, _, terms, _ in iter_layer_terms(
+    model = distributed.unwrap_model(model)
+    parts, indices = [], []
+    for idx, _, terms, _, _ in iter_layer_terms(
         model,
         task,
         query_data,
@@ -105,19 +107,27 @@ def preconditioned_queries(
         progress=progress,
         desc="queries",
     ):
+        indices.append(idx)
         if estimator.block_diagonal:
             parts.append(estimator.precondition_terms(terms, rank))
         else:
             parts.append(example_gradients(terms))
     if not parts:
         raise ValueError("query data is empty")
-    merged = {n: cat_queries([p[n] for p in parts]) for n in parts[0]}
+    order = restore_order(indices)  # batches come in length order: back to the caller's
+    merged = {n: _take_queries(cat_queries([p[n] for p in parts]), order) for n in parts[0]}
     if estimator.block_diagonal:
         checks.check_finite_queries(merged)
         return merged
     pre = estimator.precondition(merged)
     checks.check_finite_queries(pre)
     return pre if rank is None else {n: low_rank(p, rank) for n, p in pre.items()}
+
+
+def _take_queries(p, order: torch.Tensor):
+    if isinstance(p, LowRank):
+        return LowRank(p.u[order], p.s[order], p.v[order])
+    return p[order]
 
 
 def _pad_tokens(x: torch.Tensor, t: int) -> torch.Tensor:
@@ -157,6 +167,7 @@ def pairwise_scores(
         by_layer=by_layer,
         by_token=by_token,
     )
+    model = distributed.unwrap_model(model)
     layers = _check_inputs(model, task, estimator, query_data, train_data, batch_size=batch_size)
     dev = resolve_device(model, device)
     pre = preconditioned_queries(
@@ -191,45 +202,88 @@ def _slice_queries(p, start: int, stop: int):
     return p[start:stop]
 
 
-# Training gradients are buffered until this many examples (or this many bytes) so that each
-# layer's score product is one wide matrix product: at 32 columns it is bound by reading the
-# [Q, out·in'] query matrix, at 128 it runs near the CPU's peak (measured in bench/).
+# Training examples are scored in groups of up to this many rows so that each layer's score
+# product is one wide matrix product: at 32 columns it is bound by reading the [Q, out·in']
+# query matrix, at 128 it runs near the CPU's peak (measured in bench/). A group keeps its
+# batches' per-token terms (small: T·(in' + out) per example and layer, against out·in' for
+# a gradient), and per-example gradients are formed one layer at a time, in a buffer of at
+# most _GROUP_BYTES, so that no stage holds a whole batch of a large model's gradients.
 _GROUP_ROWS = 128
 _GROUP_BYTES = 512 * 2**20
 
 
-class _GradientGroup:
-    """Per-example gradients of consecutive training batches in preallocated buffers, one per
-    layer scored through its dense gradient, scored against the queries in one product each."""
+def _dense_queries(p, keep: bool) -> torch.Tensor:
+    """[Q, out, in'] query matrices of a layer; low-rank ones are rebuilt on each use unless
+    `keep` (all of them fit in the memory cap), so that no dense [Q, P] matrix is held."""
+    if not isinstance(p, LowRank):
+        return p
+    return p.dense() if keep else (p.u * p.s.unsqueeze(-2)) @ p.v.transpose(-1, -2)
 
-    def __init__(self, shapes: dict[str, tuple[int, int]], rows: int, like: torch.Tensor):
-        self.buffers = {n: like.new_empty(rows, o, i) for n, (o, i) in shapes.items()}
-        self.capacity, self.rows = rows, 0
+
+class _TermGroup:
+    """Per-token terms of consecutive training batches, scored against the queries layer by
+    layer: each layer's per-example gradients Σ_t g_t ā_tᵀ of the group are formed in one
+    reused buffer (in row chunks when the group's gradients of that layer exceed the cap)."""
+
+    def __init__(self, names: list[str], capacity: int, keep_dense: bool):
+        self.names, self.capacity, self.keep_dense = names, capacity, keep_dense
+        self.batches: list[dict[str, tuple[torch.Tensor, torch.Tensor]]] = []
+        self.rows = 0
+        self._buffer: torch.Tensor | None = None
 
     def fits(self, batch_rows: int) -> bool:
         return self.rows + batch_rows <= self.capacity
 
-    def add(self, terms) -> None:
-        """Append Σ_t g_t ā_tᵀ of every example in the batch, for the buffered layers."""
-        rows = next(iter(terms.values()))[0].shape[0]
-        for n, buf in self.buffers.items():
-            a, g = terms[n]
-            torch.bmm(g.transpose(1, 2), a, out=buf[self.rows : self.rows + rows])
+    def add(self, terms, rows: int) -> None:
+        self.batches.append({n: terms[n] for n in self.names})
         self.rows += rows
 
+    def clear(self) -> None:
+        self.batches, self.rows = [], 0
+
+    def _chunk_buffer(self, rows: int, o: int, i: int, like: torch.Tensor) -> torch.Tensor:
+        # One flat buffer shared by all layers (the largest chunk any layer needs), reused
+        # from group to group: a fresh tensor per layer would be page-faulted in every time.
+        need = rows * o * i
+        buf = self._buffer
+        same = buf is not None and (buf.dtype, buf.device) == (like.dtype, like.device)
+        if not same or buf.numel() < need:
+            buf = self._buffer = like.new_empty(need)
+        return buf[:need].view(rows, o, i)
+
     def scores(self, name: str, p) -> torch.Tensor:
-        dense = p.dense() if isinstance(p, LowRank) else p
-        grads = self.buffers[name][: self.rows]
-        return dense.reshape(dense.shape[0], -1) @ grads.reshape(self.rows, -1).T
+        """[Q, rows] scores of the group's examples for one layer."""
+        a0, g0 = self.batches[0][name]
+        o, i = g0.shape[-1], a0.shape[-1]
+        per_row = o * i * a0.element_size()
+        cap = max(1, min(self.rows, _GROUP_BYTES // per_row))
+        buf = self._chunk_buffer(cap, o, i, a0)
+        dense = _dense_queries(p, self.keep_dense)
+        flat = dense.reshape(dense.shape[0], -1)
+        out, filled = [], 0
+        for terms in self.batches:
+            a, g = terms[name]
+            start = 0
+            while start < a.shape[0]:
+                take = min(a.shape[0] - start, cap - filled)
+                rows = slice(start, start + take)
+                torch.bmm(g[rows].transpose(1, 2), a[rows], out=buf[filled : filled + take])
+                filled, start = filled + take, start + take
+                if filled == cap:
+                    out.append(flat @ buf.reshape(cap, -1).T)
+                    filled = 0
+        if filled:
+            out.append(flat @ buf[:filled].reshape(filled, -1).T)
+        return torch.cat(out, dim=1)
 
 
-def _group_rows(shapes: dict[str, tuple[int, int]], batch_rows: int, itemsize: int) -> int | None:
-    """Rows of the gradient buffers, or None when one batch of them exceeds the memory cap
-    (large models: each layer's batch gradients are then scored and freed one at a time)."""
-    per_row = itemsize * sum(o * i for o, i in shapes.values())
-    if batch_rows * per_row > _GROUP_BYTES:
-        return None
-    return max(batch_rows, min(_GROUP_ROWS, _GROUP_BYTES // max(per_row, 1)))
+def _term_bytes(terms, names: list[str]) -> int:
+    """Bytes of the distinct term tensors of `names` (layers sharing an input share ā)."""
+    seen: dict[int, int] = {}
+    for n in names:
+        for x in terms[n]:
+            seen[id(x)] = x.numel() * x.element_size()
+    return sum(seen.values())
 
 
 def _stream_scores(
@@ -238,27 +292,28 @@ def _stream_scores(
     """One pass over the training data: {layer or "total": [Q, N] (or [Q, N, T])}."""
     blocks: list[dict[str, torch.Tensor]] = []  # finished column blocks, on the CPU
     pending: dict[str, list[torch.Tensor]] = {}  # token-path scores of the group's batches
-    group: _GradientGroup | None = None
-    grouped: list[str] = []
+    group: _TermGroup | None = None
+    indices: list[torch.Tensor] = []
     first_batch = True
     max_t = 0
 
     def flush() -> None:
         # Layers in `pre` order, so that the total is summed in a fixed order.
+        grouped = group.names if group is not None and group.rows else []
         scores = {
             n: torch.cat(pending[n], dim=1) if n in pending else group.scores(n, pre[n])
             for n in pre
-            if n in pending or (n in grouped and group.rows)
+            if n in pending or n in grouped
         }
         if group is not None:
-            group.rows = 0
+            group.clear()
         pending.clear()
         if scores:
             if not by_layer:
                 scores = {"total": sum(scores.values())}
             blocks.append({k: v.detach().cpu() for k, v in scores.items()})
 
-    for _, _, terms, _ in iter_layer_terms(
+    for idx, _, terms, _, width in iter_layer_terms(
         model,
         task,
         train_data,
@@ -267,40 +322,54 @@ def _stream_scores(
         device=device,
         progress=progress,
         desc="scores",
+        shard=True,
     ):
+        indices.append(idx)
         a0 = next(iter(terms.values()))[0]
         rows, t = a0.shape[0], a0.shape[1]
-        max_t = max(max_t, t)
+        max_t = max(max_t, t, width)
         if first_batch and not by_token:
             # Layers whose scores go through the dense per-example gradient; the choice is a
-            # matter of speed only (both paths give the same scores), made on the first batch.
+            # matter of speed only (both paths give the same scores), made on the first batch
+            # (the longest, when batches are ordered by length).
             grouped = [
                 n for n, p in pre.items() if not (isinstance(p, LowRank) and _use_token_path(p, t))
             ]
-            shapes = {n: (terms[n][1].shape[-1], terms[n][0].shape[-1]) for n in grouped}
-            capacity = _group_rows(shapes, rows, a0.element_size())
-            if capacity is None:
-                grouped = []
-            elif grouped:
-                group = _GradientGroup(shapes, capacity, a0)
+            if grouped:
+                per_row = max(1, _term_bytes(terms, grouped) // rows)
+                capacity = max(rows, min(_GROUP_ROWS, _GROUP_BYTES // per_row))
+                itemsize = a0.element_size()
+                dense_bytes = sum(
+                    pre[n].u.shape[0] * pre[n].u.shape[1] * pre[n].v.shape[1] * itemsize
+                    for n in grouped
+                    if isinstance(pre[n], LowRank)
+                )
+                group = _TermGroup(grouped, capacity, keep_dense=dense_bytes <= _GROUP_BYTES)
         first_batch = False
         if group is not None and not group.fits(rows):
             flush()
-            if not group.fits(rows):  # a batch larger than the first one
-                group = _GradientGroup(shapes, rows, a0)
         if group is not None:
-            group.add(terms)
+            group.add(terms, rows)
         for n, (a, g) in terms.items():
-            if n not in grouped:
+            if group is None or n not in group.names:
                 pending.setdefault(n, []).append(_layer_scores(pre[n], a, g, by_token))
         if group is None:
             flush()
     flush()
+    # Under a process group every rank scored its share: gather them all on every rank.
+    shares = distributed.all_gather_objects((indices, blocks, max_t))
+    indices = [i for share in shares for i in share[0]]
+    blocks = [b for share in shares for b in share[1]]
+    max_t = max(share[2] for share in shares)
     if not blocks:
         raise ValueError("training data is empty")
+    order = restore_order(indices)
     if by_token:
-        return {k: torch.cat([_pad_tokens(b[k], max_t) for b in blocks], dim=1) for k in blocks[0]}
-    return {k: torch.cat([b[k] for b in blocks], dim=1) for k in blocks[0]}
+        return {
+            k: torch.cat([_pad_tokens(b[k], max_t) for b in blocks], dim=1)[:, order]
+            for k in blocks[0]
+        }
+    return {k: torch.cat([b[k] for b in blocks], dim=1)[:, order] for k in blocks[0]}
 
 
 @checks.restores_model
@@ -323,23 +392,42 @@ def self_scores(
     checks.check_score_args(
         batch_size=batch_size, device=device, progress=progress, by_layer=by_layer
     )
+    model = distributed.unwrap_model(model)
     layers = _check_inputs(model, task, estimator, train_data, batch_size=batch_size)
     dev = resolve_device(model, device)
     chunks: list[dict[str, torch.Tensor]] = []
-    for _, _, terms, _ in iter_layer_terms(
+    indices: list[torch.Tensor] = []
+    for idx, _, terms, _, _ in iter_layer_terms(
         model,
         task,
         train_data,
         layers=layers,
-        batch_size=batch_size,
         device=dev,
+        batch_size=batch_size,
         progress=progress,
         desc="self-influence",
+        shard=True,
     ):
-        grads: Grads = example_gradients(terms)
-        pre = estimator.precondition(grads)
-        per_layer = {n: (grads[n] * pre[n]).flatten(1).sum(1).detach().cpu() for n in grads}
+        indices.append(idx)
+        if estimator.block_diagonal:
+            # One layer's per-example gradients at a time (a large model's whole batch of them
+            # would not fit); CG and LiSSA need every layer at once.
+            per_layer = {}
+            for n, (a, g) in terms.items():
+                gr = token_outer_sum(g, a)
+                pre = estimator.precondition({n: gr})[n]
+                per_layer[n] = (gr * pre).flatten(1).sum(1).detach().cpu()
+        else:
+            grads: Grads = example_gradients(terms)
+            pre = estimator.precondition(grads)
+            per_layer = {n: (grads[n] * pre[n]).flatten(1).sum(1).detach().cpu() for n in grads}
         chunks.append(per_layer)
-    merged = {n: torch.cat([c[n] for c in chunks]) for n in chunks[0]}
+    shares = distributed.all_gather_objects((indices, chunks))  # every rank's share
+    indices = [i for share in shares for i in share[0]]
+    chunks = [c for share in shares for c in share[1]]
+    if not chunks:
+        raise ValueError("training data is empty")
+    order = restore_order(indices)
+    merged = {n: torch.cat([c[n] for c in chunks])[order] for n in chunks[0]}
     checks.check_finite_scores(merged)
     return merged if by_layer else torch.stack(list(merged.values())).sum(0)

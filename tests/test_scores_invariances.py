@@ -276,3 +276,83 @@ def test_randomized_truncation_is_near_the_exact_truncated_svd():
     assert torch.allclose(approx.s, exact_s[..., :8], rtol=3e-2)  # measured: within 1.7%
     assert low_rank(p, 40) is p  # rank covers the matrix: nothing to truncate
     assert torch.equal(low_rank(p, 8).dense(), approx.dense())  # seeded: deterministic
+
+
+def _pad_right(data, pad):
+    return {
+        "input_ids": torch.nn.functional.pad(data["input_ids"], (0, pad), value=0),
+        "attention_mask": torch.nn.functional.pad(data["attention_mask"], (0, pad), value=0),
+        "labels": torch.nn.functional.pad(data["labels"], (0, pad), value=-100),
+    }
+
+
+def _all_results(model, task, est_cls, data, queries):
+    """Factors and every score path, from one fit on `data`."""
+    est = est_cls().fit(model, task, data, batch_size=3, progress=False, seed=2)
+    out = {f"factor {k}": v for k, v in est.state_.items()}
+    out["total"] = scores(model, task, est, queries, data, batch_size=4)
+    out["rank 1"] = scores(model, task, est, queries, data, rank=1, batch_size=4)
+    out["by token"] = scores(model, task, est, queries, data, by_token=True, batch_size=4)
+    for n, v in scores(model, task, est, queries, data, by_layer=True, batch_size=4).items():
+        out[f"layer {n}"] = v
+    out["self"] = inf.self_scores(model, task, est, data, batch_size=4, progress=False)
+    return out
+
+
+@pytest.mark.parametrize("est_cls", ESTIMATORS)
+def test_length_ordering_and_trimming_change_nothing(llama_setting, monkeypatch, est_cls):
+    """Batches ordered by real length and trimmed to it (the default) give the factors and
+    scores of batches in the caller's order at full width, in the caller's order; so does data
+    shuffled and padded wider (sampled labels follow the example's index, not its batch)."""
+    import influence.gradients as gradients_module
+
+    model, task, data, queries = llama_setting
+    ordered = _all_results(model, task, est_cls, data, queries)
+    monkeypatch.setattr(gradients_module, "ORDER_BY_LENGTH", False)
+    plain = _all_results(model, task, est_cls, data, queries)
+    assert set(ordered) == set(plain)
+    for k, v in plain.items():
+        assert rel(ordered[k], v) < TIGHT, k
+    monkeypatch.setattr(gradients_module, "ORDER_BY_LENGTH", True)
+    # Shuffled rows and queries, padded to a wider width: the same numbers, permuted. The
+    # sampled labels of a shuffled example differ (its index changed), so the factors are fitted
+    # on the original data and only the scores are compared.
+    perm = torch.randperm(20, generator=torch.Generator().manual_seed(3))
+    shuffled = _pad_right({k: v[perm] for k, v in data.items()}, 4)
+    est = est_cls().fit(model, task, data, batch_size=3, progress=False, seed=2)
+    q_perm = torch.tensor([2, 0, 3, 1])
+    q_shuffled = _pad_right({k: v[q_perm] for k, v in queries.items()}, 2)
+    got = scores(model, task, est, q_shuffled, shuffled, batch_size=4)
+    assert rel(got, plain["total"][q_perm][:, perm]) < TIGHT
+    got_tokens = scores(model, task, est, q_shuffled, shuffled, by_token=True, batch_size=4)
+    width = data["input_ids"].shape[1]
+    assert got_tokens.shape[-1] == width + 4  # the caller's width, whatever the trimming
+    assert rel(got_tokens[..., :width], plain["by token"][q_perm][:, perm]) < TIGHT
+    assert got_tokens[..., width:].abs().max() == 0
+    self_ = inf.self_scores(model, task, est, shuffled, batch_size=4, progress=False)
+    assert rel(self_, plain["self"][perm]) < TIGHT
+
+
+def test_passes_run_on_real_tokens_only(llama_setting):
+    """Every influence pass feeds the model batches of similar real lengths cut to their
+    longest one: the tokens it processes are the real ones plus little padding."""
+    model, task, data, queries = llama_setting
+    padded = _pad_right(data, 40)  # mostly padding, like the study's rows of 72
+    widths: list[tuple[int, int]] = []
+    handle = model.model.embed_tokens.register_forward_hook(
+        lambda m, args, out: widths.append(tuple(args[0].shape))
+    )
+    try:
+        est = inf.EKFAC().fit(model, task, padded, batch_size=4, progress=False)
+        scores(model, task, est, queries, padded, batch_size=4)
+        inf.self_scores(model, task, est, padded, batch_size=4, progress=False)
+    finally:
+        handle.remove()
+    real = data["attention_mask"].sum(1)
+    processed = sum(b * t for b, t in widths)
+    passes = 4  # two fit passes, the scores' training pass, self-influence
+    lengths = sorted(real.tolist(), reverse=True)
+    best = sum(max(lengths[i : i + 4]) * len(lengths[i : i + 4]) for i in range(0, 20, 4))
+    query_tokens = 4 * queries["input_ids"].shape[1]
+    assert processed == passes * best + query_tokens, (processed, widths)
+    assert processed < 0.25 * (passes * padded["input_ids"].numel())

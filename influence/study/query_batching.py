@@ -36,7 +36,7 @@ import torch
 from scipy import stats
 
 import influence as inf
-from influence.gradients import example_gradients, iter_layer_terms, resolve_device
+from influence.gradients import example_gradients, iter_layer_terms, resolve_device, restore_order
 from influence.lowrank import LowRank
 
 # -- query side --------------------------------------------------------------------------------
@@ -156,16 +156,18 @@ def rank_sweep(
     num_q = next(iter(dense[ranks[0]].values())).shape[0]
     # All ranks stacked along the query axis: one product per layer and training batch.
     stacked = {n: torch.cat([dense[r][n] for r in ranks]) for n in layers}
-    blocks = []
+    blocks, indices = [], []
     t0 = time.perf_counter()
-    for _, _, terms, _ in iter_layer_terms(
+    for idx, _, terms, _, _ in iter_layer_terms(
         model, task, train, layers=layers, batch_size=batch_size, device=dev, progress=progress
     ):
         grads = example_gradients(terms)
         block = sum(stacked[n] @ grads[n].reshape(grads[n].shape[0], -1).T for n in layers)
         blocks.append(block.detach().cpu())
+        indices.append(idx)
     train_s = time.perf_counter() - t0
-    allq = torch.cat(blocks, dim=1)
+    # The library passes over the examples in length order: columns back in dataset order.
+    allq = torch.cat(blocks, dim=1)[:, restore_order(indices)]
     scores = {r: allq[i * num_q : (i + 1) * num_q] for i, r in enumerate(ranks)}
     return RankSweep(scores, pd.DataFrame(rows).set_index("rank"), train_s)
 

@@ -1,0 +1,124 @@
+"""Benchmark: scores of a model whose batch of per-example gradients exceeds the buffer cap.
+
+Setup (issue 10): a Llama-style model built from a config (hidden 512, 4 layers, intermediate
+2048, vocab 512: 17M parameters, 16.8M of them in the 28 tracked linear layers), 256 training
+sequences of 64 tokens, 32 queries, batch 32. One batch of per-example gradients is 2.1 GB in
+float32, four times the 512 MiB cap of `influence.scores`, so the scores take the per-layer
+path. It prints each stage as a ratio to one plain forward+backward epoch, the scores' ratio
+to their flop floor (the capture pass + forming per-example gradients + the Q·N·P dot
+products, counted with torch.utils.flop_counter; target <= 1.5x) and the peak memory.
+Run: `python bench/bench_large_layers.py [--repeats 2]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import statistics
+
+import torch
+from bench_ekfac import epoch, flops_epoch_batch, flops_influence_pass, timed
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import influence as inf
+from influence.layers import layer_infos
+
+
+def build(n_train: int, n_query: int, seq: int):
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=512,
+        hidden_size=512,
+        intermediate_size=2048,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+        max_position_embeddings=seq,
+        tie_word_embeddings=False,
+    )
+    model = LlamaForCausalLM(cfg).eval()
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 512, (n_train + n_query, seq), generator=g)
+    mask = torch.ones_like(ids)
+    train = {"input_ids": ids[:n_train], "attention_mask": mask[:n_train], "labels": ids[:n_train]}
+    q_labels = ids[n_train:].clone()
+    q_labels[:, : seq // 2] = -100
+    queries = {"input_ids": ids[n_train:], "attention_mask": mask[n_train:], "labels": q_labels}
+    return model, train, queries
+
+
+def rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--train", type=int, default=256)
+    ap.add_argument("--queries", type=int, default=32)
+    ap.add_argument("--seq", type=int, default=64)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=1)
+    args = ap.parse_args()
+    bs = args.batch_size
+    model, train, queries = build(args.train, args.queries, args.seq)
+    task = inf.LanguageModelingTask()
+    infos = layer_infos(task.tracked_modules(model))
+    p_tracked = sum(i.numel for i in infos.values())
+    p_all = sum(p.numel() for p in model.parameters())
+    print(
+        f"model: Llama hidden 512, 4 layers, {p_all / 1e6:.1f}M parameters"
+        f", {p_tracked / 1e6:.1f}M tracked in {len(infos)} layers; N = {args.train} x "
+        f"T = {args.seq}; Q = {args.queries}; batch {bs}; one batch of per-example gradients "
+        f"{bs * p_tracked * 4 / 2**30:.1f} GiB; torch threads {torch.get_num_threads()}"
+    )
+    epoch(model, task, {k: v[:bs] for k, v in train.items()}, bs, "cpu")  # warm-up
+    est = inf.EKFAC().fit(model, task, train, batch_size=bs, progress=False)
+    rss_fit = rss_mib()
+    times: dict[str, list[float]] = {"epoch": [], "full": [], "rank32": []}
+    for _ in range(args.repeats):
+        times["epoch"].append(timed(lambda: epoch(model, task, train, bs, "cpu"), "cpu")[1])
+        full, t = timed(
+            lambda: inf.pairwise_scores(
+                model, task, est, queries, train, batch_size=bs, progress=False
+            ),
+            "cpu",
+        )
+        times["full"].append(t)
+        rss_full = rss_mib()
+        low, t = timed(
+            lambda: inf.pairwise_scores(
+                model, task, est, queries, train, rank=32, batch_size=bs, progress=False
+            ),
+            "cpu",
+        )
+        times["rank32"].append(t)
+    times["epoch"].append(timed(lambda: epoch(model, task, train, bs, "cpu"), "cpu")[1])
+
+    batch = {k: v[:bs] for k, v in train.items()}
+    nb = args.train / bs
+    f_epoch = flops_epoch_batch(model, task, batch) * nb
+    f_pass = flops_influence_pass(model, task, batch) * nb
+    f_grads = 2 * args.train * args.seq * p_tracked
+    f_dots = 2 * args.queries * args.train * p_tracked
+    floor = (f_pass + f_grads + f_dots) / f_epoch
+    best = {k: min(v) for k, v in times.items()}
+    epochs = ", ".join(f"{t:.2f}" for t in times["epoch"])
+    print(f"\nepoch: fastest {best['epoch']:.2f} s (all: {epochs})")
+    print(f"flop floor of the scores: {floor:.2f}x an epoch (Q·N·P dots {f_dots / f_epoch:.2f}x)")
+    print(f"{'stage':<30}{'fastest s':>10}{'x epoch':>9}{'x floor':>9}{'median x':>10}")
+    for k, label in (("full", "scores, full rank"), ("rank32", "scores, rank 32")):
+        ratio = best[k] / best["epoch"]
+        med = statistics.median(times[k]) / statistics.median(times["epoch"])
+        print(f"{label:<30}{best[k]:>10.2f}{ratio:>8.2f}x{ratio / floor:>8.2f}x{med:>9.2f}x")
+    print(
+        f"peak RSS: {rss_fit:.0f} MiB after the fit, {rss_full:.0f} MiB after full-rank scores, "
+        f"{rss_mib():.0f} MiB at the end (the [Q, P] full-rank query matrix alone is "
+        f"{args.queries * p_tracked * 4 / 2**20:.0f} MiB)"
+    )
+    r = torch.corrcoef(torch.stack([full.flatten(), low.flatten()]))[0, 1].item()
+    print(f"rank-32 vs full-rank scores: Pearson {r:.4f}; target: scores <= 1.5x the floor")
+    print("the machine is shared (2 cores, other jobs): timings are under contention")
+
+
+if __name__ == "__main__":
+    main()
