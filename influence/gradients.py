@@ -281,7 +281,8 @@ class PassBatch(NamedTuple):
 
 def real_lengths(batch: Any) -> torch.Tensor | None:
     """Per example, 1 + the last position that is a real token (attention_mask 1) or a counted
-    label (≠ −100), for dict batches of sequences; None for other batches.
+    label (≠ −100), for dict batches of token sequences whose labels (if any) align with them;
+    None for other batches (classification labels, seq2seq decoder targets, tensors, tuples).
 
     Positions after it are padding that neither a causal model's earlier outputs nor the loss
     can see, so a batch can be cut to its longest real length."""
@@ -290,9 +291,13 @@ def real_lengths(batch: Any) -> torch.Tensor | None:
     ids = batch["input_ids"]
     if not torch.is_tensor(ids) or ids.dim() != 2:
         return None
+    labels = batch.get("labels")
+    if labels is not None and (not torch.is_tensor(labels) or labels.shape != ids.shape):
+        return None  # a label per sequence (classification) or decoder targets (seq2seq)
+    if any(str(k).startswith("decoder_") for k in batch):
+        return None
     mask = batch.get("attention_mask")
     real = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
-    labels = batch.get("labels")
     if labels is not None:
         real = real | (labels != IGNORE_INDEX)
     pos = torch.arange(1, ids.shape[1] + 1, device=ids.device)
@@ -330,14 +335,6 @@ def _data_lengths(data: Any) -> torch.Tensor | None:
     return torch.cat(parts) if parts else None
 
 
-def _take(data: Any, idx: list[int]) -> Any:
-    if isinstance(data, Mapping) and all(torch.is_tensor(t) for t in data.values()):
-        return {k: v[idx] for k, v in data.items()}
-    if isinstance(data, tuple) and all(torch.is_tensor(t) for t in data):
-        return tuple(t[idx] for t in data)
-    return next(iter(DataLoader(data, batch_sampler=[idx])))
-
-
 def ordered_batches(
     data: Any, batch_size: int, *, shard: bool = False
 ) -> Iterator[tuple[torch.Tensor, Any, int]]:
@@ -369,7 +366,7 @@ def ordered_batches(
     order = order[rank::size]
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
-        batch = _take(data, idx.tolist())
+        batch = take(data, idx.tolist())
         width = _width(batch)
         if by_length:
             batch = trim_batch(batch, int(lengths[idx].max()))
