@@ -95,7 +95,7 @@ print("training sequences N =", N, "| models:", order)
 print(counts)
 print(sc.timings.round(1))
 stage_build_s = float(sc.timings.fit_s.sum() + sc.timings.score_s.sum())
-stage_cpu_s = float(sc.timings.fit_cpu_s.sum() + sc.timings.score_cpu_s.sum())
+stage_cpu_s = float(sc.timings[["fit_cpu_s", "score_cpu_s"]].to_numpy().sum())  # NaN if unknown
 print(
     f"scores stage, measured when built: {stage_build_s:.0f} s wall, {stage_cpu_s:.0f} CPU-s "
     "(fits + scores, all models; NaN: built before CPU time was recorded)"
@@ -178,12 +178,23 @@ display(
 
 # %%
 q_text = {qs: sc.queries(qs) for qs in SETS}
-t1 = table[(table.model == largest) & (table.n_bootstrap > 0)].copy()
+is_rep = [pair in reps for pair in zip(table.query_set, table["query"], strict=True)]
+t1 = table[(table.model == largest) & np.array(is_rep)].copy()
 pairs = list(zip(t1.query_set, t1["query"], strict=True))
 t1["prompt"] = [q_text[qs].prompt.iloc[q][-40:] for qs, q in pairs]
 t1["completion"] = [q_text[qs].completion.iloc[q][:30] for qs, q in pairs]
 table1 = t1[
-    ["query_set", "query", "prompt", "completion", "alpha", "xmin", "n_tail", "ks_pvalue"]
+    [
+        "query_set",
+        "query",
+        "prompt",
+        "completion",
+        "alpha",
+        "xmin",
+        "n_tail",
+        "ks_pvalue",
+        "n_bootstrap",
+    ]
     + ["R_lognormal", "R_exponential", "top1_share", "max_per_copy"]
 ].reset_index(drop=True)
 print(
