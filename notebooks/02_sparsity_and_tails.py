@@ -79,8 +79,9 @@ print(f"preset={preset} device={device} seed={seed} params={cfg}")
 # ## The scores stage
 #
 # Built once per model and cached under `artifacts/influence_scores/`; a re-run loads it in
-# seconds. The timings below are those measured when each entry was built (on a shared 2-core
-# CPU they depend on what else ran at the time).
+# seconds. The timings below are those measured when each entry was built: wall seconds, and
+# CPU seconds of the building process (on a shared 2-core CPU the wall time includes waiting
+# for the cores, the CPU time does not).
 
 # %%
 with report.stage("suite"):
@@ -94,7 +95,11 @@ print("training sequences N =", N, "| models:", order)
 print(counts)
 print(sc.timings.round(1))
 stage_build_s = float(sc.timings.fit_s.sum() + sc.timings.score_s.sum())
-print(f"scores stage, measured when built: {stage_build_s:.0f} s (fits + scores, all models)")
+stage_cpu_s = float(sc.timings[["fit_cpu_s", "score_cpu_s"]].to_numpy().sum())  # NaN if unknown
+print(
+    f"scores stage, measured when built: {stage_build_s:.0f} s wall, {stage_cpu_s:.0f} CPU-s "
+    "(fits + scores, all models; NaN: built before CPU time was recorded)"
+)
 
 # %% [markdown]
 # ## Per-copy influence over the whole corpus
@@ -173,11 +178,23 @@ display(
 
 # %%
 q_text = {qs: sc.queries(qs) for qs in SETS}
-t1 = table[(table.model == largest) & (table.n_bootstrap > 0)].copy()
-t1["prompt"] = [q_text[qs].prompt.iloc[q][-40:] for qs, q in zip(t1.query_set, t1["query"])]
-t1["completion"] = [q_text[qs].completion.iloc[q][:30] for qs, q in zip(t1.query_set, t1["query"])]
+is_rep = [pair in reps for pair in zip(table.query_set, table["query"], strict=True)]
+t1 = table[(table.model == largest) & np.array(is_rep)].copy()
+pairs = list(zip(t1.query_set, t1["query"], strict=True))
+t1["prompt"] = [q_text[qs].prompt.iloc[q][-40:] for qs, q in pairs]
+t1["completion"] = [q_text[qs].completion.iloc[q][:30] for qs, q in pairs]
 table1 = t1[
-    ["query_set", "query", "prompt", "completion", "alpha", "xmin", "n_tail", "ks_pvalue"]
+    [
+        "query_set",
+        "query",
+        "prompt",
+        "completion",
+        "alpha",
+        "xmin",
+        "n_tail",
+        "ks_pvalue",
+        "n_bootstrap",
+    ]
     + ["R_lognormal", "R_exponential", "top1_share", "max_per_copy"]
 ].reset_index(drop=True)
 print(
@@ -194,7 +211,7 @@ print(table1.round(3).to_string())
 # %%
 fig, axes = plt.subplots(1, len(order), figsize=(4 * len(order), 3.6), sharey=True)
 for ax, m in zip(np.atleast_1d(axes), order, strict=True):
-    for j, (qs, q) in enumerate(reps[: cfg["ccdf_queries"]]):
+    for qs, q in reps[: cfg["ccdf_queries"]]:
         x, c = tails.ccdf(per_copy[(m, qs)][q])
         (line,) = ax.loglog(x, c, ".", ms=3, label=f"{qs} #{q}")
         row = table[(table.model == m) & (table.query_set == qs) & (table["query"] == q)].iloc[0]
@@ -328,6 +345,7 @@ report.metrics.update(
         "query_counts": {qs: sc.counts()[qs] for qs in sc.query_sets},
         "scores_stage": {
             "build_seconds": stage_build_s,
+            "build_cpu_seconds": stage_cpu_s,
             "per_model": sc.timings.round(2).reset_index().to_dict(orient="records"),
             "settings": {k: sc.config[k] for k in ("modules", "damping", "dtype", "fit_seed")},
         },

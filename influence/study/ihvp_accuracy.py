@@ -245,8 +245,11 @@ MIN_POINTS = 5
 
 
 def fmt(value: float | None, digits: int = 2) -> str:
-    """A correlation for the reader: "n/a" where it was not computed (too few points)."""
-    if value is None or value != value:
+    """A correlation for the reader: "-" where none was asked for (e.g. no LDS), "n/a" where
+    it was not computed (too few points)."""
+    if value is None:
+        return "-"
+    if value != value:
         return f"n/a (< {MIN_POINTS} points)"
     return f"{value:.{digits}f}"
 

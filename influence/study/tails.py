@@ -90,8 +90,11 @@ def _powerlaw_fit(pos: np.ndarray, n: int, tail_share: float, min_tail: int):
         return None
     with warnings.catch_warnings(), np.errstate(all="ignore"):
         warnings.simplefilter("ignore")
-        fit = powerlaw.Fit(pos, xmin=rng_, verbose=0)
-        _ = fit.power_law.alpha  # force the fit inside the silenced block
+        try:
+            fit = powerlaw.Fit(pos, xmin=rng_, verbose=0)
+            _ = fit.power_law.alpha  # force the fit inside the silenced block
+        except ValueError:  # powerlaw: "No data points in defined range" on degenerate data
+            return None
     if not np.isfinite(fit.power_law.alpha):
         return None
     return fit
@@ -122,7 +125,7 @@ def fit_tail(
     """Power-law fit of the upper tail of one query's influences (see the module docstring).
 
     Returns the keys of `TAIL_RESULT_KEYS` (NaN/None where the tail is too short to fit), plus
-    `ks_pvalue` (NaN unless `n_bootstrap` > 0) and `n_bootstrap`."""
+    `ks_pvalue` (NaN unless `n_bootstrap` > 0) and `n_bootstrap` (synthetic sets fitted)."""
     a = _as_array(x)
     pos = np.sort(a[a > 0])
     out: dict = {k: float("nan") for k in TAIL_RESULT_KEYS}
@@ -155,8 +158,9 @@ def fit_tail(
         powerlaw_not_worse=bool(not (r_ln < 0 and p_ln < 0.1) and not (r_ex < 0 and p_ex < 0.1)),
     )
     if n_bootstrap > 0:
-        out["ks_pvalue"] = ks_pvalue(pos, a.size, out, tail_share, min_tail, n_bootstrap, seed)
-        out["n_bootstrap"] = n_bootstrap
+        out["ks_pvalue"], out["n_bootstrap"] = ks_pvalue(
+            pos, a.size, out, tail_share, min_tail, n_bootstrap, seed
+        )
     return out
 
 
@@ -168,10 +172,10 @@ def ks_pvalue(
     min_tail: int,
     n_bootstrap: int,
     seed: int = 0,
-) -> float:
+) -> tuple[float, int]:
     """CSN bootstrap goodness-of-fit p-value: share of synthetic data sets (from the fitted
     model, refitted the same way, x_min search included) whose KS distance ≥ the observed one.
-    With B data sets its resolution is 1/B."""
+    Returns (p, number of synthetic sets that could be fitted); with B sets p resolves 1/B."""
     rng = np.random.default_rng(seed)
     hits = 0
     done = 0
@@ -182,7 +186,7 @@ def ks_pvalue(
             continue
         done += 1
         hits += f.power_law.D >= fitted["ks_D"]
-    return hits / done if done else float("nan")
+    return (hits / done if done else float("nan")), done
 
 
 def ccdf(x) -> tuple[np.ndarray, np.ndarray]:
