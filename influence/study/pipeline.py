@@ -75,6 +75,8 @@ PACKAGES = (
     "scikit-learn",
     "matplotlib",
     "seaborn",
+    "powerlaw",
+    "bm25s",
     "papermill",
     "jupytext",
     "nbconvert",
