@@ -53,6 +53,7 @@ def main(out_path: str) -> None:
         torch.save(scores.cpu(), out_path)
         print(f"scores {tuple(scores.shape)} written to {out_path}")
     if launched:
+        dist.barrier()  # no rank tears the group down while another still uses it
         dist.destroy_process_group()
 
 

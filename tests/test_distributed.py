@@ -64,6 +64,7 @@ def _worker(rank: int, world: int, port: int, path: str) -> None:
     try:
         model = torch.nn.parallel.DistributedDataParallel(tiny_llama())
         torch.save(_results(model), f"{path}.{rank}")
+        dist.barrier()  # no rank tears the group down while another still uses it
     finally:
         dist.destroy_process_group()
 
@@ -100,10 +101,12 @@ def test_readme_torchrun_example_runs_with_two_processes(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     one = tmp_path / "one.pt"
     two = tmp_path / "two.pt"
-    subprocess.run([sys.executable, str(script), str(one)], check=True, env=env, cwd=ROOT)
+    # A hung collective must fail the test, not stall the whole run: generous time limits.
+    run = {"check": True, "env": env, "cwd": ROOT, "timeout": 600}
+    subprocess.run([sys.executable, str(script), str(one)], **run)
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
     port = ["--master-port", str(_free_port())]
-    subprocess.run([*torchrun, *port, str(script), str(two)], check=True, env=env, cwd=ROOT)
+    subprocess.run([*torchrun, *port, str(script), str(two)], **run)
     a, b = torch.load(one), torch.load(two)
     assert a.shape == b.shape == (8, 64)
     assert rel(b, a) < 1e-5  # float32 model: sums in another order

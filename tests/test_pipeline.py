@@ -265,6 +265,15 @@ def test_bad_device_fails_before_anything_runs(study, capsys):
     assert not (study / "artifacts" / "runs").exists()
 
 
+def test_provenance_is_dirty_only_for_changed_sources(monkeypatch):
+    """The reports, figures and README table the pipeline writes do not make a run dirty."""
+    status = {"value": " M reports/01.html\n M figures/a.png\n M README.md\n"}
+    monkeypatch.setattr(pipeline, "_git", lambda *a: status["value"] if a[0] == "status" else "abc")
+    assert pipeline.provenance("cpu")["git_dirty"] is False
+    status["value"] += " M influence/scores.py\n"
+    assert pipeline.provenance("cpu")["git_dirty"] is True
+
+
 def test_committed_reports_need_a_clean_tree():
     pipeline.check_clean_tree("")
     pipeline.check_clean_tree(" M reports/01.html\n M figures/a.png\n M README.md\n")

@@ -248,7 +248,8 @@ def provenance(device: str) -> dict[str, Any]:
     status = _git("status", "--porcelain", "--untracked-files=no")
     return {
         "git_commit": _git("rev-parse", "HEAD"),
-        "git_dirty": None if status is None else bool(status),
+        # The pipeline's own outputs (reports, figures, README table) do not make a run dirty.
+        "git_dirty": None if status is None else bool(changed_sources(status)),
         "python": sys.version.split()[0],
         "platform": platform.platform(),
         "device": device_info(device),
@@ -773,13 +774,18 @@ def committed_reports(directory: Path) -> bool:
 _OWN_OUTPUTS = ("reports/", "figures/", "README.md")
 
 
-def check_clean_tree(status: str | None) -> None:
-    """Refuse to write the committed reports from uncommitted code (`git status --porcelain`)."""
-    changed = [
+def changed_sources(status: str | None) -> list[str]:
+    """Paths of `git status --porcelain` that are not the pipeline's own outputs."""
+    return [
         line[3:]
         for line in (status or "").splitlines()
         if line[3:] and not line[3:].startswith(_OWN_OUTPUTS)
     ]
+
+
+def check_clean_tree(status: str | None) -> None:
+    """Refuse to write the committed reports from uncommitted code (`git status --porcelain`)."""
+    changed = changed_sources(status)
     if changed:
         shown = ", ".join(changed[:5]) + (" …" if len(changed) > 5 else "")
         raise PipelineError(
