@@ -213,7 +213,8 @@ def _git(*args: str) -> str | None:
         )
     except (OSError, subprocess.SubprocessError):
         return None
-    return out.stdout.strip() if out.returncode == 0 else None
+    # rstrip only: `status --porcelain` lines start with a meaningful space (" M path").
+    return out.stdout.rstrip() if out.returncode == 0 else None
 
 
 def package_versions() -> dict[str, str | None]:
