@@ -21,11 +21,23 @@ class LowRank:
     v: torch.Tensor
     _dense: torch.Tensor | None = None
 
+    _stacked: tuple[torch.Tensor, torch.Tensor] | None = None
+
     def dense(self) -> torch.Tensor:
         """The [Q, out, in'] matrices, built once and kept (the dense path reuses them)."""
         if self._dense is None:
             self._dense = (self.u * self.s.unsqueeze(-2)) @ self.v.transpose(-1, -2)
         return self._dense
+
+    def stacked(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(U diag σ, V) of all queries side by side, [out, Q·r] and [in', Q·r], built once:
+        a batch's tokens then meet every query's factors in one wide product each."""
+        if self._stacked is None:
+            q, o, r = self.u.shape
+            us = (self.u * self.s.unsqueeze(-2)).permute(1, 0, 2).reshape(o, q * r)
+            v = self.v.permute(1, 0, 2).reshape(self.v.shape[1], q * r)
+            self._stacked = (us.contiguous(), v.contiguous())
+        return self._stacked
 
 
 def _cholesky_factor(y: torch.Tensor) -> torch.Tensor:
@@ -51,46 +63,46 @@ def low_rank(
 
     A randomized range finder (Halko, Martinsson & Tropp 2011) with `oversample` extra columns
     and `power_iters` power iterations, seeded, so it is deterministic; it is near the exact
-    truncation when the spectrum decays (tested). The SVD within the range Y comes from the
-    small generalized eigenproblem (zᵀz) x = σ² (YᵀY) x with z = pᵀY, so the only
-    factorisations are of width × width matrices. When `rank` covers the matrix nothing is
-    truncated and the matrices are returned as they are.
+    truncation when the spectrum decays (tested). The range Y is made a bounded basis
+    B = Y R⁻¹ by a shifted Cholesky factor, and the SVD within it comes from the small
+    matrix Bᵀp, so the only factorisations are of width × width matrices. When `rank` covers
+    the matrix nothing is truncated and the matrices are returned as they are.
+
+    Only the products with p run in p's dtype (they are the whole cost: three reads of p, at
+    twice the speed in float32 and with no float64 copy); the Gram matrices, factors and the
+    small eigenproblem are float64. Products with the bounded basis lose nothing beyond p's
+    own rounding, whereas pᵀY followed by R⁻¹ would amplify float32 rounding in the directions
+    a rank-deficient p lacks (a query with few completion tokens).
     """
     q, o, i = p.shape
     k = min(rank, o, i)
     if k == min(o, i):
         return p
-    out_dtype = p.dtype
-    # The range finder runs in float64 whatever p's dtype: the Cholesky shift is sized for
-    # float64 rounding, and float32 products of a rank-deficient p (a query with few completion
-    # tokens) leave yᵀy indefinite at float32 rounding, far above that shift.
-    p = p.double()
     width = min(k + oversample, o, i)
     gen = torch.Generator().manual_seed(seed)
-    y = p @ torch.randn(i, width, generator=gen, dtype=torch.float64).to(p)
+    omega = torch.randn(i, width, generator=gen, dtype=torch.float64).to(p)
     eye = torch.eye(width, dtype=torch.float64, device=p.device)
 
-    def transposed_product(y: torch.Tensor) -> torch.Tensor:  # pᵀy without copying p
-        return (y.transpose(-1, -2) @ p).transpose(-1, -2)
+    def basis(y: torch.Tensor) -> torch.Tensor:  # Y R⁻¹, float64, columns of norm <= ~1
+        y = y.double()
+        return torch.linalg.solve_triangular(_cholesky_factor(y), y, upper=True, left=False)
 
+    y = p @ omega
     for _ in range(power_iters):
-        r_inv = torch.linalg.solve_triangular(_cholesky_factor(y), eye, upper=True)
-        y = p @ transposed_product(y @ r_inv.to(p.dtype))
-    z = transposed_product(y).double()  # [Q, in', width]
-    y = y.double()
-    r = _cholesky_factor(y)
-    # C = R⁻ᵀ zᵀz R⁻¹ is b bᵀ for b = (Y R⁻¹)ᵀ p, the projection of p onto the range.
-    c = torch.linalg.solve_triangular(r, z.transpose(-1, -2) @ z, upper=True, left=False)
-    c = torch.linalg.solve_triangular(r.transpose(-1, -2), c, upper=False)
-    evals, evecs = torch.linalg.eigh((c + c.transpose(-1, -2)) / 2)
+        b = basis(y).to(p.dtype)
+        y = p @ (b.transpose(-1, -2) @ p).transpose(-1, -2)
+    b = basis(y)
+    proj = (b.to(p.dtype).transpose(-1, -2) @ p).double()  # [Q, width, in']
+    evals, evecs = torch.linalg.eigh(proj @ proj.transpose(-1, -2))
     s = evals[..., -k:].flip(-1).clamp_min(0).sqrt()
-    t = torch.linalg.solve_triangular(r, evecs[..., -k:].flip(-1), upper=True)  # R⁻¹ W_k
-    u = y @ t
-    # A zero singular value (rank-deficient p) gets a zero column of V, not z/tiny, which
-    # overflows once cast to float32 and turns U diag(σ) Vᵀ into NaN.
+    w = evecs[..., -k:].flip(-1)
+    u = b @ w
+    # A zero singular value (rank-deficient p) gets a zero column of V, not 0/0 or z/tiny,
+    # which overflows once cast to float32 and turns U diag(σ) Vᵀ into NaN.
     pos = s > 0
-    v = (z @ t) / torch.where(pos, s, torch.ones_like(s)).unsqueeze(-2) * pos.unsqueeze(-2)
-    return LowRank(u.to(out_dtype), s.to(out_dtype), v.to(out_dtype))
+    v = (proj.transpose(-1, -2) @ w) / torch.where(pos, s, torch.ones_like(s)).unsqueeze(-2)
+    v = v * pos.unsqueeze(-2)
+    return LowRank(u.to(p.dtype), s.to(p.dtype), v.to(p.dtype))
 
 
 def cat_queries(parts: list[LowRank | torch.Tensor]) -> LowRank | torch.Tensor:

@@ -55,26 +55,45 @@ def _check_inputs(
     return layers
 
 
-def _use_token_path(lr: LowRank, t: int) -> bool:
-    """Low-rank scores token by token, Σ_t (Uᵀg_t)ᵀ diag σ (Vᵀā_t), cost Q·T·r·(out+in'), or
-    through the dense matrix, cost T·out·in' + Q·out·in' — whichever is cheaper."""
+# The token path is a few wide products, which run near the CPU's peak; the dense path's
+# per-example gradients (inner dimension T) and its dot products (bound by memory) run at
+# about 0.6 of it (bench/bench_large_layers.py, hidden 512: 180 against 80-140 GFLOP/s).
+_TOKEN_PATH_SPEEDUP = 1.6
+
+
+def _use_token_path(lr: LowRank, t: int, rows: int | None = None, kept: bool = True) -> bool:
+    """Whether to score a low-rank layer token by token, Σ_t (Uᵀg_t)ᵀ diag σ (Vᵀā_t), cost
+    Q·T·r·(out+in') per example, rather than through the dense matrix, T·out·in' + Q·out·in'
+    (plus, when the dense queries are not `kept`, rebuilding them for every `rows` examples):
+    whichever takes less time."""
     q, o, r = lr.u.shape
     i = lr.v.shape[1]
-    return q * t * r * (o + i) < t * o * i + q * o * i
+    dense = t * o * i + q * o * i
+    if not kept and rows:
+        dense += q * o * i * r / rows
+    return q * t * r * (o + i) < _TOKEN_PATH_SPEEDUP * dense
+
+
+def _token_scores(p: LowRank, a: torch.Tensor, g: torch.Tensor, by_token: bool) -> torch.Tensor:
+    """Low-rank scores from the per-token terms, [Q, B] or, by token, [Q, B, T]."""
+    b, t, o = g.shape
+    us, v = p.stacked()
+    q, r = p.s.shape
+    gu = g.reshape(b * t, o) @ us.to(g)
+    gu.mul_(a.reshape(b * t, -1) @ v.to(a))  # [B·T, Q·r]: every query's r terms per token
+    per_token = gu.view(b, t, q, r).sum(-1)
+    return per_token.permute(2, 0, 1) if by_token else per_token.sum(1).T
 
 
 def _layer_scores(p, a, g, by_token: bool) -> torch.Tensor:
-    """Scores of one layer for one training batch, [Q, B] or, by token, [Q, B, T]."""
-    if isinstance(p, LowRank) and (by_token or _use_token_path(p, a.shape[1])):
-        gu = torch.einsum("bto,qor->qbtr", g, p.u)
-        av = torch.einsum("bti,qir->qbtr", a, p.v)
-        per_token = torch.einsum("qbtr,qr->qbt", gu * av, p.s)
-        return per_token if by_token else per_token.sum(-1)
-    dense = p.dense() if isinstance(p, LowRank) else p
+    """Scores of one layer for one training batch, [Q, B] or, by token, [Q, B, T], for the
+    layers that are not grouped: low-rank ones on the token path, and any layer by token."""
+    if isinstance(p, LowRank):
+        return _token_scores(p, a, g, by_token)
     if by_token:
-        return torch.einsum("qbto,bto->qbt", torch.einsum("qoi,bti->qbto", dense, a), g)
+        return torch.einsum("qbto,bto->qbt", torch.einsum("qoi,bti->qbto", p, a), g)
     grads = token_outer_sum(g, a)
-    return dense.reshape(dense.shape[0], -1) @ grads.reshape(grads.shape[0], -1).T
+    return p.reshape(p.shape[0], -1) @ grads.reshape(grads.shape[0], -1).T
 
 
 @checks.restores_model
@@ -332,19 +351,23 @@ def _stream_scores(
             # Layers whose scores go through the dense per-example gradient; the choice is a
             # matter of speed only (both paths give the same scores), made on the first batch
             # (the longest, when batches are ordered by length).
+            itemsize = a0.element_size()
+
+            def fits_dense(names) -> bool:  # may the dense low-rank queries be kept?
+                low = [pre[n] for n in names if isinstance(pre[n], LowRank)]
+                size = sum(p.u.shape[0] * p.u.shape[1] * p.v.shape[1] for p in low)
+                return size * itemsize <= _GROUP_BYTES
+
+            kept = fits_dense(pre)
             grouped = [
-                n for n, p in pre.items() if not (isinstance(p, LowRank) and _use_token_path(p, t))
+                n
+                for n, p in pre.items()
+                if not (isinstance(p, LowRank) and _use_token_path(p, t, rows, kept))
             ]
             if grouped:
                 per_row = max(1, _term_bytes(terms, grouped) // rows)
                 capacity = max(rows, min(_GROUP_ROWS, _GROUP_BYTES // per_row))
-                itemsize = a0.element_size()
-                dense_bytes = sum(
-                    pre[n].u.shape[0] * pre[n].u.shape[1] * pre[n].v.shape[1] * itemsize
-                    for n in grouped
-                    if isinstance(pre[n], LowRank)
-                )
-                group = _TermGroup(grouped, capacity, keep_dense=dense_bytes <= _GROUP_BYTES)
+                group = _TermGroup(grouped, capacity, keep_dense=fits_dense(grouped))
         first_batch = False
         if group is not None and not group.fits(rows):
             flush()

@@ -167,6 +167,21 @@ def test_buffered_training_gradients_give_the_same_scores(llama_setting, monkeyp
     assert rel(scores(model, task, est, queries, data, rank=rank, batch_size=3), ref) < TIGHT
 
 
+def test_token_path_and_dense_path_give_the_same_low_rank_scores(llama_setting, monkeypatch):
+    """Which path scores a low-rank layer is a matter of speed only: forcing every layer onto
+    the token path, or onto the dense one, leaves the rank-3 scores unchanged."""
+    import influence.scores as scores_module
+
+    model, task, data, queries = llama_setting
+    est = fitted(inf.EKFAC, model, task, data)
+    monkeypatch.setattr(scores_module, "_TOKEN_PATH_SPEEDUP", 0.0)  # never the token path
+    dense = scores(model, task, est, queries, data, rank=3, batch_size=6)
+    monkeypatch.setattr(scores_module, "_TOKEN_PATH_SPEEDUP", 1e9)  # always
+    token = scores(model, task, est, queries, data, rank=3, batch_size=6)
+    assert rel(dense, scores(model, task, est, queries, data, rank=64)) > 1e-6  # truncated
+    assert rel(token, dense) < TIGHT
+
+
 @pytest.mark.parametrize("est_cls", ESTIMATORS)
 def test_save_then_load_gives_identical_scores(tmp_path, llama_setting, est_cls):
     model, task, data, queries = llama_setting
