@@ -81,7 +81,6 @@ def low_rank(
     width = min(k + oversample, o, i)
     gen = torch.Generator().manual_seed(seed)
     omega = torch.randn(i, width, generator=gen, dtype=torch.float64).to(p)
-    eye = torch.eye(width, dtype=torch.float64, device=p.device)
 
     def basis(y: torch.Tensor) -> torch.Tensor:  # Y R⁻¹, float64, columns of norm <= ~1
         y = y.double()

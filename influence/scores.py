@@ -305,6 +305,12 @@ def _term_bytes(terms, names: list[str]) -> int:
     return sum(seen.values())
 
 
+def _dense_fits(pre, names: list[str], itemsize: int) -> bool:
+    """Whether the dense matrices of the low-rank queries of `names` fit in the memory cap."""
+    low = [pre[n] for n in names if isinstance(pre[n], LowRank)]
+    return sum(p.u.shape[0] * p.u.shape[1] * p.v.shape[1] for p in low) * itemsize <= _GROUP_BYTES
+
+
 def _stream_scores(
     model, task, layers, pre, train_data, by_layer, by_token, batch_size, device, progress
 ):
@@ -351,14 +357,7 @@ def _stream_scores(
             # Layers whose scores go through the dense per-example gradient; the choice is a
             # matter of speed only (both paths give the same scores), made on the first batch
             # (the longest, when batches are ordered by length).
-            itemsize = a0.element_size()
-
-            def fits_dense(names) -> bool:  # may the dense low-rank queries be kept?
-                low = [pre[n] for n in names if isinstance(pre[n], LowRank)]
-                size = sum(p.u.shape[0] * p.u.shape[1] * p.v.shape[1] for p in low)
-                return size * itemsize <= _GROUP_BYTES
-
-            kept = fits_dense(pre)
+            kept = _dense_fits(pre, list(pre), a0.element_size())
             grouped = [
                 n
                 for n, p in pre.items()
@@ -367,7 +366,8 @@ def _stream_scores(
             if grouped:
                 per_row = max(1, _term_bytes(terms, grouped) // rows)
                 capacity = max(rows, min(_GROUP_ROWS, _GROUP_BYTES // per_row))
-                group = _TermGroup(grouped, capacity, keep_dense=fits_dense(grouped))
+                keep = _dense_fits(pre, grouped, a0.element_size())
+                group = _TermGroup(grouped, capacity, keep_dense=keep)
         first_batch = False
         if group is not None and not group.fits(rows):
             flush()
