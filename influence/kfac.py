@@ -71,6 +71,13 @@ def eigenbasis_gradients(a, g, qa, qs, workspace: Workspace, name: str) -> torch
     )
 
 
+def _rotate_factors(basis: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    """basis @ f for every query's [d, r] factor f, as one [d, d] @ [d, Q·r] product."""
+    q, d, r = f.shape
+    stacked = f.permute(1, 0, 2).reshape(d, q * r)
+    return (basis @ stacked).reshape(d, q, r).permute(1, 0, 2).contiguous()
+
+
 def _masked_rows(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """[B, T, d] -> [K, d], keeping the K real-token positions."""
     if mask is None or bool(mask.all()):
@@ -228,10 +235,12 @@ class KFAC(Estimator):
         workspace = Workspace()
         for n, (a, g) in terms.items():
             qa, qs = self._bases(n, a)
-            x = eigenbasis_gradients(a, g, qa, qs, workspace, n) * self._inverse_eigenvalues(n, a)
+            # In place: the eigenbasis gradients are a workspace buffer, used up right here.
+            x = eigenbasis_gradients(a, g, qa, qs, workspace, n)
+            x.mul_(self._inverse_eigenvalues(n, a))
             lr = x if rank is None else low_rank(x, rank)
             if isinstance(lr, LowRank):
-                out[n] = LowRank(qs @ lr.u, lr.s, qa @ lr.v)
+                out[n] = LowRank(_rotate_factors(qs, lr.u), lr.s, _rotate_factors(qa, lr.v))
             else:
                 out[n] = qs @ lr @ qa.T
         return out
