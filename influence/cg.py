@@ -77,7 +77,7 @@ class _FullCurvature(Estimator):
         new.damping = damping
         new.damping_ = resolve_full_damping(damping, self.layers_, self.mean_eigenvalues_)
         new.operator_ = copy.copy(self.operator_)
-        new.operator_.lam = damping_vector(new.damping_, self.layers_).to(self.operator_.device)
+        new.operator_.lam = damping_vector(new.damping_, self.layers_)
         new.meta_ = {**copy.deepcopy(self.meta_), "solves": []}
         return new
 

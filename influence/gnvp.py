@@ -16,7 +16,6 @@ from torch import nn
 from torch.func import functional_call, vjp, vmap
 from tqdm.auto import tqdm
 
-from . import checks
 from .estimator import check_damping, layer_damping
 from .gradients import (  # noqa: F401  (take: re-exported for LiSSA and the PBRF)
     _EvalMode,
@@ -24,6 +23,7 @@ from .gradients import (  # noqa: F401  (take: re-exported for LiSSA and the PBR
     iter_batches,
     make_loader,
     num_examples,
+    resolve_device,
     take,
     unflatten,
 )
@@ -172,30 +172,37 @@ class GaussNewton:
         self.model, self.task, self.data = model, task, data
         self.infos, _ = tracked_parameters(model, task)
         self.batch_size = batch_size
-        p = next(model.parameters())
-        device = checks.check_device(device)
-        self.device = device if device is not None else p.device
-        self.dtype = p.dtype
+        resolve_device(model, device)  # a given device is where the model goes, as elsewhere
+        self.dtype = next(model.parameters()).dtype
         self.num_examples = num_examples(data, batch_size)
         if self.num_examples == 0:
             raise ValueError("cannot build a Gauss–Newton operator on empty data")
-        self.lam = damping_vector(damping, self.infos).to(self.device)
+        self.lam = damping_vector(damping, self.infos)
         self.dim = int(self.lam.numel())
         self.progress = progress
         self._wrapper = _TaskOutputs(model, task)
-        named = dict(model.named_parameters())
-        self._primals = {}
-        for n, info in self.infos.items():
-            self._primals[f"model.{n}.weight"] = named[f"{n}.weight"].detach()
-            if info.bias:
-                self._primals[f"model.{n}.bias"] = named[f"{n}.bias"].detach()
         self.num_products = 0
+
+    @property
+    def device(self) -> torch.device:
+        """Where the model is now: products follow it (a later call may move it, e.g. scores
+        computed on another device than the fit)."""
+        return next(self.model.parameters()).device
+
+    def _primals(self) -> dict[str, torch.Tensor]:
+        named = dict(self.model.named_parameters())
+        primals = {}
+        for n, info in self.infos.items():
+            primals[f"model.{n}.weight"] = named[f"{n}.weight"].detach()
+            if info.bias:
+                primals[f"model.{n}.bias"] = named[f"{n}.bias"].detach()
+        return primals
 
     # -- products ---------------------------------------------------------------------------
     def _gnvp_batch(self, batch, flat: torch.Tensor) -> torch.Tensor:
         """Σ_{i in batch} J_iᵀ H_i J_i v for each row v of `flat` [Q, P]; returns [Q, P]."""
         batch = self.task.to_device(batch, self.device)
-        primals = self._primals
+        primals = self._primals()
 
         def f(params):
             return functional_call(self._wrapper, params, (batch,))
@@ -245,7 +252,7 @@ class GaussNewton:
     def matvec(self, flat: torch.Tensor, batch=None) -> torch.Tensor:
         """(G + Λ) V in float64 (G_B on `batch` when given)."""
         flat = flat.to(self.device, torch.float64)
-        return self.gnvp(flat, batch) + self.lam * flat
+        return self.gnvp(flat, batch) + self.lam.to(flat.device) * flat
 
     def dense(self) -> torch.Tensor:
         """The explicit damped matrix (G + Λ) [P, P] (small models only; for tests)."""
