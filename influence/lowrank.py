@@ -82,20 +82,22 @@ def low_rank(
     gen = torch.Generator().manual_seed(seed)
     omega = torch.randn(i, width, generator=gen, dtype=torch.float64).to(p)
 
-    def basis(y: torch.Tensor) -> torch.Tensor:  # Y R⁻¹, float64, columns of norm <= ~1
-        y = y.double()
-        return torch.linalg.solve_triangular(_cholesky_factor(y), y, upper=True, left=False)
+    def basis(y: torch.Tensor) -> torch.Tensor:
+        # Y R⁻¹ with R from the float64 Gram matrix; the product itself runs in p's dtype.
+        r = _cholesky_factor(y.double())
+        eye = torch.eye(width, dtype=torch.float64, device=p.device)
+        return y @ torch.linalg.solve_triangular(r, eye, upper=True).to(p.dtype)
 
     y = p @ omega
     for _ in range(power_iters):
-        b = basis(y).to(p.dtype)
+        b = basis(y)
         y = p @ (b.transpose(-1, -2) @ p).transpose(-1, -2)
     b = basis(y)
-    proj = (b.to(p.dtype).transpose(-1, -2) @ p).double()  # [Q, width, in']
+    proj = (b.transpose(-1, -2) @ p).double()  # [Q, width, in']
     evals, evecs = torch.linalg.eigh(proj @ proj.transpose(-1, -2))
     s = evals[..., -k:].flip(-1).clamp_min(0).sqrt()
     w = evecs[..., -k:].flip(-1)
-    u = b @ w
+    u = b @ w.to(p.dtype)
     # A zero singular value (rank-deficient p) gets a zero column of V, not 0/0 or z/tiny,
     # which overflows once cast to float32 and turns U diag(σ) Vᵀ into NaN.
     pos = s > 0
