@@ -25,6 +25,9 @@ tensor memory the call held. Python objects and the allocator's caches are not c
 
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -64,8 +67,14 @@ def peak_memory(fn: Callable[[], Any], device: torch.device | str = "cpu") -> tu
         return out, int(torch.cuda.max_memory_allocated(device) - base)
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+    with _stderr_silenced():
+        prof.start()
+    try:
         out = fn()
+    finally:
+        with _stderr_silenced():
+            prof.stop()
     # Allocations appear as the self memory of the op that made them, frees as "[memory]"
     # events with negative sizes; the running sum in time order is the memory held.
     events = sorted(
@@ -77,6 +86,22 @@ def peak_memory(fn: Callable[[], Any], device: torch.device | str = "cpu") -> tu
         held += delta
         peak = max(peak, held)
     return out, int(peak)
+
+
+@contextlib.contextmanager
+def _stderr_silenced():
+    """File descriptor 2 to /dev/null: the profiler's C++ layer prints a "USDT ... profiler_start"
+    line there at every start and stop, which no setting turns off. Only the start and stop are
+    wrapped, so errors of the measured call still show."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 @dataclass
