@@ -13,6 +13,7 @@ probe allocates nothing, so large models can be planned without their weights.
 
 from __future__ import annotations
 
+import copy
 import math
 import weakref
 from collections.abc import Mapping
@@ -523,6 +524,12 @@ def memory_plan(
     isz = own.element_size() if dtype is None else torch.finfo(dtype).bits // 8
     example = _example_batch(model, task, example, seq_len)
     scale = isz / own.element_size()
+    if own.is_meta and dtype is not None and dtype != own.dtype:
+        # A meta model costs nothing to copy: probe it in the planned dtype itself, since
+        # some of a pass's tensors (sampled labels' float64 softmax) do not scale with it.
+        model = copy.deepcopy(model).to(dtype)
+        layers = task.tracked_modules(model)
+        scale = 1.0
     # Fitting passes draw labels from the model (a float64 softmax over the outputs); the
     # query and scoring passes use the data's labels.
     cost = _probe(model, task, layers, infos, example, scale, sample=True)
