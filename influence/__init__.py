@@ -20,6 +20,7 @@ from .kfac import KFAC
 from .layers import LayerInfo, find_layers
 from .lds import draw_subsets, lds, retrain_measurements
 from .lissa import LiSSA
+from .memory import MemoryPlan, memory_plan
 from .pbrf import pbrf_scores
 from .scores import pairwise_scores, preconditioned_queries, self_scores
 from .tables import prompt_completion_queries, top_influences
@@ -44,6 +45,7 @@ __all__ = [
     "LanguageModelingTask",
     "LayerInfo",
     "LiSSA",
+    "MemoryPlan",
     "RegressionTask",
     "Seq2SeqLMTask",
     "SequenceClassificationTask",
@@ -54,6 +56,7 @@ __all__ = [
     "draw_subsets",
     "find_layers",
     "lds",
+    "memory_plan",
     "load_scores",
     "pairwise_scores",
     "pbrf_scores",

@@ -44,6 +44,7 @@ class EKFAC(KFAC):
                 projected = eigenbasis_gradients(a, g, *bases[n], workspace, n)
                 sq = projected.square_().sum(0).double()  # in place: no new temporary
                 sums[n] = sums[n] + sq if n in sums else sq
+            del terms, projected  # not held beside the next batch's forward
         if distributed.is_distributed():  # every rank ends with the sums over all ranks
             for n, info in self.layers_.items():
                 sums.setdefault(n, torch.zeros(info.out_features, info.in_dim).double())

@@ -447,6 +447,7 @@ def iter_layer_terms(
                 terms = cap.backward(loss)
             checks.check_finite_terms(terms, idx, measurement)
             yield PassBatch(idx, batch, terms, task.token_mask(batch), width)
+            del terms, loss  # a consumer that is done with them frees them before the next batch
 
 
 def token_outer_sum(g: torch.Tensor, a: torch.Tensor) -> torch.Tensor:

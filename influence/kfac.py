@@ -46,6 +46,12 @@ class Workspace:
     def next_batch(self) -> None:
         self.rotated_inputs.clear()
 
+    def forget(self, buf: torch.Tensor) -> None:
+        """Drop cached rotated inputs that live in `buf`, which is about to be overwritten."""
+        stale = [k for k, (_, rot) in self.rotated_inputs.items() if rot is buf]
+        for k in stale:
+            del self.rotated_inputs[k]
+
 
 def eigenbasis_gradients(a, g, qa, qs, workspace: Workspace, name: str) -> torch.Tensor:
     """Q_Sᵀ (Σ_t g_t ā_tᵀ) Q_A per example, [B, out, in'], by the cheaper of two orders:
@@ -60,7 +66,11 @@ def eigenbasis_gradients(a, g, qa, qs, workspace: Workspace, name: str) -> torch
     if cached is not None and torch.equal(cached[0], qa):
         a_rot = cached[1]
     else:
-        a_rot = torch.matmul(a, qa, out=workspace.buffer(("input", name), a.shape, a))
+        # Keyed by shape, not layer (a buffer per layer grew with depth: 1 GB on GPT-2 small
+        # at batch 32); an earlier input rotated into the same buffer is forgotten.
+        buf = workspace.buffer(("input", a.shape), a.shape, a)
+        workspace.forget(buf)
+        a_rot = torch.matmul(a, qa, out=buf)
         workspace.rotated_inputs[id(a)] = (qa, a_rot)
     # Keyed by shape, not layer: the result is consumed before the next layer's call, so
     # layers of equal shapes share these buffers and memory does not grow with depth.
@@ -116,6 +126,8 @@ def fit_covariances(model, task, data, *, seed, batch_size, device, progress):
             a_sum[n] = a_sum[n] + aa if n in a_sum else aa
             s_sum[n] = s_sum[n] + gg if n in s_sum else gg
         tokens += k
+        # Released before the next batch's forward, which would otherwise run beside them.
+        del terms, input_products
     if distributed.is_distributed():  # every rank ends with the sums over all ranks
         for n, info in layer_infos(task.tracked_modules(distributed.unwrap_model(model))).items():
             a_sum.setdefault(n, torch.zeros(info.in_dim, info.in_dim, dtype=torch.float64))
@@ -125,12 +137,25 @@ def fit_covariances(model, task, data, *, seed, batch_size, device, progress):
         examples = int(distributed.all_reduce_number(examples))
     if examples == 0:
         raise ValueError("cannot fit on empty data")
+    # In place: the float64 covariances of a large model are GBs, and a divided copy held
+    # beside the sums doubled them (same values: one division either way).
     return (
-        {n: v / tokens for n, v in a_sum.items()},
-        {n: v / tokens for n, v in s_sum.items()},
+        {n: v.div_(tokens) for n, v in _unshared(a_sum).items()},
+        {n: v.div_(tokens) for n, v in _unshared(s_sum).items()},
         examples,
         tokens / examples,
     )
+
+
+def _unshared(sums: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`sums` with no tensor shared between layers (after a single batch, layers that read
+    one input hold the same ā āᵀ), so that dividing in place divides each once."""
+    seen: set[int] = set()
+    out = {}
+    for n, v in sums.items():
+        out[n] = v.clone() if id(v) in seen else v
+        seen.add(id(v))
+    return out
 
 
 def _eigh(m: torch.Tensor, what: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -155,9 +180,11 @@ class KFAC(Estimator):
             model, task, data, seed=seed, batch_size=batch_size, device=device, progress=progress
         )
         self.state_ = {}
-        for n in a_cov:
-            la, qa = _eigh(a_cov[n], f"A of layer {n!r}")
-            ls, qs = _eigh(s_cov[n], f"S of layer {n!r}")
+        # Each covariance is dropped once decomposed, so that covariances and eigenvectors
+        # (equal sizes, float64) are not all held at once.
+        for n in list(a_cov):
+            la, qa = _eigh(a_cov.pop(n), f"A of layer {n!r}")
+            ls, qs = _eigh(s_cov.pop(n), f"S of layer {n!r}")
             self.state_.update(
                 {
                     f"{n}::eigvals_A": la,
