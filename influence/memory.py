@@ -31,7 +31,7 @@ from .gradients import _EvalMode
 from .kfac import rotate_tokens_first
 from .layers import LayerInfo, layer_infos
 from .lowrank import LowRank
-from .scores import _GROUP_BYTES, _GROUP_ROWS, _dense_fits, _use_token_path
+from .scores import _GROUP_BYTES, _dense_fits, _group_capacity, _use_token_path
 from .tasks import LanguageModelingTask, Seq2SeqLMTask, Task
 
 ESTIMATORS = ("ekfac", "kfac")
@@ -432,7 +432,7 @@ def _stages(
     buffer = 0
     if grouped:
         per_row = max(1, score_cost.term_bytes(b, grouped) // b)
-        capacity = min(max(b, min(_GROUP_ROWS, _GROUP_BYTES // per_row)), n_rank)
+        capacity = min(_group_capacity(b, per_row), n_rank)
         group_bytes = capacity * per_row
         keep = _dense_fits(meta, grouped, isz)
         for n in grouped:

@@ -296,6 +296,12 @@ class _TermGroup:
         return torch.cat(out, dim=1)
 
 
+def _group_capacity(batch_rows: int, bytes_per_row: int) -> int:
+    """Rows of training terms a group holds: up to `_GROUP_ROWS` within `_GROUP_BYTES`, and
+    never less than one batch (the memory plan sizes groups with the same rule)."""
+    return max(batch_rows, min(_GROUP_ROWS, _GROUP_BYTES // bytes_per_row))
+
+
 def _term_bytes(terms, names: list[str]) -> int:
     """Bytes of the distinct term tensors of `names` (layers sharing an input share ā)."""
     seen: dict[int, int] = {}
@@ -365,7 +371,7 @@ def _stream_scores(
             ]
             if grouped:
                 per_row = max(1, _term_bytes(terms, grouped) // rows)
-                capacity = max(rows, min(_GROUP_ROWS, _GROUP_BYTES // per_row))
+                capacity = _group_capacity(rows, per_row)
                 keep = _dense_fits(pre, grouped, a0.element_size())
                 group = _TermGroup(grouped, capacity, keep_dense=keep)
         first_batch = False
