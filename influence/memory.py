@@ -209,6 +209,10 @@ class _null:
 def _probe(model, task, layers, infos, example, scale: float, sample: bool) -> _PassCost:
     device = next(model.parameters()).device
     args = (model, task, layers, infos)
+    if device.type == "cuda":
+        # A device's first pass also allocates what lives on (cuBLAS workspaces, kernels'
+        # scratch): counted at batch 1 alone, it would shrink the per-row bytes.
+        _probe_once(*args, _repeat_rows(example, 1), 1, device, sample)
     p1, _ = _probe_once(*args, _repeat_rows(example, 1), 1, device, sample)
     p2, terms = _probe_once(*args, _repeat_rows(example, 2), 2, device, sample)
     per_row = max(0, p2 - p1)
@@ -617,25 +621,34 @@ def _read_status(key: str) -> int:
 
 
 class StagePeaks:
-    """Measures the peak resident memory (bytes) of each stage of the library's passes, to
-    check a plan against (Linux only: the kernel's high-water mark, reset at every stage).
+    """Measures the peak memory (bytes) of each stage of the library's passes, to check a
+    plan against: on CPU the peak resident memory (Linux only: the kernel's high-water mark,
+    reset at every stage); with a CUDA `device`, the caching allocator's peak allocation there.
 
     Usage: `with StagePeaks() as peaks: est.fit(...); pairwise_scores(...)`, then
-    `peaks.peaks` is {stage name: peak RSS}; subtract the RSS before the model was built to
-    compare with a plan, which counts the model but not the interpreter and libraries."""
+    `peaks.peaks` is {stage name: peak}; subtract the RSS (or `torch.cuda.memory_allocated`)
+    before the model was built to compare with a plan, which counts the model but not the
+    interpreter and libraries."""
 
     _modules = ("kfac", "ekfac", "scores")
 
-    def __init__(self) -> None:
+    def __init__(self, device: torch.device | str | None = None) -> None:
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.peaks: dict[str, int] = {}
         self.label = "before"
         self._saved: list = []
 
     def _switch(self, label: str) -> None:
         stage = _PASS_STAGES.get(self.label, self.label)
-        self.peaks[stage] = max(self.peaks.get(stage, 0), _read_status("VmHWM"))
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # resets VmHWM to the current RSS
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            peak = torch.cuda.max_memory_allocated(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            peak = _read_status("VmHWM")
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # resets VmHWM to the current RSS
+        self.peaks[stage] = max(self.peaks.get(stage, 0), peak)
         self.label = label
 
     def __enter__(self) -> StagePeaks:

@@ -99,3 +99,73 @@ def test_float32_model_on_cuda_takes_every_scoring_path():
         # float32, and TF32 products where torch allows them: 1e-3 is rounding, a lost layer
         # or token is O(1).
         assert rel(b, a) < 1e-3, r
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_memory_plan_matches_cuda_peaks(family):
+    """The plan's CUDA probe (the allocator's peak of one pass at batch 1 and 2) and its
+    per-stage sizes, against the allocator's peak of each stage of a real fit and scoring
+    run on the device; the same 25% as the CPU test (tests/test_memory.py)."""
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    from influence.memory import StagePeaks
+
+    device = torch.device("cuda")
+    n, q, bs, rank, seq, vocab = 96, 8, 16, 8, 128, 8192
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, vocab, (n + q, seq), generator=g)
+    train = {"input_ids": ids[:n], "labels": ids[:n].clone()}
+    labels = ids[n:].clone()
+    labels[:, : seq // 2] = -100
+    queries = {"input_ids": ids[n:], "labels": labels}
+    task = inf.LanguageModelingTask()
+    # A device's first passes also allocate what lives on (cuBLAS workspaces): done once on a
+    # small model before the baseline, as the CPU test imports its libraries before it.
+    with device:
+        small = GPT2LMHeadModel(GPT2Config(n_embd=64, n_layer=1, n_head=2, vocab_size=vocab))
+    small_data = {"input_ids": ids[:4, :16], "labels": ids[:4, :16]}
+    est = inf.EKFAC().fit(small.eval(), task, small_data, batch_size=2, progress=False)
+    inf.pairwise_scores(small, task, est, small_data, small_data, rank=2, progress=False)
+    del small, est
+    torch.cuda.empty_cache()
+    base = torch.cuda.memory_allocated(device)
+    torch.manual_seed(0)
+    with device:
+        if family == "gpt2":
+            cfg = GPT2Config(n_embd=768, n_layer=2, n_head=12, vocab_size=vocab, n_positions=seq)
+            model = GPT2LMHeadModel(cfg)
+        else:
+            cfg = LlamaConfig(
+                hidden_size=768,
+                intermediate_size=2048,
+                num_hidden_layers=2,
+                num_attention_heads=12,
+                num_key_value_heads=12,
+                vocab_size=vocab,
+                max_position_embeddings=seq,
+                tie_word_embeddings=False,
+            )
+            model = LlamaForCausalLM(cfg)
+    model.eval()
+    plan = inf.memory_plan(
+        model, task, num_train=n, num_queries=q, seq_len=seq, rank=rank, batch_size=bs
+    )
+    kw = {"batch_size": bs, "progress": False, "device": device}
+    with StagePeaks(device) as peaks:
+        est = inf.EKFAC().fit(model, task, train, **kw)
+        stored = torch.cuda.memory_allocated(device) - base
+        inf.pairwise_scores(model, task, est, queries, train, rank=rank, **kw)
+    measured = {k: v - base for k, v in peaks.peaks.items()}
+    measured["stored factors"] = stored
+    mib = 2**20
+    report = "; ".join(
+        f"{s.name}: planned {s.bytes / mib:.0f} MiB, measured {measured.get(s.name, 0) / mib:.0f}"
+        for s in plan.stages
+    )
+    print(f"{family}: {report}")
+    for s in plan.stages:
+        meas = measured.get(s.name, 0)
+        if meas >= 32 * mib:
+            assert abs(s.bytes - meas) <= 0.25 * meas, f"{s.name} off by more than 25%. {report}"
+    checked = {s.name for s in plan.stages if measured.get(s.name, 0) >= 32 * mib}
+    assert {"fit: covariances", "fit: eigenvalues", "queries", "scores"} <= checked, report
