@@ -83,8 +83,22 @@ def main() -> None:
     est = inf.EKFAC().fit(model, task, train, batch_size=bs, progress=False)
     rss_fit = rss_mib()
     times: dict[str, list[float]] = {"epoch": [], "full": [], "rank32": []}
+    # The query side alone (the scores' first step), to split each score time into the two
+    # sides and set the training side against its own floor.
+    q_times: dict[str, list[float]] = {"full": [], "rank32": []}
     for _ in range(args.repeats):
         times["epoch"].append(timed(lambda: epoch(model, task, train, bs, "cpu"), "cpu")[1])
+        for k, rank in (("full", None), ("rank32", 32)):
+            if k == "full" and args.rank_only:
+                continue
+            q_times[k].append(
+                timed(
+                    lambda rank=rank: inf.preconditioned_queries(
+                        model, task, est, queries, rank=rank, batch_size=bs
+                    ),
+                    "cpu",
+                )[1]
+            )
         if not args.rank_only:
             full, t = timed(
                 lambda: inf.pairwise_scores(
@@ -137,6 +151,16 @@ def main() -> None:
         print(
             f"{label:<22}{best[k]:>10.2f}{ratio:>8.2f}x{ratio / floor:>8.2f}x{whole:>10.2f}x"
             f"{med:>9.2f}x"
+        )
+    print("split of each score time (fastest query side; training side = scores - query side):")
+    for k, label in (("full", "full rank"), ("rank32", "rank 32")):
+        if k not in stages:
+            continue
+        q = min(q_times[k]) / best["epoch"]
+        t = best[k] / best["epoch"] - q
+        print(
+            f"  {label:<9} query side {q:.2f}x epoch ({q / query_side[k]:.2f}x its flops); "
+            f"training side {t:.2f}x epoch = {t / floor:.2f}x the training-side floor"
         )
     print(
         f"peak RSS: {rss_fit:.0f} MiB after the fit, {rss_full:.0f} MiB after full-rank scores "

@@ -104,10 +104,3 @@ def low_rank(
     v = (proj.transpose(-1, -2) @ w) / torch.where(pos, s, torch.ones_like(s)).unsqueeze(-2)
     v = v * pos.unsqueeze(-2)
     return LowRank(u.to(p.dtype), s.to(p.dtype), v.to(p.dtype))
-
-
-def cat_queries(parts: list[LowRank | torch.Tensor]) -> LowRank | torch.Tensor:
-    """Concatenate query chunks (all dense or all factorised) along the query dimension."""
-    if isinstance(parts[0], LowRank):
-        return LowRank(*(torch.cat([getattr(p, f) for p in parts]) for f in ("u", "s", "v")))
-    return torch.cat(parts)

@@ -389,7 +389,8 @@ def _stages(
     stages.append(Stage("stored factors", {"model": model_bytes, "factors (float64)": factors}))
 
     # Queries: batches of `batch` queries, each preconditioned and stored; at the end the
-    # batches' parts and their concatenation are held together.
+    # batches' parts are merged layer by layer (one layer's copy at a time; none for one
+    # batch in the caller's order, which the plan does not assume).
     terms = score_cost.term_bytes(b)
     bq = min(batch, num_queries)
     storage = _query_storage(infos, num_queries, rank, isz)
@@ -417,7 +418,7 @@ def _stages(
                 "model": model_bytes,
                 "factors (float64)": factors,
                 "stored queries": store,
-                "batch / concatenation": max(q_pass, store + max(storage.values())),
+                "batch / merge": max(q_pass, max(storage.values())),
             },
         )
     )

@@ -24,7 +24,7 @@ from .gradients import (
     token_outer_sum,
 )
 from .layers import layer_infos
-from .lowrank import LowRank, cat_queries, low_rank
+from .lowrank import LowRank, low_rank
 from .tasks import Task
 
 
@@ -133,8 +133,7 @@ def preconditioned_queries(
             parts.append(example_gradients(terms))
     if not parts:
         raise ValueError("query data is empty")
-    order = restore_order(indices)  # batches come in length order: back to the caller's
-    merged = {n: _take_queries(cat_queries([p[n] for p in parts]), order) for n in parts[0]}
+    merged = _merge_queries(parts, indices)
     if estimator.block_diagonal:
         checks.check_finite_queries(merged)
         return merged
@@ -143,10 +142,28 @@ def preconditioned_queries(
     return pre if rank is None else {n: low_rank(p, rank) for n, p in pre.items()}
 
 
-def _take_queries(p, order: torch.Tensor):
-    if isinstance(p, LowRank):
-        return LowRank(p.u[order], p.s[order], p.v[order])
-    return p[order]
+def _merge_queries(parts: list[dict], indices: list[torch.Tensor]) -> dict:
+    """Per layer, the batches' queries (in pass order: by length) as one tensor in the caller's
+    order, with at most one copy. Each layer's batch parts are dropped once placed: dense
+    queries of a large model are GBs, and a concatenation followed by a permutation held
+    three copies of them."""
+    pos = torch.cat(indices)
+    in_order = bool(torch.equal(pos, torch.arange(len(pos), device=pos.device)))
+    merged = {}
+    for n in list(parts[0]):
+        chunk = [p.pop(n) for p in parts]
+        merged[n] = chunk[0] if len(chunk) == 1 and in_order else _place(chunk, indices, len(pos))
+    return merged
+
+
+def _place(chunk: list, indices: list[torch.Tensor], q: int):
+    if isinstance(chunk[0], LowRank):
+        fields = ("u", "s", "v")
+        return LowRank(*(_place([getattr(c, f) for c in chunk], indices, q) for f in fields))
+    out = chunk[0].new_empty((q, *chunk[0].shape[1:]))
+    for c, idx in zip(chunk, indices, strict=True):
+        out[idx.to(out.device)] = c
+    return out
 
 
 def _pad_tokens(x: torch.Tensor, t: int) -> torch.Tensor:
