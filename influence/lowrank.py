@@ -22,12 +22,21 @@ class LowRank:
     _dense: torch.Tensor | None = None
 
     _stacked: tuple[torch.Tensor, torch.Tensor] | None = None
+    _scaled: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def dense(self) -> torch.Tensor:
         """The [Q, out, in'] matrices, built once and kept (the dense path reuses them)."""
         if self._dense is None:
             self._dense = (self.u * self.s.unsqueeze(-2)) @ self.v.transpose(-1, -2)
         return self._dense
+
+    def scaled(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(U diag σ [Q, out, r], Vᵀ [Q, r, in']), built once: any rows of the dense
+        matrices are then one batched product."""
+        if self._scaled is None:
+            us = (self.u * self.s.unsqueeze(-2)).contiguous()
+            self._scaled = (us, self.v.transpose(-1, -2).contiguous())
+        return self._scaled
 
     def stacked(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(U diag σ, V) of all queries side by side, [out, Q·r] and [in', Q·r], built once:

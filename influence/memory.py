@@ -31,7 +31,7 @@ from .gradients import _EvalMode
 from .kfac import rotate_tokens_first
 from .layers import LayerInfo, layer_infos
 from .lowrank import LowRank
-from .scores import _GROUP_BYTES, _dense_fits, _group_capacity, _use_token_path
+from .scores import _block_outputs, _dense_fits, _group_capacity, _use_token_path
 from .tasks import LanguageModelingTask, Seq2SeqLMTask, Task
 
 ESTIMATORS = ("ekfac", "kfac")
@@ -328,6 +328,7 @@ def _stages(
     t: int,
     rank: int | None,
     isz: int,
+    device: torch.device,
 ) -> list[Stage]:
     b = min(batch, n_rank)
     last = n_rank % b
@@ -442,13 +443,13 @@ def _stages(
         keep = _dense_fits(meta, grouped, isz)
         for n in grouped:
             o, i = infos[n].out_features, infos[n].in_dim
-            rows = max(1, min(capacity, _GROUP_BYTES // (o * i * isz)))
-            buffer = max(buffer, rows * o * i * isz)
+            block = _block_outputs(capacity, o, i, isz, device)
+            buffer = max(buffer, capacity * block * i * isz)
             if isinstance(meta[n], LowRank):
                 if keep:
                     caches += qchunk * o * i * isz
-                else:
-                    flush_temp = max(flush_temp, qchunk * o * i * isz)
+                else:  # rebuilt a block of rows at a time
+                    flush_temp = max(flush_temp, qchunk * block * i * isz)
     token_temp = max(
         (
             2 * b * t * qchunk * min(rank, infos[n].out_features, infos[n].in_dim) * isz
@@ -559,6 +560,7 @@ def memory_plan(
             t=t,
             rank=rank,
             isz=isz,
+            device=own.device,
         )
 
     settings = {

@@ -239,27 +239,46 @@ def _slice_queries(p, start: int, stop: int):
 
 
 # Training examples are scored in groups of up to this many rows so that each layer's score
-# product is one wide matrix product: at 32 columns it is bound by reading the [Q, out·in']
-# query matrix, at 128 it runs near the CPU's peak (measured in bench/). A group keeps its
-# batches' per-token terms (small: T·(in' + out) per example and layer, against out·in' for
-# a gradient), and per-example gradients are formed one layer at a time, in a buffer of at
-# most _GROUP_BYTES, so that no stage holds a whole batch of a large model's gradients.
+# product is one wide matrix product: with the whole layer in the buffer, at 32 columns it was
+# bound by reading the [Q, out·in'] query matrix (on a CPU the blocks below remove that: 32
+# rows then run as fast as 128). A group keeps its batches' per-token terms (small:
+# T·(in' + out) per example and layer, against out·in' for a gradient), and per-example
+# gradients are formed one layer at a time, in a buffer of at most _GROUP_BYTES, so that no
+# stage holds a whole batch of a large model's gradients.
 _GROUP_ROWS = 128
 _GROUP_BYTES = 512 * 2**20
+# On a CPU the buffer holds a block of each layer's output rows for the whole group, of at
+# most _CPU_BLOCK_BYTES, and is multiplied with the queries' matching rows while it is still
+# in cache. A buffer of the whole layer (hundreds of MB) made the product with the queries
+# bound by memory reads: on bench_large_layers' shapes forming and scoring 128 examples ran
+# at 65-70 GFLOP/s unblocked and 96-116 in 32 MiB blocks (16 MiB blocks: 78-105).
+_CPU_BLOCK_BYTES = 32 * 2**20
 
 
-def _dense_queries(p, keep: bool) -> torch.Tensor:
-    """[Q, out, in'] query matrices of a layer; low-rank ones are rebuilt on each use unless
-    `keep` (all of them fit in the memory cap), so that no dense [Q, P] matrix is held."""
+def _block_outputs(rows: int, out_features: int, in_dim: int, itemsize: int, device) -> int:
+    """Output rows of a layer whose per-example gradients for `rows` examples are formed at
+    once: a cache-sized block on a CPU, the whole layer up to _GROUP_BYTES elsewhere."""
+    limit = _CPU_BLOCK_BYTES if torch.device(device).type == "cpu" else _GROUP_BYTES
+    return max(1, min(out_features, limit // (rows * in_dim * itemsize)))
+
+
+def _query_rows(p, keep: bool, start: int, stop: int) -> torch.Tensor:
+    """Rows start:stop of every query's [out, in'] matrix, [Q, stop - start, in']. Low-rank
+    queries are rebuilt block by block from their factors unless `keep` (all of them fit in
+    the memory cap): no dense [Q, P] matrix is held, and a block stays in cache (building a
+    layer's whole matrix afresh took four times as long, most of it in page faults)."""
     if not isinstance(p, LowRank):
-        return p
-    return p.dense() if keep else (p.u * p.s.unsqueeze(-2)) @ p.v.transpose(-1, -2)
+        return p[:, start:stop]
+    if keep:
+        return p.dense()[:, start:stop]
+    us, vt = p.scaled()
+    return torch.bmm(us[:, start:stop], vt)
 
 
 class _TermGroup:
     """Per-token terms of consecutive training batches, scored against the queries layer by
-    layer: each layer's per-example gradients Σ_t g_t ā_tᵀ of the group are formed in one
-    reused buffer (in row chunks when the group's gradients of that layer exceed the cap)."""
+    layer: the group's per-example gradients Σ_t g_t ā_tᵀ of a layer are formed a block of
+    output rows at a time (`_block_outputs`) in one reused buffer."""
 
     def __init__(self, names: list[str], capacity: int, keep_dense: bool):
         self.names, self.capacity, self.keep_dense = names, capacity, keep_dense
@@ -277,40 +296,35 @@ class _TermGroup:
     def clear(self) -> None:
         self.batches, self.rows = [], 0
 
-    def _chunk_buffer(self, rows: int, o: int, i: int, like: torch.Tensor) -> torch.Tensor:
-        # One flat buffer shared by all layers (the largest chunk any layer needs), reused
+    def _flat_buffer(self, need: int, like: torch.Tensor) -> torch.Tensor:
+        # One flat buffer shared by all layers (the largest block any layer needs), reused
         # from group to group: a fresh tensor per layer would be page-faulted in every time.
-        need = rows * o * i
         buf = self._buffer
         same = buf is not None and (buf.dtype, buf.device) == (like.dtype, like.device)
         if not same or buf.numel() < need:
             buf = self._buffer = like.new_empty(need)
-        return buf[:need].view(rows, o, i)
+        return buf
 
     def scores(self, name: str, p) -> torch.Tensor:
         """[Q, rows] scores of the group's examples for one layer."""
         a0, g0 = self.batches[0][name]
         o, i = g0.shape[-1], a0.shape[-1]
-        per_row = o * i * a0.element_size()
-        cap = max(1, min(self.rows, _GROUP_BYTES // per_row))
-        buf = self._chunk_buffer(cap, o, i, a0)
-        dense = _dense_queries(p, self.keep_dense)
-        flat = dense.reshape(dense.shape[0], -1)
-        out, filled = [], 0
-        for terms in self.batches:
-            a, g = terms[name]
-            start = 0
-            while start < a.shape[0]:
-                take = min(a.shape[0] - start, cap - filled)
-                rows = slice(start, start + take)
-                torch.bmm(g[rows].transpose(1, 2), a[rows], out=buf[filled : filled + take])
-                filled, start = filled + take, start + take
-                if filled == cap:
-                    out.append(flat @ buf.reshape(cap, -1).T)
-                    filled = 0
-        if filled:
-            out.append(flat @ buf[:filled].reshape(filled, -1).T)
-        return torch.cat(out, dim=1)
+        block = _block_outputs(self.rows, o, i, a0.element_size(), a0.device)
+        flat = self._flat_buffer(self.rows * block * i, a0)
+        first = p.u if isinstance(p, LowRank) else p
+        out = first.new_zeros(first.shape[0], self.rows)
+        for start in range(0, o, block):
+            stop = min(o, start + block)
+            buf = flat[: self.rows * (stop - start) * i].view(self.rows, stop - start, i)
+            filled = 0
+            for terms in self.batches:
+                a, g = terms[name]
+                rows = a.shape[0]
+                torch.bmm(g[..., start:stop].transpose(1, 2), a, out=buf[filled : filled + rows])
+                filled += rows
+            queries = _query_rows(p, self.keep_dense, start, stop)
+            out.addmm_(queries.reshape(out.shape[0], -1), buf.reshape(self.rows, -1).T)
+        return out
 
 
 def _group_capacity(batch_rows: int, bytes_per_row: int) -> int:

@@ -163,6 +163,11 @@ def test_buffered_training_gradients_give_the_same_scores(llama_setting, monkeyp
     )
     assert rel(grouped, ref) < TIGHT
     assert rel(scores(model, task, est, queries, growing, rank=rank), ref) < TIGHT
+    # Output rows in cache-sized blocks (CPU): one row at a time, then blocks that leave a
+    # partial last block, must sum to the same scores.
+    for block_bytes in (1, 2000):
+        monkeypatch.setattr(scores_module, "_CPU_BLOCK_BYTES", block_bytes)
+        assert rel(scores(model, task, est, queries, data, rank=rank, batch_size=3), ref) < TIGHT
     monkeypatch.setattr(scores_module, "_GROUP_BYTES", 1)  # a large model: no buffering
     assert rel(scores(model, task, est, queries, data, rank=rank, batch_size=3), ref) < TIGHT
 
