@@ -20,14 +20,17 @@ class LowRank:
     s: torch.Tensor
     v: torch.Tensor
     _dense: torch.Tensor | None = None
-
     _stacked: tuple[torch.Tensor, torch.Tensor] | None = None
     _scaled: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def __len__(self) -> int:
+        """The number of queries, as `len` of a dense [Q, out, in'] tensor."""
+        return self.u.shape[0]
 
     def dense(self) -> torch.Tensor:
         """The [Q, out, in'] matrices, built once and kept (the dense path reuses them)."""
         if self._dense is None:
-            self._dense = (self.u * self.s.unsqueeze(-2)) @ self.v.transpose(-1, -2)
+            self._dense = torch.bmm(*self.scaled())
         return self._dense
 
     def scaled(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -216,8 +216,7 @@ def pairwise_scores(
         device=dev,
         progress=progress,
     )
-    first = next(iter(pre.values()))
-    num_q = (first.u if isinstance(first, LowRank) else first).shape[0]
+    num_q = len(next(iter(pre.values())))
     chunk = query_batch_size or num_q
     results: list[dict[str, torch.Tensor]] = []
     for start in range(0, num_q, chunk):
@@ -311,8 +310,7 @@ class _TermGroup:
         o, i = g0.shape[-1], a0.shape[-1]
         block = _block_outputs(self.rows, o, i, a0.element_size(), a0.device)
         flat = self._flat_buffer(self.rows * block * i, a0)
-        first = p.u if isinstance(p, LowRank) else p
-        out = first.new_zeros(first.shape[0], self.rows)
+        out = a0.new_zeros(len(p), self.rows)
         for start in range(0, o, block):
             stop = min(o, start + block)
             buf = flat[: self.rows * (stop - start) * i].view(self.rows, stop - start, i)

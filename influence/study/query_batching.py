@@ -175,7 +175,7 @@ def rank_sweep(
             }
         )
         dense[r] = {
-            n: (p.dense() if isinstance(p, LowRank) else p).reshape(p_rows(p), -1)
+            n: (p.dense() if isinstance(p, LowRank) else p).reshape(len(p), -1)
             for n, p in pre.items()
         }
     num_q = next(iter(dense[ranks[0]].values())).shape[0]
@@ -195,10 +195,6 @@ def rank_sweep(
     allq = torch.cat(blocks, dim=1)[:, restore_order(indices)]
     scores = {r: allq[i * num_q : (i + 1) * num_q] for i, r in enumerate(ranks)}
     return RankSweep(scores, pd.DataFrame(rows).set_index("rank"), train_s)
-
-
-def p_rows(p) -> int:
-    return (p.u if isinstance(p, LowRank) else p).shape[0]
 
 
 # -- agreement ---------------------------------------------------------------------------------
