@@ -434,18 +434,23 @@ def _stages(
     grouped = [n for n in meta if n not in token]
     caches = sum(_query_storage({n: infos[n]}, qchunk, rank, isz)[n] for n in token)
     flush_temp = 0
-    group_bytes = 0
+    held = 0
     buffer = 0
     if grouped:
         per_row = max(1, score_cost.term_bytes(b, grouped) // b)
         capacity = min(_group_capacity(b, per_row), n_rank)
-        group_bytes = capacity * per_row
+        # A forward runs with the group's earlier batches held: a group is scored as soon as
+        # another batch would not fit, and a finished batch's terms are let go. Its scoring
+        # holds them all (within `batch` below) with the buffer and the rebuilt query rows.
+        held = (capacity // b - 1) * b * per_row
         keep = _dense_fits(meta, grouped, isz)
         for n in grouped:
             o, i = infos[n].out_features, infos[n].in_dim
             block = _block_outputs(capacity, o, i, isz, device)
             buffer = max(buffer, capacity * block * i * isz)
             if isinstance(meta[n], LowRank):
+                # Its factors scaled by σ (`LowRank.scaled`), kept for every block of rows.
+                caches += _query_storage({n: infos[n]}, qchunk, rank, isz)[n]
                 if keep:
                     caches += qchunk * o * i * isz
                 else:  # rebuilt a block of rows at a time
@@ -458,9 +463,6 @@ def _stages(
         default=0,
     )
     score_matrix = num_queries * num_train * isz
-    # The group's terms include the batch that is being captured (its forward runs with the
-    # rest of the group held); without a group, the previous batch's terms are held.
-    held = max(group_bytes, terms if n_rank > b else 0)
     stages.append(
         Stage(
             "scores",
@@ -471,10 +473,7 @@ def _stages(
                 "query caches": caches,
                 "gradient buffer": buffer,
                 "held terms": held,
-                "batch": max(
-                    score_cost.peak(b) - (terms if grouped else 0),
-                    terms + flush_temp + token_temp,
-                ),
+                "batch": max(score_cost.peak(b), terms + flush_temp + token_temp),
                 "score matrix": 3 * score_matrix,
             },
         )

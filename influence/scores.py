@@ -408,11 +408,16 @@ def _stream_scores(
             flush()
         if group is not None:
             group.add(terms, rows)
-        for n, (a, g) in terms.items():
+        for n in terms:
             if group is None or n not in group.names:
-                pending.setdefault(n, []).append(_layer_scores(pre[n], a, g, by_token))
-        if group is None:
+                pending.setdefault(n, []).append(_layer_scores(pre[n], *terms[n], by_token))
+        # A group that cannot take another batch of this size is scored now rather than after
+        # the next capture, and the loop lets go of this batch's terms: the next forward then
+        # runs with at most a group's terms held, the batch being captured included (the
+        # memory plan's assumption; flushing late held one batch of terms more).
+        if group is None or not group.fits(rows):
             flush()
+        del terms, a0
     flush()
     # Under a process group every rank scored its share: gather them all on every rank.
     shares = distributed.all_gather_objects((indices, blocks, max_t))

@@ -224,3 +224,65 @@ def test_errors_name_what_to_change():
     mlp = nn.Sequential(nn.Linear(4, 3))
     with pytest.raises(ValueError, match="needs `example=`"):
         inf.memory_plan(mlp, inf.ClassificationTask(), **kw)
+
+
+@pytest.mark.parametrize("rank", [None, 1])
+def test_a_training_batch_is_captured_with_at_most_the_planned_terms_held(monkeypatch, rank):
+    """While scoring, each forward runs with only the earlier batches of an unfinished group
+    held: a group is scored as soon as another batch would not fit, and a finished batch's
+    terms are let go (the plan's "held terms"). Weak references to every batch's terms are
+    counted at each forward; holding one batch more (scoring a full group only after the next
+    capture, or a loop variable keeping the last batch) fails this. At rank 1 layers take the
+    token path, whose terms must not outlive their batch."""
+    import weakref
+
+    from brute_force import fitted, lm_data, tiny_llama
+
+    import influence.scores as scores_module
+
+    model, task = tiny_llama(), inf.LanguageModelingTask()
+    data, queries = lm_data(20, min_len=3), lm_data(4, seed=7, prompt=2)
+    est = fitted(inf.EKFAC, model, task, data)
+    monkeypatch.setattr(scores_module, "_GROUP_ROWS", 7)  # batches of 3: groups of 6 rows
+    refs: list[tuple[str, int, weakref.ref]] = []
+    held: list[dict[str, int]] = []  # at each forward, the rows of each layer's terms alive
+    grouped: list[str] = []
+    original = scores_module.iter_layer_terms
+
+    class Group(scores_module._TermGroup):
+        def __init__(self, names, *args, **kwargs):
+            grouped.extend(names)
+            super().__init__(names, *args, **kwargs)
+
+    def tracked(*args, **kwargs):
+        it = original(*args, **kwargs)
+        while (item := next(it, None)) is not None:
+            if kwargs.get("desc") == "scores":
+                rows = len(item.indices)
+                refs.extend((n, rows, weakref.ref(g)) for n, (_, g) in item.terms.items())
+            yield item
+            del item  # the wrapper itself must not hold a batch through the next capture
+
+    def alive() -> dict[str, int]:
+        per_layer: dict[str, int] = {}
+        for n, rows, ref in refs:
+            per_layer[n] = per_layer.get(n, 0) + (rows if ref() is not None else 0)
+        return per_layer
+
+    monkeypatch.setattr(scores_module, "iter_layer_terms", tracked)
+    monkeypatch.setattr(scores_module, "_TermGroup", Group)
+    hook = model.register_forward_pre_hook(lambda *_: held.append(alive()))
+    try:
+        scores_module.pairwise_scores(
+            model, task, est, queries, data, rank=rank, batch_size=3, progress=False
+        )
+    finally:
+        hook.remove()
+    layers = list(task.tracked_modules(model))
+    assert len(refs) == 7 * len(layers)  # 20 rows in batches of 3
+    # rank None: every layer grouped; rank 1: token-path layers too.
+    assert (len(grouped) == len(layers)) == (rank is None), grouped
+    for n in layers:
+        most = max(h.get(n, 0) for h in held)
+        # One batch of a grouped layer (reached: grouping happened); a token-path layer: none.
+        assert most == (3 if n in grouped else 0), (n, [h.get(n, 0) for h in held])
