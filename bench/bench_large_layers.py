@@ -108,6 +108,12 @@ def main() -> None:
     # Peak RSS is a high-water mark: the library's own peaks are read in the first repeat,
     # before the small-model path first runs.
     rss_full = rss_low = float("nan")
+
+    def score(rank: int | None) -> torch.Tensor:
+        return inf.pairwise_scores(
+            model, task, est, queries, train, rank=rank, batch_size=bs, progress=False
+        )
+
     for repeat in range(args.repeats):
         times["epoch"].append(timed(lambda: epoch(model, task, train, bs, "cpu"), "cpu")[1])
         for k, rank in (("full", None), ("rank32", 32)):
@@ -122,21 +128,11 @@ def main() -> None:
                 )[1]
             )
         if not args.rank_only:
-            full, t = timed(
-                lambda: inf.pairwise_scores(
-                    model, task, est, queries, train, batch_size=bs, progress=False
-                ),
-                "cpu",
-            )
+            full, t = timed(lambda: score(None), "cpu")
             times["full"].append(t)
         if repeat == 0:
             rss_full = rss_mib()
-        low, t = timed(
-            lambda: inf.pairwise_scores(
-                model, task, est, queries, train, rank=32, batch_size=bs, progress=False
-            ),
-            "cpu",
-        )
+        low, t = timed(lambda: score(32), "cpu")
         times["rank32"].append(t)
         if repeat == 0:
             rss_low = rss_mib()
@@ -145,13 +141,7 @@ def main() -> None:
             for k, rank in (("full", None), ("rank32", 32)):
                 if k == "full" and args.rank_only:
                     continue
-                t = timed(
-                    lambda rank=rank: inf.pairwise_scores(
-                        model, task, est, queries, train, rank=rank, batch_size=bs, progress=False
-                    ),
-                    "cpu",
-                )[1]
-                buffered[k].append(t)
+                buffered[k].append(timed(lambda rank=rank: score(rank), "cpu")[1])
     times["epoch"].append(timed(lambda: epoch(model, task, train, bs, "cpu"), "cpu")[1])
 
     batch = {k: v[:bs] for k, v in train.items()}
@@ -169,7 +159,7 @@ def main() -> None:
         with FlopCounterMode(display=False) as fc:
             inf.preconditioned_queries(model, task, est, queries, rank=rank, batch_size=bs)
         query_side[k] = fc.get_total_flops() / f_epoch
-    best = {k: min(v) for k, v in times.items()}
+    best = {k: min(v) for k, v in times.items() if v}
     epochs = ", ".join(f"{t:.2f}" for t in times["epoch"])
     print(f"\nepoch: fastest {best['epoch']:.2f} s (all: {epochs})")
     print(
