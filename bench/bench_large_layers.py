@@ -108,6 +108,9 @@ def main() -> None:
     # Peak RSS is a high-water mark: the library's own peaks are read in the first repeat,
     # before the small-model path first runs.
     rss_full = rss_low = float("nan")
+    ranks = {"full": None, "rank32": 32}  # stage: rank
+    if args.rank_only:
+        del ranks["full"]
 
     def score(rank: int | None) -> torch.Tensor:
         return inf.pairwise_scores(
@@ -116,9 +119,7 @@ def main() -> None:
 
     for repeat in range(args.repeats):
         times["epoch"].append(timed(lambda: epoch(model, task, train, bs, "cpu"), "cpu")[1])
-        for k, rank in (("full", None), ("rank32", 32)):
-            if k == "full" and args.rank_only:
-                continue
+        for k, rank in ranks.items():
             q_times[k].append(
                 timed(
                     lambda rank=rank: inf.preconditioned_queries(
@@ -138,9 +139,7 @@ def main() -> None:
             rss_low = rss_mib()
         # Timed in the same repeat as the library's path: this machine's speed drifts.
         with small_model_path():
-            for k, rank in (("full", None), ("rank32", 32)):
-                if k == "full" and args.rank_only:
-                    continue
+            for k, rank in ranks.items():
                 buffered[k].append(timed(lambda rank=rank: score(rank), "cpu")[1])
     times["epoch"].append(timed(lambda: epoch(model, task, train, bs, "cpu"), "cpu")[1])
 
@@ -152,10 +151,7 @@ def main() -> None:
     f_dots = 2 * args.queries * args.train * p_tracked
     floor = (f_pass + f_grads + f_dots) / f_epoch
     query_side = {"full": float("nan")}
-    stages = [k for k in ("full", "rank32") if times[k]]
-    for k, rank in (("full", None), ("rank32", 32)):
-        if k not in stages:
-            continue
+    for k, rank in ranks.items():
         with FlopCounterMode(display=False) as fc:
             inf.preconditioned_queries(model, task, est, queries, rank=rank, batch_size=bs)
         query_side[k] = fc.get_total_flops() / f_epoch
@@ -170,7 +166,7 @@ def main() -> None:
     head = f"{'stage':<22}{'fastest s':>10}{'x epoch':>9}{'x floor':>9}{'x floor+q':>11}"
     print(head + f"{'median x':>10}")
     for k, label in (("full", "scores, full rank"), ("rank32", "scores, rank 32")):
-        if k not in stages:
+        if k not in ranks:
             continue
         ratio = best[k] / best["epoch"]
         whole = ratio / (floor + query_side[k])
@@ -181,7 +177,7 @@ def main() -> None:
         )
     print("split of each score time (fastest query side; training side = scores - query side):")
     for k, label in (("full", "full rank"), ("rank32", "rank 32")):
-        if k not in stages:
+        if k not in ranks:
             continue
         q = min(q_times[k]) / best["epoch"]
         t = best[k] / best["epoch"] - q
@@ -191,7 +187,7 @@ def main() -> None:
         )
     print("against the small-model path on the same model (whole layers buffered, dense queries):")
     for k, label in (("full", "full rank"), ("rank32", "rank 32")):
-        if k not in stages:
+        if k not in ranks:
             continue
         b = min(buffered[k])
         med = statistics.median(times[k]) / statistics.median(buffered[k])
