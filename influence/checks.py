@@ -232,24 +232,45 @@ def check_finite_weights(layers: Mapping[str, nn.Module]) -> None:
                 )
 
 
-def check_finite_terms(
-    terms: Mapping[str, tuple], indices: torch.Tensor, measurement: bool
-) -> None:
-    """NaN/Inf in a layer's inputs or output gradients: name the example and the layer."""
+def finite_terms(
+    terms: Mapping[str, tuple],
+    masks: Mapping[str, torch.Tensor | None],
+    indices: torch.Tensor,
+    measurement: bool,
+) -> dict[str, tuple]:
+    """`terms`, checked for NaN/Inf in each layer's inputs and output gradients.
+
+    A non-finite value at a padded position (mask 0: e.g. a row of attention over padding
+    only) is no error, since no real token reads it: it is set to 0, so that it cannot turn a
+    per-example gradient into NaN. One at a real position raises, naming example and layer."""
+    out = dict(terms)
+    cleaned: dict[int, torch.Tensor] = {}  # layers that share an input share its cleaned copy
     seen: set[int] = set()
     for name, (a, g) in terms.items():
+        mask = masks.get(name)
+        fixed = []
         for what, x in (("inputs", a), ("output gradients", g)):
-            if id(x) in seen:
+            if id(x) in cleaned:
+                fixed.append(cleaned[id(x)])
                 continue
-            seen.add(id(x))
-            row = _first_bad_row(x)
-            if row is not None:
-                raise FloatingPointError(
-                    f"NaN or Inf in the {what} of layer {name!r} for {_role(measurement)} "
-                    f"{int(indices[row])}: its curvature terms and scores would be NaN. Check that "
-                    "example's inputs, and the model's weights and loss (half precision or a "
-                    "diverged model are the usual causes)."
-                )
+            if id(x) in seen or _first_bad_row(x) is None:
+                seen.add(id(x))
+                fixed.append(x)
+                continue
+            bad = ~torch.isfinite(x).reshape(*x.shape[:2], -1).all(-1)  # [B, T]
+            if mask is not None and not bool((bad & mask).any()):
+                cleaned[id(x)] = torch.where(mask.unsqueeze(-1), x, torch.zeros((), dtype=x.dtype))
+                fixed.append(cleaned[id(x)])
+                continue
+            row = int(bad.any(1).nonzero()[0, 0])
+            raise FloatingPointError(
+                f"NaN or Inf in the {what} of layer {name!r} for {_role(measurement)} "
+                f"{int(indices[row])}: its curvature terms and scores would be NaN. Check that "
+                "example's inputs, and the model's weights and loss (half precision or a "
+                "diverged model are the usual causes)."
+            )
+        out[name] = (fixed[0], fixed[1])
+    return out
 
 
 def check_finite_queries(pre: Mapping[str, Any]) -> None:

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from . import checks, distributed
 from .capture import LayerCapture, LayerTerms
 from .layers import LayerInfo, layer_infos
+from .masks import LayerMaskFinder, LayerMasks, right_align
 from .tasks import IGNORE_INDEX, Task
 
 # Padding values of the collator for ragged sequences (Hugging Face conventions): labels are
@@ -269,13 +270,15 @@ ORDER_BY_LENGTH = True
 
 
 class PassBatch(NamedTuple):
-    """One batch of a pass: the caller's indices of its examples, the (trimmed) batch, the
-    tracked layers' terms, the token mask, and the batch's width before trimming."""
+    """One batch of a pass: the caller's indices of its examples, the (trimmed) batch as the
+    data gives it (the model sees it right-aligned, `masks.right_align`), the tracked layers'
+    terms, each layer's mask of real positions (None: all real), and the batch's width
+    before trimming."""
 
     indices: torch.Tensor
     batch: Any
     terms: LayerTerms
-    mask: torch.Tensor | None
+    masks: LayerMasks
     width: int
 
 
@@ -407,8 +410,8 @@ def iter_layer_terms(
     desc: str = "batches",
     shard: bool = False,
 ) -> Iterator[PassBatch]:
-    """One pass over `data`: a `PassBatch` (indices, batch, {layer: (ā, g)}, token mask,
-    width) per batch, batches formed by `ordered_batches`.
+    """One pass over `data`: a `PassBatch` (indices, batch, {layer: (ā, g)}, {layer: mask of
+    real positions}, width) per batch, batches formed by `ordered_batches`.
 
     The loss is the task's training loss (true labels, or sampled ones when `sample`, example
     i seeded by (seed, i) whatever its batch), or its measurement when `measurement`. No weight
@@ -419,6 +422,7 @@ def iter_layer_terms(
     infos = layer_infos(layers)
     checks.check_finite_weights(layers)
     dev = resolve_device(model, device)
+    find_masks = LayerMaskFinder(model, task, layers)
     loader = make_loader(data, batch_size)
     try:
         total = len(loader)
@@ -438,16 +442,23 @@ def iter_layer_terms(
             checks.check_batch_values(model, batch, idx, measurement)
             checks.check_counted_tokens(task, batch, idx, measurement)
             batch = task.to_device(batch, dev)
-            n = task.batch_size(batch)
-            with LayerCapture(model, layers, infos, batch_size=n, batch=batch) as cap:
+            aligned, _ = right_align(task, batch)
+            n = task.batch_size(aligned)
+            with LayerCapture(model, layers, infos, batch_size=n, batch=aligned) as cap:
                 if measurement:
-                    loss = task.measurement(model, batch)
+                    loss = task.measurement(model, aligned)
                 else:
-                    loss = task.loss(model, batch, sample=sample, seed=seed, indices=idx.tolist())
+                    loss = task.loss(model, aligned, sample=sample, seed=seed, indices=idx.tolist())
                 terms = cap.backward(loss)
-            checks.check_finite_terms(terms, idx, measurement)
-            yield PassBatch(idx, batch, terms, task.token_mask(batch), width)
-            del terms, loss  # a consumer that is done with them frees them before the next batch
+            masks = find_masks(aligned, terms)
+            terms = checks.finite_terms(terms, masks, idx, measurement)
+            yield PassBatch(idx, batch, terms, masks, width)
+            del (
+                terms,
+                loss,
+                aligned,
+                masks,
+            )  # a consumer that is done with them frees them before the next batch
 
 
 def token_outer_sum(g: torch.Tensor, a: torch.Tensor) -> torch.Tensor:

@@ -3,6 +3,9 @@ output gradients (sampled labels); inverted through the eigendecompositions of A
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Mapping
+
 import torch
 
 from . import distributed
@@ -89,19 +92,21 @@ def _rotate_factors(basis: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
 
 
 def _masked_rows(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """[B, T, d] -> [K, d], keeping the K real-token positions."""
-    if mask is None or bool(mask.all()):
+    """[B, T, d] -> [K, d], keeping the K real-token positions (all of them without a mask)."""
+    if mask is None:
         return x.reshape(-1, x.shape[-1])
-    return x[mask.reshape(x.shape[:2])]
+    return x[mask]
 
 
 def fit_covariances(model, task, data, *, seed, batch_size, device, progress):
-    """One pass with sampled labels: A = E_tokens[ā āᵀ], S = E_tokens[g gᵀ] (float64),
-    the number of examples, and T̄, the mean number of real tokens per example."""
+    """One pass with sampled labels: per layer A = E_tokens[ā āᵀ] and S = E_tokens[g gᵀ]
+    (float64) over the real positions the layer reads (padding left out), the number of
+    examples, and per layer T̄, the mean number of those positions per example."""
     a_sum: dict[str, torch.Tensor] = {}
     s_sum: dict[str, torch.Tensor] = {}
-    tokens = examples = 0
-    for _, batch, terms, mask, _ in iter_layer_terms(
+    tokens: dict[str, int] = {}
+    examples = 0
+    for _, batch, terms, masks, _ in iter_layer_terms(
         model,
         task,
         data,
@@ -114,36 +119,37 @@ def fit_covariances(model, task, data, *, seed, batch_size, device, progress):
         shard=True,
     ):
         examples += task.batch_size(batch)
-        k = 0
         input_products: dict[int, torch.Tensor] = {}  # layers sharing an input share ā āᵀ
         for n, (a, g) in terms.items():
             if id(a) not in input_products:
-                rows = _masked_rows(a, mask)
+                rows = _masked_rows(a, masks[n])
                 input_products[id(a)] = (rows.T @ rows).double()
-            g = _masked_rows(g, mask)
-            k = g.shape[0]
+            g = _masked_rows(g, masks[n])
+            tokens[n] = tokens.get(n, 0) + g.shape[0]
             aa, gg = input_products[id(a)], (g.T @ g).double()
             a_sum[n] = a_sum[n] + aa if n in a_sum else aa
             s_sum[n] = s_sum[n] + gg if n in s_sum else gg
-        tokens += k
         # Released before the next batch's forward, which would otherwise run beside them.
         del terms, input_products
     if distributed.is_distributed():  # every rank ends with the sums over all ranks
-        for n, info in layer_infos(task.tracked_modules(distributed.unwrap_model(model))).items():
+        infos = layer_infos(task.tracked_modules(distributed.unwrap_model(model)))
+        for n, info in infos.items():
             a_sum.setdefault(n, torch.zeros(info.in_dim, info.in_dim, dtype=torch.float64))
             s_sum.setdefault(n, torch.zeros(info.out_features, info.out_features).double())
         a_sum, s_sum = distributed.all_reduce_sum(a_sum), distributed.all_reduce_sum(s_sum)
-        tokens = int(distributed.all_reduce_number(tokens))
+        counts = torch.tensor([float(tokens.get(n, 0)) for n in infos], dtype=torch.float64)
+        counts = distributed.all_reduce_sum({"tokens": counts})["tokens"]
+        tokens = {n: int(c) for n, c in zip(infos, counts.tolist(), strict=True)}
         examples = int(distributed.all_reduce_number(examples))
     if examples == 0:
         raise ValueError("cannot fit on empty data")
     # In place: the float64 covariances of a large model are GBs, and a divided copy held
     # beside the sums doubled them (same values: one division either way).
     return (
-        {n: v.div_(tokens) for n, v in _unshared(a_sum).items()},
-        {n: v.div_(tokens) for n, v in _unshared(s_sum).items()},
+        {n: v.div_(max(tokens[n], 1)) for n, v in _unshared(a_sum).items()},
+        {n: v.div_(max(tokens[n], 1)) for n, v in _unshared(s_sum).items()},
         examples,
-        tokens / examples,
+        {n: tokens[n] / examples for n in a_sum},
     )
 
 
@@ -193,21 +199,23 @@ class KFAC(Estimator):
                     f"{n}::eigvecs_S": qs,
                 }
             )
-        self.meta_ = {"num_examples": examples, "mean_tokens": mean_tokens}
+        self.meta_ = {"num_examples": examples, "mean_tokens": mean_tokens}  # per layer
         self._fit_eigenvalues(
             model, task, data, batch_size=batch_size, device=device, progress=progress, seed=seed
         )
 
     def _fit_eigenvalues(self, model, task, data, *, batch_size, device, progress, seed) -> None:
+        self.damping_ = {n: self.resolve_damping(n, self._mean_eigenvalue(n)) for n in self.layers_}
+
+    def mean_tokens(self, layer: str) -> float:
+        """T̄ of `layer`: the mean number of real positions it reads per example (a pooler or a
+        classification head reads one; encoder and decoder layers their own sequences)."""
         t = self.meta_["mean_tokens"]
-        self.damping_ = {}
-        for n in self.layers_:
-            la, ls = self.state_[f"{n}::eigvals_A"], self.state_[f"{n}::eigvals_S"]
-            self.damping_[n] = self.resolve_damping(n, t * la.mean() * ls.mean())
+        return float(t[layer] if isinstance(t, Mapping) else t)  # one number in old files
 
     def _mean_eigenvalue(self, layer: str) -> torch.Tensor:
         la, ls = self.state_[f"{layer}::eigvals_A"], self.state_[f"{layer}::eigvals_S"]
-        return self.meta_["mean_tokens"] * la.mean() * ls.mean()
+        return self.mean_tokens(layer) * la.mean() * ls.mean()
 
     @classmethod
     def from_ekfac(cls, ekfac: KFAC, damping=None) -> KFAC:
@@ -223,7 +231,7 @@ class KFAC(Estimator):
         est.layers_ = dict(ekfac.layers_)
         keys = ("eigvals_A", "eigvecs_A", "eigvals_S", "eigvecs_S")
         est.state_ = {f"{n}::{k}": ekfac.state_[f"{n}::{k}"] for n in est.layers_ for k in keys}
-        est.meta_ = {k: ekfac.meta_[k] for k in ("num_examples", "mean_tokens")}
+        est.meta_ = copy.deepcopy({k: ekfac.meta_[k] for k in ("num_examples", "mean_tokens")})
         est.fingerprint_ = ekfac.fingerprint_
         est.damping_ = {n: est.resolve_damping(n, est._mean_eigenvalue(n)) for n in est.layers_}
         return est
@@ -231,7 +239,7 @@ class KFAC(Estimator):
     def eigenvalues(self, layer: str) -> torch.Tensor:
         """The [out, in'] eigenvalues of the layer's block in the Kronecker eigenbasis."""
         la, ls = self.state_[f"{layer}::eigvals_A"], self.state_[f"{layer}::eigvals_S"]
-        return self.meta_["mean_tokens"] * torch.outer(ls, la)
+        return self.mean_tokens(layer) * torch.outer(ls, la)
 
     def _inverse_eigenvalues(self, layer: str, like: torch.Tensor) -> torch.Tensor:
         return (1.0 / (self.eigenvalues(layer) + self.damping_[layer])).to(like)

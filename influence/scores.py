@@ -25,6 +25,7 @@ from .gradients import (
 )
 from .layers import layer_infos
 from .lowrank import LowRank, low_rank
+from .masks import leading_padding, restore_positions
 from .tasks import Task
 
 
@@ -373,7 +374,7 @@ def _stream_scores(
                 scores = {"total": sum(scores.values())}
             blocks.append({k: v.detach().cpu() for k, v in scores.items()})
 
-    for idx, _, terms, _, width in iter_layer_terms(
+    for idx, batch, terms, _, width in iter_layer_terms(
         model,
         task,
         train_data,
@@ -385,6 +386,8 @@ def _stream_scores(
         shard=True,
     ):
         indices.append(idx)
+        # Left-padded rows were right-aligned for the model: tokens go back to their places.
+        shifts = leading_padding(task, batch) if by_token else None
         a0 = next(iter(terms.values()))[0]
         rows, t = a0.shape[0], a0.shape[1]
         max_t = max(max_t, t, width)
@@ -410,14 +413,15 @@ def _stream_scores(
             group.add(terms, rows)
         for n in terms:
             if group is None or n not in group.names:
-                pending.setdefault(n, []).append(_layer_scores(pre[n], *terms[n], by_token))
+                layer = _layer_scores(pre[n], *terms[n], by_token)
+                pending.setdefault(n, []).append(restore_positions(layer, shifts))
         # A group that cannot take another batch of this size is scored now rather than after
         # the next capture, and the loop lets go of this batch's terms: the next forward then
         # runs with at most a group's terms held, the batch being captured included (the
         # memory plan's assumption; flushing late held one batch of terms more).
         if group is None or not group.fits(rows):
             flush()
-        del terms, a0
+        del terms, a0, batch
     flush()
     # Under a process group every rank scored its share: gather them all on every rank.
     shares = distributed.all_gather_objects((indices, blocks, max_t))

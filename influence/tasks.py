@@ -121,9 +121,47 @@ class Task:
     def to_device(self, batch: Batch, device: torch.device | str) -> Batch:
         raise NotImplementedError
 
+    # Whether a dict batch's `labels` follow the positions of its inputs (causal language
+    # models: a label per token) rather than one per example or a decoder's own sequence.
+    labels_follow_inputs = False
+
     def token_mask(self, batch: Batch) -> torch.Tensor | None:
-        """(B, T) bool mask of real token positions, or None for non-sequence data."""
+        """(B, T) bool mask of the real (not padding) positions of a batch that holds one token
+        sequence, or None (non-sequence data, or every position real)."""
         return None
+
+    def token_masks(self, batch: Batch) -> dict[str, torch.Tensor]:
+        """The (B, T) bool masks of the real positions of each token sequence of `batch`, by
+        name: padded positions are left out of the curvature (input and output-gradient
+        covariances, token counts). One sequence by default (`token_mask`); a seq2seq batch
+        has the encoder's and the decoder's. {} for non-sequence data."""
+        mask = self.token_mask(batch)
+        return {} if mask is None else {"tokens": mask}
+
+    def probe_batch(self, batch: Batch) -> Batch:
+        """One example of `batch` whose token sequences (`token_masks`) all have different
+        lengths: a forward of it tells which sequence each tracked layer reads. Only needed
+        by tasks with more than one sequence."""
+        raise NotImplementedError(
+            f"{type(self).__name__} has several token sequences of equal length: implement "
+            "probe_batch to tell which one each layer reads"
+        )
+
+    def sequence_keys(self, batch: Batch) -> list[str]:
+        """Keys of the [B, T, ...] tensors of a dict batch that follow the positions of its
+        `attention_mask` (moved together when a left-padded row is right-aligned)."""
+        if not isinstance(batch, Mapping) or not torch.is_tensor(batch.get("attention_mask")):
+            return []
+        shape = batch["attention_mask"].shape
+        return [
+            k
+            for k, v in batch.items()
+            if torch.is_tensor(v)
+            and v.dim() >= 2
+            and v.shape[:2] == shape
+            and not str(k).startswith("decoder_")
+            and (k != "labels" or self.labels_follow_inputs)
+        ]
 
     def check_batch(self, batch: Batch) -> None:
         """Raise a clear error when `batch` is not of this task's kind."""
@@ -200,8 +238,11 @@ class _TupleTask(Task):
         return tuple(t.to(device) for t in batch)
 
     def token_mask(self, batch):
-        # One output per example: no per-token structure to mask (padding positions' inputs
-        # are counted like real ones in K-FAC's input covariance).
+        # Token inputs (a sequence classifier): the attention mask; (x, y) data has none.
+        if isinstance(batch, Mapping):
+            mask = batch.get("attention_mask")
+            if torch.is_tensor(mask) and mask.dim() == 2:
+                return mask.bool()
         return None
 
     def check_batch(self, batch):
@@ -307,6 +348,7 @@ class LanguageModelingTask(Task):
     kind = "language_modeling"
     # Logits at position t predict the label at t + shift (1 for causal LMs, 0 for seq2seq).
     shift = 1
+    labels_follow_inputs = True
 
     def batch_size(self, batch):
         return int(batch["input_ids"].shape[0])
@@ -389,6 +431,7 @@ class Seq2SeqLMTask(LanguageModelingTask):
 
     kind = "seq2seq_language_modeling"
     shift = 0
+    labels_follow_inputs = False
 
     def check_batch(self, batch):
         super().check_batch(batch)
@@ -399,8 +442,43 @@ class Seq2SeqLMTask(LanguageModelingTask):
             )
 
     def token_mask(self, batch):
-        # Encoder and decoder layers see sequences of different lengths: no single mask.
+        # Encoder and decoder layers read different sequences: see token_masks.
         return None
+
+    def token_masks(self, batch):
+        """The encoder's real positions (its attention mask) and the decoder's: its
+        `decoder_attention_mask`, else every position up to the last counted label (later
+        ones are padding, which a causal decoder's earlier positions never read)."""
+        ids = batch["input_ids"]
+        encoder = batch.get("attention_mask")
+        encoder = torch.ones_like(ids, dtype=torch.bool) if encoder is None else encoder.bool()
+        decoder = batch.get("decoder_attention_mask")
+        if decoder is None:
+            counted = batch["labels"] != IGNORE_INDEX
+            positions = torch.arange(1, counted.shape[1] + 1, device=counted.device)
+            last = (counted * positions).amax(1, keepdim=True)
+            decoder = positions < last + 1
+        return {"encoder": encoder, "decoder": decoder.bool()}
+
+    def probe_batch(self, batch):
+        """The first example, with its encoder input one position shorter (or, with a
+        single position, its target one longer) when both sequences are equally long."""
+        one = {k: (v[:1] if torch.is_tensor(v) and v.dim() >= 1 else v) for k, v in batch.items()}
+        width, target = one["input_ids"].shape[1], one["labels"].shape[1]
+        if width != target:
+            return one
+        if width > 1:
+            keys = [k for k in self.sequence_keys(one) if k != "labels"] or ["input_ids"]
+            return {k: (v[:, : width - 1] if k in keys else v) for k, v in one.items()}
+        pad = torch.nn.functional.pad
+        return {
+            k: (
+                pad(v, (0, 1), value=IGNORE_INDEX if k == "labels" else 0)
+                if k == "labels" or (str(k).startswith("decoder_") and torch.is_tensor(v))
+                else v
+            )
+            for k, v in one.items()
+        }
 
     def targets(self, batch):
         return batch["labels"]
