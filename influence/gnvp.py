@@ -28,6 +28,7 @@ from .gradients import (  # noqa: F401  (take: re-exported for LiSSA and the PBR
     unflatten,
 )
 from .layers import LayerInfo, layer_infos
+from .masks import right_align
 from .tasks import Task
 
 Damping = float | Mapping[str, float]
@@ -201,7 +202,7 @@ class GaussNewton:
     # -- products ---------------------------------------------------------------------------
     def _gnvp_batch(self, batch, flat: torch.Tensor) -> torch.Tensor:
         """Σ_{i in batch} J_iᵀ H_i J_i v for each row v of `flat` [Q, P]; returns [Q, P]."""
-        batch = self.task.to_device(batch, self.device)
+        batch, _ = right_align(self.task, self.task.to_device(batch, self.device))
         primals = self._primals()
 
         def f(params):

@@ -35,6 +35,7 @@ from .gnvp import (
     tracked_parameters,
 )
 from .gradients import _EvalMode, iter_batches, make_loader, num_examples, resolve_device
+from .masks import right_align
 from .tasks import Task
 
 
@@ -146,11 +147,12 @@ def pbrf_scores(
     batches = []
     with _EvalMode(model), torch.no_grad():
         for _, b in iter_batches(loader, batch_size):
-            b = task.to_device(b, dev)
+            b = right_align(task, task.to_device(b, dev))[0]
             batches.append((b, task.outputs(model, b).detach()))
         # One query per measurement, whatever batch size a DataLoader of queries has.
         queries = [
-            task.to_device(take(query_data, [q]), dev) for q in range(num_examples(query_data))
+            right_align(task, task.to_device(take(query_data, [q]), dev))[0]
+            for q in range(num_examples(query_data))
         ]
 
     def call(params, batch):
@@ -246,7 +248,7 @@ def pbrf_scores(
     start = time.perf_counter()
     with _EvalMode(model):
         for j, m in enumerate(tqdm(train_indices, desc="PBRF", disable=not progress, leave=False)):
-            zb = task.to_device(take(train_data, [m]), dev)
+            zb = right_align(task, task.to_device(take(train_data, [m]), dev))[0]
             init_grad = [0.0]
             plus, s1, r1, u_plus = solve(zb, eps)
             # θ*(−ε) − θ_s ≈ −(θ*(ε) − θ_s): in the rescaled variable the two minimisers are

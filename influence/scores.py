@@ -347,6 +347,22 @@ def _dense_fits(pre, names: list[str], itemsize: int) -> bool:
     return sum(p.u.shape[0] * p.u.shape[1] * p.v.shape[1] for p in low) * itemsize <= _GROUP_BYTES
 
 
+def _check_one_sequence(terms) -> None:
+    """Per-token scores add the layers' terms position by position: every tracked layer must
+    read the same positions."""
+    positions: dict[int, list[str]] = {}
+    for n, (a, _) in terms.items():
+        positions.setdefault(a.shape[1], []).append(n)
+    if len(positions) > 1:
+        seen = "; ".join(f"{t} position(s): {names[:3]}" for t, names in positions.items())
+        raise ValueError(
+            f"by_token=True needs every tracked layer to read the same token positions; these "
+            f"read different ones ({seen}). Track only layers of one sequence with the task's "
+            "`modules=` (e.g. the encoder's or the decoder's layers of a seq2seq model, and no "
+            "pooler or classification head, which read one position per example)."
+        )
+
+
 def _stream_scores(
     model, task, layers, pre, train_data, by_layer, by_token, batch_size, device, progress
 ):
@@ -391,6 +407,8 @@ def _stream_scores(
         a0 = next(iter(terms.values()))[0]
         rows, t = a0.shape[0], a0.shape[1]
         max_t = max(max_t, t, width)
+        if first_batch and by_token:
+            _check_one_sequence(terms)
         if first_batch and not by_token:
             # Layers whose scores go through the dense per-example gradient; the choice is a
             # matter of speed only (both paths give the same scores), made on the first batch
