@@ -149,6 +149,64 @@ def find_layers(model: nn.Module, modules: ModuleSelector = None) -> dict[str, n
     return chosen
 
 
+def _extent(p: torch.Tensor) -> tuple[int, int]:
+    """The bytes [start, end) of its storage that tensor `p` covers."""
+    size = p.element_size()
+    start = p.storage_offset() * size
+    span = sum((n - 1) * st for n, st in zip(p.shape, p.stride(), strict=True)) + 1
+    return start, start + (span if p.numel() else 0) * size
+
+
+def check_unshared(model: nn.Module, layers: dict[str, nn.Module]) -> None:
+    """Refuse tracked layers whose weight or bias is held by another module too (tied weights:
+    the same Parameter, or overlapping memory of one storage).
+
+    A shared parameter's gradient sums every use of it, while the library sees only the
+    tracked layers' inputs and output gradients: its scores would be those of a part of the
+    gradient (GPT-2's `lm_head` is tied to the input embedding)."""
+    holders: dict[int, list[str]] = {}
+    by_storage: dict[int, list[tuple[str, torch.Tensor]]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        holders.setdefault(id(p), []).append(name)
+        # Meta tensors have no memory to share; FSDP's flat parameter holds every original
+        # parameter's memory by design.
+        if not p.is_meta and type(p).__name__ != "FlatParameter":
+            by_storage.setdefault(p.untyped_storage().data_ptr(), []).append((name, p))
+    problems = []
+    tracked = {id(m): n for n, m in layers.items()}
+    for layer, module in layers.items():
+        for pname, p in module.named_parameters(recurse=False):
+            own = f"{layer}.{pname}" if layer else pname
+            others = [h for h in holders[id(p)] if h != own]
+            if not p.is_meta:
+                lo, hi = _extent(p)
+                for name, q in by_storage.get(p.untyped_storage().data_ptr(), []):
+                    q_lo, q_hi = _extent(q)
+                    if q is not p and lo < q_hi and q_lo < hi and name not in others:
+                        others.append(name)
+            if not others:
+                continue
+            other_layers = [
+                h.rsplit(".", 1)[0] for h in others if h.rsplit(".", 1)[0] in layers.keys()
+            ]
+            if other_layers and id(module) in tracked:
+                pair = sorted({layer, *other_layers})
+                problems.append(f"{' and '.join(map(repr, pair))} share their {pname}")
+            else:
+                problems.append(f"{layer!r} shares its {pname} with {others[0]!r}")
+    if problems:
+        unique = list(dict.fromkeys(problems))
+        raise ValueError(
+            "tracked layers hold tied (shared) parameters: "
+            + "; ".join(unique[:5])
+            + ". A shared parameter's gradient sums all its uses, but only the tracked layers' "
+            "inputs and output gradients are seen, so its scores would be those of a part of "
+            "its gradient. Leave these layers out with the task's `modules=` argument (the "
+            "default already leaves out the output embedding), or untie the weights (e.g. "
+            "`tie_word_embeddings=False` in a Hugging Face config)."
+        )
+
+
 def layer_infos(layers: dict[str, nn.Module]) -> dict[str, LayerInfo]:
     return {n: layer_info(n, m) for n, m in layers.items()}
 

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import ModuleSelector, find_layers
+from .layers import ModuleSelector, check_unshared, find_layers
 
 Batch = Mapping[str, torch.Tensor] | Sequence[torch.Tensor]
 
@@ -112,7 +112,10 @@ class Task:
 
     # -- layers -----------------------------------------------------------------------------
     def tracked_modules(self, model: nn.Module) -> dict[str, nn.Module]:
-        return find_layers(model, self.modules)
+        """The tracked layers (see `find_layers`); tied weights among them are refused."""
+        layers = find_layers(model, self.modules)
+        check_unshared(model, layers)
+        return layers
 
     # -- batches ----------------------------------------------------------------------------
     def batch_size(self, batch: Batch) -> int:
