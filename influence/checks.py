@@ -194,19 +194,13 @@ def check_batch_values(
 
 
 def check_counted_tokens(task: Any, batch: Any, indices: torch.Tensor, measurement: bool) -> None:
-    """Examples whose labels are all ignored (−100) have no loss: their gradients are zero and
-    their scores meaningless (and data made only of them gives zero curvature and damping)."""
-    counted = getattr(task, "_counted", None)
-    if counted is None or not isinstance(batch, Mapping):
-        return
-    per_example = counted(batch).reshape(task.batch_size(batch), -1).any(1)
-    if not bool(per_example.all()):
+    """Examples whose loss counts nothing (every label −100) have no loss: their gradients
+    are zero and their scores meaningless (and data made only of them gives zero curvature
+    and damping). Named, with what to do (`task.uncounted`)."""
+    per_example = task.counted(batch)
+    if per_example is not None and not bool(per_example.all()):
         rows = _examples((~per_example).nonzero().squeeze(1), indices)
-        raise ValueError(
-            f"{_roles(measurement)} {rows[:10]} have no counted tokens (every label is −100 "
-            "after the shift to next-token targets): they have no loss and no gradient. Drop "
-            "them, or unmask at least one completion token in each."
-        )
+        raise ValueError(f"{_roles(measurement)} {rows[:10]} have {task.uncounted}.")
 
 
 def _first_bad_row(x: torch.Tensor) -> int | None:

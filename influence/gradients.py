@@ -144,6 +144,12 @@ def make_loader(data: Any, batch_size: int) -> DataLoader:
     if isinstance(data, DataLoader):
         return _loader_in_dataset_order(data)
     if isinstance(data, tuple) and all(torch.is_tensor(t) for t in data):
+        lengths = [len(t) for t in data]
+        if len(set(lengths)) > 1:
+            raise ValueError(
+                f"the tensors of tuple data (x, y) have different lengths {lengths}: give one "
+                "row per example in each"
+            )
         data = TensorDataset(*data)
     elif isinstance(data, Mapping) and all(torch.is_tensor(t) for t in data.values()):
         data = _DictDataset(data)

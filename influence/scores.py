@@ -43,16 +43,21 @@ def _check_inputs(
         raise TypeError(f"estimator must be an influence estimator, got {type(estimator).__name__}")
     layers = task.tracked_modules(model)
     estimator.check_fitted(layer_infos(layers))
-    kinds = []
+    kinds, bad_values = [], []
     for data in datasets:
         batch = _first_batch(data, batch_size)
-        task.check_batch(batch)
+        try:
+            task.check_batch(batch)  # a batch of another kind raises a TypeError here
+        except ValueError as err:  # its values (labels): reported once the kinds agree
+            bad_values.append(err)
         kinds.append(batch_kind(batch))
     if len(set(kinds)) > 1:
         raise TypeError(
             f"query and training data are of different kinds ({kinds[0]} vs {kinds[1]} batches): "
             "both must be what the task expects"
         )
+    if bad_values:
+        raise bad_values[0]
     return layers
 
 

@@ -20,6 +20,9 @@ from .layers import ModuleSelector, check_unshared, find_layers
 Batch = Mapping[str, torch.Tensor] | Sequence[torch.Tensor]
 
 IGNORE_INDEX = -100
+# Keys of a dict batch that hold targets, never forwarded to the model: `labels`, and `label`
+# as Hugging Face datasets name a classification column.
+LABEL_KEYS = ("labels", "label")
 
 
 def example_generator(seed: int, index: int) -> torch.Generator:
@@ -52,7 +55,7 @@ def _forward_parameters(model: nn.Module) -> tuple[set[str], bool]:
 
 
 def model_inputs(model: nn.Module, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-    """The tensors of a dict batch that `model.forward` takes by name (all but `labels`).
+    """The tensors of a dict batch that `model.forward` takes by name (all but the labels).
 
     Every input the batch carries is forwarded (`input_ids`, `attention_mask`,
     `token_type_ids`, `position_ids`, `decoder_input_ids`, ...); `labels` never is, since the
@@ -67,7 +70,7 @@ def model_inputs(model: nn.Module, batch: Mapping[str, Any]) -> dict[str, torch.
     return {
         k: v
         for k, v in batch.items()
-        if k != "labels" and torch.is_tensor(v) and (named is None or k in named)
+        if k not in LABEL_KEYS and torch.is_tensor(v) and (named is None or k in named)
     }
 
 
@@ -88,7 +91,7 @@ def _logits(out: Any) -> torch.Tensor:
 
 
 def _batch_size_of(batch: Mapping[str, Any]) -> int:
-    for key in ("labels", "input_ids", "inputs_embeds"):
+    for key in (*LABEL_KEYS, "input_ids", "inputs_embeds"):
         if torch.is_tensor(batch.get(key)):
             return int(batch[key].shape[0])
     for v in batch.values():
@@ -168,6 +171,15 @@ class Task:
 
     def check_batch(self, batch: Batch) -> None:
         """Raise a clear error when `batch` is not of this task's kind."""
+
+    # What `counted` misses, and what to do about it, for the error naming such examples.
+    uncounted = "nothing their loss counts: they have no loss and no gradient. Drop them"
+
+    def counted(self, batch: Batch) -> torch.Tensor | None:
+        """(B,) bool: whether each example's loss counts anything (a label not −100); None
+        when every example's does. An example that counts nothing has no loss and no
+        gradient, so its scores would be meaningless: the passes refuse it by name."""
+        return None
 
     # -- losses -----------------------------------------------------------------------------
     def outputs(self, model: nn.Module, batch: Batch) -> torch.Tensor:
@@ -250,16 +262,24 @@ class _TupleTask(Task):
 
     def check_batch(self, batch):
         if isinstance(batch, Mapping):
-            if not torch.is_tensor(batch.get("labels")):
+            if not any(torch.is_tensor(batch.get(k)) for k in LABEL_KEYS):
                 raise TypeError(
-                    f"{type(self).__name__} got a dict batch without a 'labels' tensor (keys "
-                    f"{sorted(batch)[:8]}): add the labels, one per example"
+                    f"{type(self).__name__} got a dict batch without a 'labels' (or 'label') "
+                    f"tensor (keys {sorted(batch)[:8]}): add the labels, one per example"
                 )
-            return
-        if not isinstance(batch, Sequence) or len(batch) != 2:
+        elif not isinstance(batch, Sequence) or len(batch) != 2:
             raise TypeError(
                 f"{type(self).__name__} expects batches (x, y) or dicts with 'labels'; got "
                 f"{type(batch).__name__}. Use LanguageModelingTask for causal language models."
+            )
+        self._check_targets(self.targets(batch), self.batch_size(batch))
+
+    def _check_targets(self, targets: torch.Tensor, batch_size: int) -> None:
+        if not torch.is_tensor(targets) or targets.dim() == 0 or targets.shape[0] != batch_size:
+            shape = list(targets.shape) if torch.is_tensor(targets) else type(targets).__name__
+            raise ValueError(
+                f"{type(self).__name__}: the labels ({shape}) do not have one row per example "
+                f"of the batch ({batch_size})"
             )
 
     def outputs(self, model, batch):
@@ -268,7 +288,9 @@ class _TupleTask(Task):
         return _logits(model(batch[0]))
 
     def targets(self, batch):
-        return batch["labels"] if isinstance(batch, Mapping) else batch[1]
+        if isinstance(batch, Mapping):
+            return batch["labels"] if torch.is_tensor(batch.get("labels")) else batch["label"]
+        return batch[1]
 
 
 class ClassificationTask(_TupleTask):
@@ -281,8 +303,44 @@ class ClassificationTask(_TupleTask):
     """
 
     kind = "classification"
+    uncounted = (
+        "label −100, which cross-entropy ignores: they have no loss and no gradient. Drop "
+        "them, or give them a class"
+    )
+
+    def _check_targets(self, targets, batch_size):
+        super()._check_targets(targets, batch_size)
+        if targets.dim() != 1 or targets.is_floating_point() or targets.is_complex():
+            raise ValueError(
+                f"{type(self).__name__} needs integer class labels, one per example (shape "
+                f"[{batch_size}]); got {targets.dtype} labels of shape {list(targets.shape)}. "
+                "Squeeze a [B, 1] column; for real-valued targets use RegressionTask."
+            )
+
+    def counted(self, batch):
+        labels = self.targets(batch)
+        return None if not bool((labels == IGNORE_INDEX).any()) else labels != IGNORE_INDEX
 
     def loss_from_outputs(self, outputs, batch, targets):
+        classes = outputs.shape[-1]
+        if outputs.dim() != 2 or classes < 2:
+            raise ValueError(
+                f"{type(self).__name__} needs logits [batch, classes] with at least 2 classes; "
+                f"the model gives {list(outputs.shape)}"
+                + (
+                    " (num_labels=1: cross-entropy over one class is always 0, so every "
+                    "gradient and score would be 0). For a regression head use RegressionTask "
+                    "with float labels; to classify, give the model num_labels >= 2."
+                    if classes == 1
+                    else ""
+                )
+            )
+        bad = (targets >= classes) | ((targets < 0) & (targets != IGNORE_INDEX))
+        if bool(bad.any()):
+            raise ValueError(
+                f"labels {targets[bad].unique().tolist()[:5]} are outside the model's classes "
+                f"[0, {classes}) and are not −100: fix the labels or the model's num_labels"
+            )
         return F.cross_entropy(outputs, targets, reduction="sum")
 
     def sample_targets(self, outputs, batch, indices, seed):
@@ -308,6 +366,11 @@ class RegressionTask(_TupleTask):
     kind = "regression"
 
     def loss_from_outputs(self, outputs, batch, targets):
+        if targets.numel() != outputs.numel():
+            raise ValueError(
+                f"RegressionTask: the targets' shape {list(targets.shape)} does not match the "
+                f"model's outputs {list(outputs.shape)}: give one target per output"
+            )
         return 0.5 * (outputs - targets.reshape(outputs.shape)).pow(2).sum()
 
     def sample_targets(self, outputs, batch, indices, seed):
@@ -359,12 +422,29 @@ class LanguageModelingTask(Task):
     def to_device(self, batch, device):
         return {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
 
+    uncounted = (
+        "no counted tokens (every label is −100 after the shift to next-token targets): they "
+        "have no loss and no gradient. Drop them, or unmask at least one completion token in "
+        "each"
+    )
+
     def check_batch(self, batch):
         if not isinstance(batch, Mapping) or "input_ids" not in batch:
             raise TypeError(
                 f"{type(self).__name__} expects dict batches with 'input_ids' (and optionally "
                 f"'attention_mask', 'labels'); got {type(batch).__name__}"
             )
+        labels, ids = batch.get("labels"), batch["input_ids"]
+        if self.labels_follow_inputs and labels is not None and labels.shape != ids.shape:
+            raise ValueError(
+                f"{type(self).__name__}: labels of shape {list(labels.shape)} do not match "
+                f"input_ids {list(ids.shape)}: a causal language model's labels are its tokens "
+                "(−100 where not counted), one per input position"
+            )
+
+    def counted(self, batch):
+        per_example = self._counted(batch).reshape(self.batch_size(batch), -1).any(1)
+        return None if bool(per_example.all()) else per_example
 
     def token_mask(self, batch):
         mask = batch.get("attention_mask")
@@ -435,6 +515,10 @@ class Seq2SeqLMTask(LanguageModelingTask):
     kind = "seq2seq_language_modeling"
     shift = 0
     labels_follow_inputs = False
+    uncounted = (
+        "no counted target tokens (every label is −100): they have no loss and no gradient. "
+        "Drop them, or give each a target"
+    )
 
     def check_batch(self, batch):
         super().check_batch(batch)
