@@ -15,6 +15,11 @@ than one rank:
   all the data and gets the same result); only the scoring pass is split. `pbrf_scores` runs
   whole on every rank.
 
+Every rank must pass the same model, data and queries (the library splits the data itself):
+`fit`, `pairwise_scores` and `self_scores` compare the number of examples and a fingerprint of
+a few examples of each data set (and `fit` the tracked weights) across ranks, and refuse a
+mismatch, such as ranks that each pass their own shard, naming it.
+
 A model wrapped in `DistributedDataParallel` (or FSDP's `FullyShardedDataParallel` with a
 full, unsharded `module`) is unwrapped; the library never wraps a model itself. Sampled labels
 depend on (seed, example index) only, so the split changes no label.
@@ -89,3 +94,14 @@ def all_gather_objects(obj: Any) -> list[Any]:
     out: list[Any] = [None] * world()[1]
     dist.all_gather_object(out, obj)
     return out
+
+
+def check_same_on_all_ranks(what: str, value: Any, hint: str) -> None:
+    """Raise on every rank when `value`, a fingerprint, is not the same on all ranks; `what`
+    says what then differs ("the training data differs"). A no-op without a process group."""
+    if not is_distributed():
+        return
+    values = all_gather_objects(value)
+    if any(v != values[0] for v in values):
+        seen = "; ".join(f"rank {r}: {v}" for r, v in enumerate(values))
+        raise ValueError(f"{what} between ranks ({seen}): {hint}")

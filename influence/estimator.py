@@ -23,7 +23,7 @@ from torch import nn
 from . import checks, distributed
 from .capture import LayerTerms
 from .checks import check_damping_values
-from .gradients import example_gradients
+from .gradients import check_same_data_on_all_ranks, example_gradients
 from .io import atomic_save_safetensors, load_safetensors, weights_fingerprint
 from .layers import LayerInfo, check_layers_match, layer_infos
 from .lowrank import LowRank, low_rank
@@ -129,6 +129,13 @@ class Estimator:
             layers = task.tracked_modules(model)
             checks.check_finite_weights(layers)
             self.layers_ = layer_infos(layers)
+            fingerprint = weights_fingerprint(layers)
+            distributed.check_same_on_all_ranks(
+                "the model's tracked weights differ",
+                fingerprint[:12],
+                "every rank must fit the same model (load the same checkpoint on each)",
+            )
+            check_same_data_on_all_ranks("the training data", data)
             self._fit(
                 model,
                 task,
@@ -142,7 +149,7 @@ class Estimator:
             # matmul kernels than the saved ones and scores would differ in the last bits.
             self.state_ = {k: v.contiguous() for k, v in self.state_.items()}
             self._check_finite()
-            self.fingerprint_ = weights_fingerprint(layers)
+            self.fingerprint_ = fingerprint
         return self
 
     @contextlib.contextmanager

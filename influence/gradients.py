@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -241,6 +242,53 @@ def num_examples(data: Any, batch_size: int = 1) -> int:
         return len(loader.dataset)
     except TypeError:
         return sum(1 for _ in iter_batches(data, batch_size))
+
+
+def _hash_values(h, value: Any) -> None:
+    if torch.is_tensor(value):
+        value = value.detach().cpu().contiguous()
+        h.update(f"{value.dtype}{tuple(value.shape)}".encode())
+        h.update(value.view(torch.uint8).numpy().tobytes() if value.numel() else b"")
+    elif isinstance(value, Mapping):
+        for k in sorted(value, key=str):
+            h.update(str(k).encode())
+            _hash_values(h, value[k])
+    elif isinstance(value, list | tuple):
+        for v in value:
+            _hash_values(h, v)
+    else:
+        h.update(repr(value).encode())
+
+
+def data_fingerprint(data: Any) -> str:
+    """'<N> examples, sha256 <digest>' of a few of `data`'s examples (its first, middle and
+    last ones; the first batch of data that cannot be indexed): cheap, and different for
+    the shards of one data set."""
+    try:
+        n = len(make_loader(data, 1).dataset)
+    except TypeError:
+        n = None
+    h = hashlib.sha256()
+    if n is None or isinstance(data, DataLoader) and isinstance(data.dataset, IterableDataset):
+        for _, batch in iter_batches(data, 1):
+            _hash_values(h, batch)
+            break
+    elif n:
+        picks = {0, 1, n // 3, n // 2, (2 * n) // 3, n - 2, n - 1}
+        _hash_values(h, take(data, sorted(min(max(i, 0), n - 1) for i in picks)))
+    return f"{'?' if n is None else n} examples, sha256 {h.hexdigest()[:12]}"
+
+
+def check_same_data_on_all_ranks(what: str, data: Any) -> None:
+    """Under a process group, refuse `what` ("the training data") unless every rank has the
+    same."""
+    if distributed.is_distributed():
+        distributed.check_same_on_all_ranks(
+            f"{what} differs",
+            data_fingerprint(data),
+            "every rank must pass the whole data, the same on each: the library splits it "
+            "across ranks itself (ranks that pass their own shards would mix them)",
+        )
 
 
 def resolve_device(model: nn.Module, device: str | torch.device | None) -> torch.device:

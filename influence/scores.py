@@ -16,6 +16,7 @@ from . import checks, distributed
 from .estimator import Estimator, Grads
 from .gradients import (
     batch_kind,
+    check_same_data_on_all_ranks,
     example_gradients,
     iter_batches,
     iter_layer_terms,
@@ -211,6 +212,8 @@ def pairwise_scores(
     )
     model = distributed.unwrap_model(model)
     layers = _check_inputs(model, task, estimator, query_data, train_data, batch_size=batch_size)
+    check_same_data_on_all_ranks("the query data", query_data)
+    check_same_data_on_all_ranks("the training data", train_data)
     dev = resolve_device(model, device)
     pre = preconditioned_queries(
         model,
@@ -484,6 +487,7 @@ def self_scores(
     )
     model = distributed.unwrap_model(model)
     layers = _check_inputs(model, task, estimator, train_data, batch_size=batch_size)
+    check_same_data_on_all_ranks("the training data", train_data)
     dev = resolve_device(model, device)
     chunks: list[dict[str, torch.Tensor]] = []
     indices: list[torch.Tensor] = []

@@ -84,6 +84,59 @@ def test_two_processes_equal_one(tmp_path):
             assert rel(got[k], v) < (1e-7 if k.startswith("cg") else TIGHT), (rank, k)
 
 
+def _misuse_worker(rank: int, world: int, port: int, path: str) -> None:
+    """Each way a torchrun script can give ranks different inputs; records each error."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        model, task = tiny_llama(), inf.LanguageModelingTask(modules="mlp")
+        data, queries = lm_data(N_TRAIN, min_len=3), lm_data(3, seed=7, prompt=2)
+        share = {k: v[rank::2] for k, v in data.items()}  # 7 and 6 examples
+        other = lm_data(N_TRAIN, min_len=3, seed=10 + rank)  # same size, other content
+        kw = {"progress": False}
+        cases = {
+            "own shard": lambda: inf.Diagonal().fit(model, task, share, **kw),
+            "other content": lambda: inf.Diagonal().fit(model, task, other, **kw),
+            "other weights": lambda: inf.Diagonal().fit(tiny_llama(seed=rank), task, data, **kw),
+        }
+        est = inf.Diagonal().fit(model, task, data, **kw)
+        q = lm_data(3, seed=7 + rank, prompt=2)
+        cases["other queries"] = lambda: inf.pairwise_scores(model, task, est, q, data, **kw)
+        cases["own shard scored"] = lambda: inf.self_scores(model, task, est, share, **kw)
+        errors = {}
+        for name, call in cases.items():
+            try:
+                call()
+                errors[name] = None
+            except ValueError as err:
+                errors[name] = str(err)
+        # The same inputs on both ranks still work after all those refusals.
+        errors["same"] = inf.pairwise_scores(model, task, est, queries, data, **kw).shape
+        torch.save(errors, f"{path}.{rank}")
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ranks_with_different_data_queries_or_weights_are_refused(tmp_path):
+    """Ranks that each pass their own shard (unequal sizes), other data of the same size,
+    other queries, or another model's weights used to mix them silently (both ranks printed
+    one matrix); now every rank raises, naming what differs."""
+    path = str(tmp_path / "errors")
+    mp.spawn(_misuse_worker, args=(2, _free_port(), path), nprocs=2, join=True)
+    for rank in (0, 1):
+        errors = torch.load(f"{path}.{rank}")
+        assert "rank 0: 7 examples" in errors["own shard"]
+        assert "rank 1: 6 examples" in errors["own shard"]
+        assert errors["own shard"].startswith("the training data differs between ranks")
+        assert "every rank must pass the whole data" in errors["own shard"]
+        assert errors["other content"].startswith("the training data differs between ranks")
+        assert errors["other weights"].startswith("the model's tracked weights differ")
+        assert errors["other queries"].startswith("the query data differs between ranks")
+        assert errors["own shard scored"].startswith("the training data differs")
+        assert errors["same"] == (3, N_TRAIN)
+
+
 def test_ddp_wrapper_is_unwrapped_and_nothing_is_split_without_a_process_group():
     from influence.distributed import is_distributed, unwrap_model
 
