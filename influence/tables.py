@@ -8,11 +8,13 @@ measurement is −log p(completion | prompt) (the prompt's labels are −100).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 
+from . import checks
 from .tasks import IGNORE_INDEX
 
 # Columns shown by default: those whose values are text or a single label.
@@ -39,6 +41,13 @@ def _column(data: Any, name: str, index: int) -> Any:
     return value
 
 
+def _is_cell(value: Any) -> bool:
+    """Whether a value reads as one table cell: a string or a single number (not token ids)."""
+    if torch.is_tensor(value) or hasattr(value, "shape"):
+        return getattr(value, "size", 2) == 1 or getattr(value, "ndim", 1) == 0
+    return not isinstance(value, list | tuple | dict)
+
+
 def _columns_of(data: Any, wanted: Sequence[str] | None) -> list[str]:
     if data is None:
         return []
@@ -56,7 +65,15 @@ def _columns_of(data: Any, wanted: Sequence[str] | None) -> list[str]:
         return [""]  # a plain list of texts
     else:
         names = []
-    return [n for n in names if n in DEFAULT_COLUMNS]
+    # A language model's `labels` are token ids, one per position: not shown by default.
+    return [n for n in names if n in DEFAULT_COLUMNS and _first_is_cell(data, n)]
+
+
+def _first_is_cell(data: Any, name: str) -> bool:
+    try:
+        return _is_cell(_column(data, name, 0))
+    except (KeyError, IndexError):
+        return False
 
 
 def top_influences(
@@ -73,12 +90,16 @@ def top_influences(
     """The top-`k` training examples per query as a pandas DataFrame, one row per pair.
 
     Columns: `query` (query index), `rank` (1 = most influential), `train` (training index),
-    `score`, `per_copy_score` (score / N, the change in the query's log-probability from one
-    more copy of the training example, see docs/MATH.md), then `train_<col>` for each of
+    `score`, `per_copy_linear_estimate` (score / N: the influence function's first-order,
+    linear estimate of the change in the query's log-probability from one more copy of the
+    training example, not a measured change; see docs/MATH.md), then `train_<col>` for each of
     `columns` of `train_data` and `query_<col>` for each of `query_columns` of `query_data`
-    (default: the columns named text, prompt, completion, label(s), source, target; a plain
-    list of texts gives `train_text` / `query_text`). `largest=False` lists the most negative
-    (most harmful) scores instead. `num_train` is N when `scores` covers a subset of the data.
+    (default: those of the columns named text, prompt, completion, label(s), source, target
+    whose values are text or single numbers, so a language model's token-id `labels` are left
+    out; a plain list of texts gives `train_text` / `query_text`). `largest=False` lists the
+    most negative (most harmful) scores instead. `num_train` is N when `scores` covers a
+    subset of the data. NaN scores are left out of the ranking: a query with fewer than `k`
+    other scores gets fewer rows.
 
     Data may be a Hugging Face `datasets.Dataset`, a pandas DataFrame, a dict of columns, a
     list of dicts, or a list of texts.
@@ -88,25 +109,29 @@ def top_influences(
     s = torch.as_tensor(scores).detach().double().cpu()
     if s.dim() != 2:
         raise ValueError(f"scores must be a [queries, train] matrix, got shape {list(s.shape)}")
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ValueError(f"k must be a positive integer, got {k!r}")
-    n = s.shape[1] if num_train is None else int(num_train)
+    k = checks.positive_int("k", k)
+    num_train = checks.positive_int("num_train", num_train, allow_none=True)
+    n = s.shape[1] if num_train is None else num_train
     if n < s.shape[1]:
         raise ValueError(f"num_train={num_train} is below the {s.shape[1]} scored examples")
     k = min(k, s.shape[1])
-    values, idx = s.topk(k, dim=1, largest=largest)
+    # NaN last whichever way the ranking goes, then dropped.
+    values, idx = s.nan_to_num(nan=-math.inf if largest else math.inf).topk(k, largest=largest)
+    values = s.gather(1, idx)
     train_cols = _columns_of(train_data, columns)
     query_cols = _columns_of(query_data, query_columns)
     rows = []
     for q in range(s.shape[0]):
         for r in range(k):
             m = int(idx[q, r])
+            if math.isnan(float(values[q, r])):
+                break
             row = {
                 "query": q,
                 "rank": r + 1,
                 "train": m,
                 "score": float(values[q, r]),
-                "per_copy_score": float(values[q, r]) / n,
+                "per_copy_linear_estimate": float(values[q, r]) / n,
             }
             for prefix, data, cols, i in (
                 ("train", train_data, train_cols, m),
@@ -122,7 +147,18 @@ def top_influences(
                             f"names of existing columns as `{arg}=`"
                         ) from e
             rows.append(row)
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows, columns=None if rows else ["query", "rank", "train", "score"])
+
+
+def _special_prefix(tokenizer: Any, text: str) -> list[int]:
+    """The special tokens the tokenizer puts before any text (a template `[BOS] $A [EOS]`
+    gives [BOS]), read off its tokenization of `text` with and without special tokens."""
+    with_special = list(tokenizer(text, add_special_tokens=True)["input_ids"])
+    plain = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    for start in range(len(with_special) - len(plain) + 1):
+        if with_special[start : start + len(plain)] == plain:
+            return with_special[:start]
+    return []
 
 
 def prompt_completion_queries(
@@ -135,25 +171,49 @@ def prompt_completion_queries(
     """Query batch from (prompt, completion) pairs: the prompt's tokens are labelled −100, so
     the measurement of `LanguageModelingTask` is −log p(completion | prompt).
 
-    The prompt is tokenized with the tokenizer's special tokens (`add_special_tokens`), the
-    completion on its own without them (so the prompt's tokens are exactly the prompt's;
-    give the completion its leading space, e.g. (" Paris")). Rows are right-padded with
-    `pad_token_id` (default: the tokenizer's pad, else its eos, else 0) and masked out.
-    Returns a dict of tensors `input_ids`, `attention_mask`, `labels`.
+    The prompt gets the special tokens the tokenizer puts before a text (`add_special_tokens`,
+    e.g. BOS; never those it puts after one, such as the EOS of a `[BOS] $A [EOS]` template,
+    which would sit between prompt and completion); the completion is tokenized on its own
+    without them (so the prompt's tokens are exactly the prompt's; give the completion its
+    leading space, e.g. (" Paris")). An empty prompt without such a token starts with the
+    tokenizer's BOS (else its EOS), so that the first completion token is predicted and
+    counted. Rows are right-padded with `pad_token_id` (default: the tokenizer's pad, else its
+    eos, else 0) and masked out. Returns a dict of tensors `input_ids`, `attention_mask`,
+    `labels`.
     """
     if isinstance(pairs, tuple) and len(pairs) == 2 and isinstance(pairs[0], str):
         pairs = [pairs]
+    if isinstance(pairs, str):
+        raise TypeError(
+            f"pairs is the string {pairs[:40]!r}: give a list of (prompt, completion) pairs"
+        )
     if not pairs:
         raise ValueError("pairs is empty: give a list of (prompt, completion) strings")
     rows = []
     for i, pair in enumerate(pairs):
+        if isinstance(pair, str):
+            raise TypeError(
+                f"pairs[{i}] is the string {pair[:40]!r}, not a (prompt, completion) pair: give "
+                f"[(prompt, completion), ...], e.g. [({pair[:20]!r}, ' completion')]"
+            )
         if len(pair) != 2 or not all(isinstance(x, str) for x in pair):
             raise TypeError(f"pairs[{i}] must be a (prompt, completion) pair of strings")
         prompt, completion = pair
-        p = list(tokenizer(prompt, add_special_tokens=add_special_tokens)["input_ids"])
         c = list(tokenizer(completion, add_special_tokens=False)["input_ids"])
         if not c:
             raise ValueError(f"pairs[{i}]: the completion {completion!r} has no tokens")
+        p = _special_prefix(tokenizer, completion) if add_special_tokens else []
+        p += list(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+        if not p:
+            start = getattr(tokenizer, "bos_token_id", None)
+            start = getattr(tokenizer, "eos_token_id", None) if start is None else start
+            if start is None:
+                raise ValueError(
+                    f"pairs[{i}] has an empty prompt and the tokenizer has no BOS or EOS token "
+                    "to start from: the first completion token would have no position that "
+                    "predicts it. Give a prompt."
+                )
+            p = [int(start)]
         rows.append((p + c, [IGNORE_INDEX] * len(p) + c))
     if pad_token_id is None:
         pad_token_id = getattr(tokenizer, "pad_token_id", None)

@@ -25,7 +25,7 @@ def test_top_influences_table():
         "rank",
         "train",
         "score",
-        "per_copy_score",
+        "per_copy_linear_estimate",
         "train_text",
         "train_label",
         "query_prompt",
@@ -34,7 +34,7 @@ def test_top_influences_table():
     assert df["train"].tolist() == [2, 3, 1, 2]
     assert df["rank"].tolist() == [1, 2, 1, 2]
     assert df["score"].tolist() == [3.0, 1.0, 4.0, 2.0]
-    assert df["per_copy_score"].tolist() == [3.0 / 5, 1.0 / 5, 4.0 / 5, 2.0 / 5]
+    assert df["per_copy_linear_estimate"].tolist() == [3.0 / 5, 1.0 / 5, 4.0 / 5, 2.0 / 5]
     assert df["train_text"].tolist() == ["two", "three", "one", "two"]
     assert df["train_label"].tolist() == [0, 1, 1, 0]
     assert df["query_prompt"].tolist() == ["p0", "p0", "p1", "p1"]
@@ -44,7 +44,7 @@ def test_top_influences_most_harmful_and_plain_lists():
     df = inf.top_influences(SCORES, 1, train_data=TEXTS, largest=False, num_train=10)
     assert df["train"].tolist() == [1, 3]
     assert df["train_text"].tolist() == ["one", "three"]
-    assert df["per_copy_score"].tolist() == [-0.2, -0.3]
+    assert df["per_copy_linear_estimate"].tolist() == [-0.2, -0.3]
     with pytest.raises(KeyError, match="no column 'nope'"):
         inf.top_influences(SCORES, 1, train_data={"text": TEXTS}, columns=["nope"])
     with pytest.raises(ValueError, match="k must be"):
@@ -81,3 +81,68 @@ def test_prompt_completion_queries_mask_the_prompt():
     one = {k: v[1:2] for k, v in batch.items()}
     got = inf.LanguageModelingTask().measurement(model, one)
     assert torch.allclose(got, by_hand, rtol=1e-12, atol=0)
+
+
+def test_top_influences_leaves_out_nan_and_token_id_columns():
+    """A NaN score was ranked first; a language model's dataset filled the table with its
+    token-id `labels` column by default."""
+    scores = torch.tensor([[float("nan"), 1.0, 2.0, 0.5], [3.0, float("nan"), float("nan"), 1.0]])
+    train = datasets.Dataset.from_dict(
+        {
+            "text": ["a", "b", "c", "d"],
+            "input_ids": [[1, 2], [3, 4], [5, 6], [7, 8]],
+            "labels": [[1, 2], [3, 4], [5, 6], [7, 8]],
+        }
+    )
+    df = inf.top_influences(scores, 3, train_data=train)
+    assert df["train"].tolist() == [2, 1, 3, 0, 3]  # NaN never ranked; query 1 has 2 others
+    assert df["query"].tolist() == [0, 0, 0, 1, 1]
+    assert df["train"][df["query"] == 0].tolist() == [2, 1, 3]
+    assert [c for c in df.columns if c.startswith("train_")] == ["train_text"]
+    harmful = inf.top_influences(scores, 1, largest=False)
+    assert harmful["score"].tolist() == [0.5, 1.0]
+    # Named explicitly, a token-id column is shown.
+    shown = inf.top_influences(scores, 1, train_data=train, columns=["labels"])
+    assert shown["train_labels"].tolist() == [[5, 6], [1, 2]]
+
+
+def _template_tokenizer():
+    """A tokenizer whose template is `[BOS] $A [EOS]`, and one that adds nothing (GPT-2)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<pad>", "<bos>", "<eos>", "the", "capital", "of", "france", "is", "paris"]
+    vocab = {w: i for i, w in enumerate(words)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    plain = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>"
+    )
+    tok.post_processor = processors.TemplateProcessing(
+        single="<bos> $A <eos>", special_tokens=[("<bos>", 1), ("<eos>", 2)]
+    )
+    template = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>"
+    )
+    return template, plain
+
+
+def test_prompt_completion_queries_put_no_eos_between_prompt_and_completion():
+    template, _ = _template_tokenizer()
+    assert template("paris")["input_ids"] == [1, 8, 2]
+    batch = inf.prompt_completion_queries(template, [("the capital of france is", "paris")])
+    # BOS before the prompt, no EOS between prompt and completion.
+    assert batch["input_ids"].tolist() == [[1, 3, 4, 5, 6, 7, 8]]
+    assert batch["labels"].tolist() == [[-100] * 6 + [8]]
+
+
+def test_prompt_completion_queries_empty_prompt_and_strings_instead_of_pairs():
+    # An empty prompt: the completion's first token is still predicted (from BOS) and counted.
+    for tok in _template_tokenizer():
+        empty = inf.prompt_completion_queries(tok, [("", "paris is")])
+        assert empty["input_ids"].tolist() == [[1, 8, 7]]
+        assert empty["labels"].tolist() == [[-100, 8, 7]]
+    with pytest.raises(TypeError, match=r"pairs\[0\] is the string 'ab', not a \(prompt"):
+        inf.prompt_completion_queries(tok, ["ab", "cd"])
+    with pytest.raises(TypeError, match="pairs is the string"):
+        inf.prompt_completion_queries(tok, "the capital")
