@@ -71,6 +71,17 @@ def check_task(task: Any) -> None:
         raise TypeError(f"task must be an influence.Task, got {type(task).__name__}{hint}")
 
 
+def check_not_meta(model: nn.Module, who: str) -> None:
+    """Refuse a model whose parameters are on the meta device: they hold no values."""
+    if any(p.is_meta for p in model.parameters()):
+        raise ValueError(
+            f"{who}: the model's parameters are on the meta device, which holds shapes but no "
+            "values: load its weights first (e.g. `model.to_empty(device='cpu')` then "
+            "`load_state_dict`, or `from_pretrained` without a meta device). "
+            "`influence.memory_plan` is the one function that works on a meta model."
+        )
+
+
 def check_device(device: Any) -> torch.device | None:
     """Parse `device` without touching any model; refuse the meta device (it has no data)."""
     if device is None:

@@ -14,6 +14,10 @@ class Diagonal(Estimator):
 
     name = "diagonal"
 
+    @classmethod
+    def state_shapes(cls, info):
+        return {"diagonal": info.shape}
+
     def _fit(self, model, task, data, *, batch_size, device, progress, seed) -> None:
         sums: dict[str, torch.Tensor] = {}
         count = 0

@@ -16,6 +16,10 @@ class EKFAC(KFAC):
 
     name = "ekfac"
 
+    @classmethod
+    def state_shapes(cls, info):
+        return {**super().state_shapes(info), "lambda": info.shape}
+
     def _fit_eigenvalues(self, model, task, data, *, batch_size, device, progress, seed) -> None:
         sums: dict[str, torch.Tensor] = {}
         bases: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}

@@ -24,7 +24,12 @@ from . import checks, distributed
 from .capture import LayerTerms
 from .checks import check_damping_values
 from .gradients import check_same_data_on_all_ranks, example_gradients
-from .io import atomic_save_safetensors, load_safetensors, weights_fingerprint
+from .io import (
+    atomic_save_safetensors,
+    load_safetensors,
+    tensors_checksum,
+    weights_fingerprint,
+)
 from .layers import LayerInfo, check_layers_match, layer_infos
 from .lowrank import LowRank, low_rank
 from .tasks import Task
@@ -224,8 +229,17 @@ class Estimator:
         damping = self.damping if not isinstance(self.damping, Mapping) else dict(self.damping)
         return {"damping": damping}
 
+    @classmethod
+    def state_shapes(cls, info: LayerInfo) -> dict[str, tuple[int, ...]]:
+        """The fitted tensors of one layer, {name: shape} (`state_` keys are "layer::name")."""
+        return {}
+
+    def _check_meta(self, path: str | Path) -> None:
+        """Raise when a loaded file's `meta_` lacks what this estimator reads."""
+
     def save(self, path: str | Path) -> None:
-        """Write the fitted state atomically as one safetensors file with JSON metadata."""
+        """Write the fitted state atomically as one safetensors file with JSON metadata and a
+        sha256 checksum of its tensors and metadata (checked by `load`)."""
         if self.layers_ is None:
             raise RuntimeError("nothing to save: the estimator is not fitted")
         meta = {
@@ -239,7 +253,9 @@ class Estimator:
             "meta_": self.meta_,
             "fingerprint": getattr(self, "fingerprint_", None),
         }
-        atomic_save_safetensors(self.state_, path, {"influence": json.dumps(meta)})
+        text = json.dumps(meta)
+        metadata = {"influence": text, "sha256": tensors_checksum(self.state_, text)}
+        atomic_save_safetensors(self.state_, path, metadata)
 
     @classmethod
     def load(
@@ -252,26 +268,43 @@ class Estimator:
     ) -> Estimator:
         """Load fitted state and check it belongs to `model`: its tracked layers and shapes
         (an error), and its weights (a fingerprint saved with the factors: a warning, an
-        error with `strict=True`)."""
+        error with `strict=True`).
+
+        The file is validated whole before anything is returned: every field of its metadata,
+        every tensor the estimator needs with its shape, then tensors and metadata against
+        the checksum saved with them (flipped bytes); each problem raises a ValueError naming
+        it."""
         checks.check_model(model)
+        checks.check_not_meta(model, "Estimator.load")
         if task is not None:
             checks.check_task(task)
         checks.boolean("strict", strict)
-        tensors, metadata = load_safetensors(path)
-        if "influence" not in metadata:
-            raise ValueError(f"{path} was not written by influence's Estimator.save")
-        meta = json.loads(metadata["influence"])
-        if meta["estimator"] != cls.__name__:
-            raise ValueError(f"{path} holds a {meta['estimator']}, not a {cls.__name__}")
-        est = cls(**meta["config"])
+        tensors, meta, metadata = _read_factor_file(path, cls)
+        try:
+            est = cls(**meta["config"])
+        except (TypeError, ValueError) as err:
+            raise ValueError(
+                f"{path}: its estimator settings {meta['config']} are invalid ({err})"
+            ) from None
         est.layers_ = {
             n: LayerInfo(n, int(o), int(i), bool(b), bool(t))
             for n, (o, i, b, t) in meta["layers"].items()
         }
+        _check_tensors(path, cls, est.layers_, tensors)
+        _check_checksum(path, tensors, metadata)
+        damping = meta["damping_"]
+        bad = [n for n in est.layers_ if not isinstance(damping.get(n), int | float)]
+        if bad:
+            raise ValueError(f"{path}: the saved damping of layers {bad[:5]} is missing")
+        est.damping_ = {k: float(v) for k, v in damping.items()}
+        est.meta_ = meta["meta_"]
+        est.state_ = dict(tensors)
+        est._check_meta(path)
+        est._check_finite()
         task = task or _task_for(est.layers_)
         layers = task.tracked_modules(model)
         check_layers_match(est.layers_, layer_infos(layers))
-        saved = meta.get("fingerprint")
+        saved = meta["fingerprint"]
         est.fingerprint_ = weights_fingerprint(layers)
         if saved is not None and saved != est.fingerprint_:
             msg = (
@@ -283,10 +316,94 @@ class Estimator:
             if strict:
                 raise ValueError(msg)
             warnings.warn(msg, stacklevel=2)
-        est.damping_ = {k: float(v) for k, v in meta["damping_"].items()}
-        est.meta_ = meta["meta_"]
-        est.state_ = dict(tensors)
         return est
+
+
+# The metadata fields of a factor file and their JSON types.
+_FIELDS = {
+    "estimator": str,
+    "config": dict,
+    "layers": dict,
+    "damping_": dict,
+    "meta_": dict,
+    "fingerprint": (str, type(None)),
+}
+
+
+_AGAIN = "fit the estimator and save it again"
+
+
+def _check_checksum(path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    saved = metadata.get("sha256")
+    if saved is None:
+        warnings.warn(
+            f"{path} was written before factor files carried a checksum: its tensors cannot "
+            "be verified. Save it again to add one.",
+            stacklevel=4,
+        )
+    elif saved != tensors_checksum(tensors, metadata["influence"]):
+        raise ValueError(
+            f"{path}: its tensors or metadata do not match the checksum saved with them: the "
+            f"file was modified or damaged after it was written; {_AGAIN}"
+        )
+
+
+def _read_factor_file(path, cls) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict]:
+    """A factor file's tensors, parsed metadata (every field checked) and raw metadata."""
+    tensors, metadata = load_safetensors(path)
+    again = _AGAIN
+    if "influence" not in metadata:
+        raise ValueError(f"{path} was not written by influence's Estimator.save")
+    try:
+        meta = json.loads(metadata["influence"])
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: its metadata is not valid JSON ({err}); {again}") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path}: its metadata is a {type(meta).__name__}, not an object")
+    for field, kind in _FIELDS.items():
+        if field not in meta:
+            raise ValueError(f"{path}: its metadata has no {field!r} field; {again}")
+        if not isinstance(meta[field], kind):
+            raise ValueError(
+                f"{path}: the metadata field {field!r} is a {type(meta[field]).__name__}; {again}"
+            )
+    if meta["estimator"] != cls.__name__:
+        raise ValueError(
+            f"{path} holds a {meta['estimator']}, not a {cls.__name__}: load it with "
+            f"inf.{meta['estimator']}.load"
+        )
+    for n, shape in meta["layers"].items():
+        if not (isinstance(shape, list) and len(shape) == 4):
+            raise ValueError(f"{path}: layer {n!r} has no valid shape in its metadata; {again}")
+    return tensors, meta, metadata
+
+
+def _check_tensors(path, cls, layers: dict[str, LayerInfo], tensors) -> None:
+    """Every tensor `cls` needs for `layers` is there with its shape, and nothing else."""
+    expected = {
+        f"{n}::{k}": shape
+        for n, info in layers.items()
+        for k, shape in cls.state_shapes(info).items()
+    }
+    missing = [k for k in expected if k not in tensors]
+    extra = [k for k in tensors if k not in expected]
+    wrong = [
+        f"{k} {list(tensors[k].shape)} (expected {list(v)})"
+        for k, v in expected.items()
+        if k in tensors and tuple(tensors[k].shape) != v
+    ]
+    problems = []
+    if missing:
+        problems.append(f"missing tensors {missing[:4]}")
+    if extra:
+        problems.append(f"tensors a {cls.__name__} does not have {extra[:4]}")
+    if wrong:
+        problems.append("tensors of the wrong shape: " + "; ".join(wrong[:4]))
+    if problems:
+        raise ValueError(
+            f"{path} is not a complete {cls.__name__} of its layers: {', '.join(problems)}. Fit "
+            "the estimator and save it again."
+        )
 
 
 def _task_for(layers: dict[str, LayerInfo]) -> Task:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
 _UMASK = os.umask(0)
@@ -78,9 +79,29 @@ def atomic_save_safetensors(
 
 
 def load_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    with safe_open(str(path), framework="pt") as f:
-        metadata = f.metadata() or {}
-    return load_file(str(path)), metadata
+    """Tensors and metadata of a safetensors file; a file that is not one (truncated, or
+    another format) raises a ValueError naming it."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+        return load_file(str(path)), metadata
+    except (SafetensorError, OSError) as err:
+        if isinstance(err, FileNotFoundError):
+            raise
+        raise ValueError(
+            f"cannot read {path} as a safetensors file ({type(err).__name__}: {err}): it is "
+            "damaged or of another format; write it again"
+        ) from None
+
+
+def tensors_checksum(tensors: dict[str, torch.Tensor], text: str = "") -> str:
+    """sha256 of the tensors' names, dtypes, shapes and bytes (in name order) and `text`."""
+    h = hashlib.sha256(text.encode())
+    for name in sorted(tensors):
+        t = tensors[name].detach().to("cpu").contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
 
 
 def save_scores(
@@ -98,8 +119,14 @@ def save_scores(
 
 
 def load_scores(path: str | Path) -> tuple[torch.Tensor | dict[str, torch.Tensor], dict[str, Any]]:
+    """Read scores written by `save_scores`: `(scores, metadata)`, the scores a tensor (or the
+    dict {name: tensor} that was saved, e.g. by layer) and the metadata the keyword arguments
+    of `save_scores` gave, as a dict (JSON types: tuples come back as lists)."""
     tensors, meta = load_safetensors(path)
-    info = json.loads(meta.get("influence", "{}"))
+    try:
+        info = json.loads(meta.get("influence", "{}"))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: its metadata is not valid JSON ({err})") from None
     if set(tensors) == {"scores"}:
         return tensors["scores"], info
     return tensors, info

@@ -181,6 +181,23 @@ class KFAC(Estimator):
 
     name = "kfac"
 
+    @classmethod
+    def state_shapes(cls, info):
+        i, o = info.in_dim, info.out_features
+        return {"eigvals_A": (i,), "eigvecs_A": (i, i), "eigvals_S": (o,), "eigvecs_S": (o, o)}
+
+    def _check_meta(self, path):
+        tokens = self.meta_.get("mean_tokens")
+        ok = isinstance(tokens, int | float) or (
+            isinstance(tokens, Mapping)
+            and all(isinstance(tokens.get(n), int | float) for n in self.layers_)
+        )
+        if not ok or not isinstance(self.meta_.get("num_examples"), int):
+            raise ValueError(
+                f"{path}: its metadata lacks the fit's token counts (meta_['mean_tokens'] per "
+                "layer, meta_['num_examples']); fit the estimator and save it again"
+            )
+
     def _fit(self, model, task, data, *, batch_size, device, progress, seed) -> None:
         a_cov, s_cov, examples, mean_tokens = fit_covariances(
             model, task, data, seed=seed, batch_size=batch_size, device=device, progress=progress
