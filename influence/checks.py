@@ -278,15 +278,21 @@ def finite_terms(
     return out
 
 
-def check_finite_queries(pre: Mapping[str, Any]) -> None:
-    """NaN/Inf in preconditioned query gradients {layer: [Q, ...] or LowRank}."""
+def check_finite_queries(pre: Mapping[str, Any], damping: Mapping[str, float]) -> None:
+    """NaN/Inf in preconditioned query gradients {layer: [Q, ...] or LowRank}. The gradients
+    were finite (checked as captured), so the preconditioning overflowed: (G + λI)⁻¹ scales
+    them by up to 1/λ, which half precision may not hold."""
     for name, p in pre.items():
         for x in (p.u, p.s, p.v) if hasattr(p, "u") else (p,):
             row = _first_bad_row(x)
             if row is not None:
+                lam = damping.get(name)
+                scale = f"up to 1/λ = {1 / lam:.3g} for λ = {lam:.3g}" if lam else "1/λ"
                 raise FloatingPointError(
-                    f"NaN or Inf in the preconditioned gradient of query {row} at layer "
-                    f"{name!r}: check the estimator's damping and the query's inputs"
+                    f"the preconditioned gradient of query {row} at layer {name!r} overflows "
+                    f"{x.dtype} (largest {torch.finfo(x.dtype).max:.5g}): (G + λI)⁻¹ scales the "
+                    f"gradient by {scale}. Run the model in float32 or float64, or raise the "
+                    "damping."
                 )
 
 
@@ -346,6 +352,7 @@ def restores_model(fn):
     @functools.wraps(fn)
     def wrapper(model, *args, **kwargs):
         check_model(model)
+        check_not_meta(model, fn.__name__)
         with restore_model_on_error(model):
             return fn(model, *args, **kwargs)
 

@@ -74,6 +74,18 @@ def check_damping(damping: Damping) -> Damping:
     return float(damping)
 
 
+def check_damping_layers(damping: Damping, layers: Mapping[str, Any]) -> None:
+    """A damping dict must name tracked layers only (an unknown key is a typo, or another
+    model's layer, which would otherwise be ignored)."""
+    if isinstance(damping, Mapping):
+        unknown = [k for k in damping if k not in layers]
+        if unknown:
+            raise ValueError(
+                f"damping names layers that are not tracked: {unknown[:5]}; the tracked layers "
+                f"are {list(layers)[:8]}{' ...' if len(layers) > 8 else ''}"
+            )
+
+
 def layer_damping(damping: Damping, layer: str, mean_eigenvalue: float | None) -> float:
     """λ for `layer`: 0.1 × its mean eigenvalue ('auto'), the float, or the dict's entry.
     Raises when it resolves to zero, a negative number or a non-finite one."""
@@ -125,6 +137,7 @@ class Estimator:
         if fitting fails."""
         model = distributed.unwrap_model(model)
         checks.check_model(model)
+        checks.check_not_meta(model, f"{type(self).__name__}.fit")
         checks.check_task(task)
         batch_size = checks.positive_int("batch_size", batch_size)
         checks.check_device(device)
@@ -134,6 +147,7 @@ class Estimator:
             layers = task.tracked_modules(model)
             checks.check_finite_weights(layers)
             self.layers_ = layer_infos(layers)
+            check_damping_layers(self.damping, self.layers_)
             fingerprint = weights_fingerprint(layers)
             distributed.check_same_on_all_ranks(
                 "the model's tracked weights differ",
@@ -200,6 +214,7 @@ class Estimator:
             raise RuntimeError(f"{type(self).__name__} is not fitted: call .fit(model, task, data)")
         new = copy.copy(self)
         new.damping = check_damping(damping)
+        check_damping_layers(new.damping, self.layers_)
         new.state_ = dict(self.state_)
         new.meta_ = copy.deepcopy(self.meta_)
         new.damping_ = {n: new.resolve_damping(n, self._mean_eigenvalue(n)) for n in self.layers_}

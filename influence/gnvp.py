@@ -16,7 +16,8 @@ from torch import nn
 from torch.func import functional_call, vjp, vmap
 from tqdm.auto import tqdm
 
-from .estimator import check_damping, layer_damping
+from . import checks
+from .estimator import check_damping, check_damping_layers, layer_damping
 from .gradients import (  # noqa: F401  (take: re-exported for LiSSA and the PBRF)
     _EvalMode,
     flatten,
@@ -148,6 +149,7 @@ def resolve_full_damping(
 ) -> dict[str, float]:
     """Per-layer λ for CG/LiSSA/PBRF: 'auto' = 0.1 × trace(G_ℓℓ)/dim, a float, or a dict."""
     damping = check_damping(damping)
+    check_damping_layers(damping, infos)
     return {n: layer_damping(damping, n, mean_eig[n] if mean_eig else None) for n in infos}
 
 
@@ -170,6 +172,7 @@ class GaussNewton:
         device=None,
         progress: bool = False,
     ):
+        checks.check_not_meta(model, "GaussNewton")
         self.model, self.task, self.data = model, task, data
         self.infos, _ = tracked_parameters(model, task)
         self.batch_size = batch_size

@@ -60,6 +60,12 @@ def collate(examples: Sequence[Any]) -> Any:
     """Stack examples into a batch; dict examples with sequences of different lengths are
     right-padded (labels with −100, attention masks with 0, other keys with 0) and get an
     `attention_mask` when they have none. Non-numeric columns (text) stay lists."""
+    if examples and isinstance(examples[0], list) and not torch.is_tensor(examples[0]):
+        raise TypeError(
+            f"the data's examples are lists ({str(examples[0])[:40]}): give token sequences as "
+            "dicts {'input_ids': ids, ...} (a list of them, a dict of tensors or a Hugging Face "
+            "dataset), and other data as tensors or (x, y) tuples"
+        )
     if not examples or not isinstance(examples[0], Mapping):
         return default_collate(list(examples))
     out: dict[str, Any] = {}
@@ -133,6 +139,26 @@ def _loader_in_dataset_order(loader: DataLoader) -> DataLoader:
     )
 
 
+def _as_tensor_columns(data: Any) -> Any:
+    """A dict of numpy arrays (or of tensors and arrays) as a dict of tensors; a Hugging Face
+    `DatasetDict` is refused, naming its splits."""
+    if isinstance(data, Mapping) and data and all(_is_hf_dataset(v) for v in data.values()):
+        raise TypeError(
+            f"data is a DatasetDict of splits {list(data)}: pass one split, e.g. "
+            f"data[{next(iter(data))!r}]"
+        )
+    if (
+        isinstance(data, Mapping)
+        and data
+        and all(
+            torch.is_tensor(v) or (hasattr(v, "__array__") and hasattr(v, "dtype"))
+            for v in data.values()
+        )
+    ):
+        return {k: torch.as_tensor(v) for k, v in data.items()}
+    return data
+
+
 def make_loader(data: Any, batch_size: int) -> DataLoader:
     """A DataLoader over `data` that visits the examples in dataset order.
 
@@ -144,7 +170,14 @@ def make_loader(data: Any, batch_size: int) -> DataLoader:
     """
     if isinstance(data, DataLoader):
         return _loader_in_dataset_order(data)
+    data = _as_tensor_columns(data)
     if isinstance(data, tuple) and all(torch.is_tensor(t) for t in data):
+        if any(t.dim() == 0 for t in data):
+            raise ValueError(
+                f"tuple data (x, y) holds tensors of shapes {[list(t.shape) for t in data]}: "
+                "each needs a first dimension of one row per example (one example is "
+                "(x[None], y[None]))"
+            )
         lengths = [len(t) for t in data]
         if len(set(lengths)) > 1:
             raise ValueError(
@@ -208,6 +241,7 @@ def take(data: Any, indices: Sequence[int]) -> Any:
     """The examples `indices` (dataset positions) of `data` as one batch, collated as
     `make_loader` would (a DataLoader's own `collate_fn` included)."""
     indices = [int(i) for i in indices]
+    data = _as_tensor_columns(data)
     if isinstance(data, tuple) and all(torch.is_tensor(t) for t in data):
         return tuple(t[indices] for t in data)
     if isinstance(data, Mapping) and all(torch.is_tensor(t) for t in data.values()):
@@ -346,7 +380,7 @@ def real_lengths(batch: Any) -> torch.Tensor | None:
     if not isinstance(batch, Mapping) or "input_ids" not in batch:
         return None
     ids = batch["input_ids"]
-    if not torch.is_tensor(ids) or ids.dim() != 2:
+    if not torch.is_tensor(ids) or ids.dim() != 2 or ids.shape[1] == 0:
         return None
     labels = batch.get("labels")
     if labels is not None and (not torch.is_tensor(labels) or labels.shape != ids.shape):
@@ -441,7 +475,8 @@ def _data_lengths_any(data: Any) -> torch.Tensor | None:
 
 def _width(batch: Any) -> int:
     """Sequence width of a dict batch (0 for other batches: their terms say it)."""
-    return int(batch["input_ids"].shape[1]) if isinstance(batch, Mapping) else 0
+    ids = batch.get("input_ids") if isinstance(batch, Mapping) else None
+    return int(ids.shape[1]) if torch.is_tensor(ids) and ids.dim() >= 2 else 0
 
 
 def restore_order(indices: list[torch.Tensor]) -> torch.Tensor:

@@ -48,7 +48,13 @@ def _as_masks(subsets, n: int) -> np.ndarray:
         return subsets
     masks = np.zeros((len(subsets), n), dtype=bool)
     for k, idx in enumerate(subsets):
-        masks[k, np.asarray(idx, dtype=int)] = True
+        idx = np.asarray(idx, dtype=int)
+        if idx.size and (idx.min() < 0 or idx.max() >= n):
+            raise ValueError(
+                f"subsets[{k}] holds indices outside the {n} scored training examples "
+                f"[0, {n}): {idx[(idx < 0) | (idx >= n)][:5].tolist()}"
+            )
+        masks[k, idx] = True
     return masks
 
 

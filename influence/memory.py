@@ -35,6 +35,7 @@ from .scores import _block_outputs, _dense_fits, _group_capacity, _use_token_pat
 from .tasks import LanguageModelingTask, Seq2SeqLMTask, Task
 
 ESTIMATORS = ("ekfac", "kfac")
+_MASK_KEYS = ("attention_mask", "decoder_attention_mask")
 F64 = 8
 
 
@@ -528,6 +529,10 @@ def memory_plan(
     own = next(iter(layers.values())).weight
     isz = own.element_size() if dtype is None else torch.finfo(dtype).bits // 8
     example = _example_batch(model, task, example, seq_len)
+    if own.is_meta and isinstance(example, Mapping):
+        # Models inspect their masks' values (e.g. whether any position is padded), which a
+        # meta tensor does not have: plan as if every position were real.
+        example = {k: v for k, v in example.items() if k not in _MASK_KEYS}
     scale = isz / own.element_size()
     if own.is_meta and dtype is not None and dtype != own.dtype:
         # A meta model costs nothing to copy: probe it in the planned dtype itself, since

@@ -142,10 +142,10 @@ def preconditioned_queries(
         raise ValueError("query data is empty")
     merged = _merge_queries(parts, indices)
     if estimator.block_diagonal:
-        checks.check_finite_queries(merged)
+        checks.check_finite_queries(merged, estimator.damping_)
         return merged
     pre = estimator.precondition(merged)
-    checks.check_finite_queries(pre)
+    checks.check_finite_queries(pre, estimator.damping_)
     return pre if rank is None else {n: low_rank(p, rank) for n, p in pre.items()}
 
 

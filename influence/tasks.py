@@ -336,7 +336,7 @@ class ClassificationTask(_TupleTask):
                 )
             )
         bad = (targets >= classes) | ((targets < 0) & (targets != IGNORE_INDEX))
-        if bool(bad.any()):
+        if not bad.is_meta and bool(bad.any()):  # a meta tensor (memory_plan) has no values
             raise ValueError(
                 f"labels {targets[bad].unique().tolist()[:5]} are outside the model's classes "
                 f"[0, {classes}) and are not −100: fix the labels or the model's num_labels"
@@ -435,6 +435,19 @@ class LanguageModelingTask(Task):
                 f"'attention_mask', 'labels'); got {type(batch).__name__}"
             )
         labels, ids = batch.get("labels"), batch["input_ids"]
+        if (
+            not torch.is_tensor(ids)
+            or ids.dim() != 2
+            or ids.shape[1] == 0
+            or ids.is_floating_point()
+        ):
+            what = list(ids.shape) if torch.is_tensor(ids) else type(ids).__name__
+            raise ValueError(
+                f"{type(self).__name__}: input_ids must be integer token ids [examples, "
+                f"positions] with at least one position; got {what}"
+                + (f" of {ids.dtype}" if torch.is_tensor(ids) else "")
+                + " (a dict of tensors holds one row per example: one sequence is ids[None])"
+            )
         if self.labels_follow_inputs and labels is not None and labels.shape != ids.shape:
             raise ValueError(
                 f"{type(self).__name__}: labels of shape {list(labels.shape)} do not match "

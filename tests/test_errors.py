@@ -327,3 +327,124 @@ def test_numpy_damping_is_accepted():
 
     assert inf.EKFAC(damping=np.float32(0.25)).damping == 0.25
     assert inf.CG(damping={"0": np.float64(0.5)}).damping == {"0": 0.5}
+
+
+# -- raw crashes that are sentences now ------------------------------------------------------
+
+
+def test_dataset_dict_is_refused_and_a_dict_of_numpy_arrays_accepted():
+    import numpy as np
+    from datasets import Dataset, DatasetDict
+
+    model, task, data = tiny_llama(), inf.LanguageModelingTask(), lm_data(6)
+    splits = DatasetDict({"train": Dataset.from_dict({k: v.tolist() for k, v in data.items()})})
+    with pytest.raises(TypeError, match=r"DatasetDict of splits \['train'\]: pass one split"):
+        inf.EKFAC().fit(model, task, splits, progress=False)
+    as_numpy = {k: v.numpy() for k, v in data.items()}
+    a = fitted(inf.EKFAC, model, task, as_numpy)
+    b = fitted(inf.EKFAC, model, task, data)
+    kw = {"progress": False}
+    assert torch.equal(
+        inf.pairwise_scores(model, task, a, as_numpy, as_numpy, **kw),
+        inf.pairwise_scores(model, task, b, data, data, **kw),
+    )
+    assert np.array_equal(as_numpy["input_ids"], data["input_ids"].numpy())  # left as given
+
+
+def test_numpy_integers_are_accepted_where_an_int_is_expected():
+    import numpy as np
+
+    model, task, data, est = _setting()
+    n = np.int64
+    s = inf.pairwise_scores(model, task, est, data, data, batch_size=n(3), rank=n(2), **_QUIET)
+    table = inf.top_influences(s, n(2), num_train=n(20))
+    assert len(table) == 20 and table["per_copy_linear_estimate"].iloc[0] == s.max(1)[0][0] / 20
+    inf.EKFAC().fit(model, task, data, batch_size=n(4), seed=n(2), progress=False)
+
+
+_QUIET = {"progress": False}
+
+
+def test_a_meta_device_model_is_refused_and_memory_plan_works_on_meta_bert_and_t5():
+    from tests.test_tasks_hf import classifier, cls_batch, s2s_batch, seq2seq
+
+    model, task, data = tiny_mlp().to("meta"), inf.ClassificationTask(), classification_data(6)
+    for call in (
+        lambda: inf.EKFAC().fit(model, task, data, progress=False),
+        lambda: inf.per_example_gradients(model, task, data),
+        lambda: inf.GaussNewton(model, task, data),
+    ):
+        with pytest.raises(ValueError, match=r"on the meta device, which holds shapes but no val"):
+            call()
+    bert, t5 = classifier("bert").to("meta"), seq2seq("t5").to("meta")
+    for meta_model, meta_task, example in (
+        (bert, inf.SequenceClassificationTask(), cls_batch()),
+        (t5, inf.Seq2SeqLMTask(), s2s_batch()),
+    ):
+        plan = inf.memory_plan(meta_model, meta_task, num_train=64, num_queries=4, example=example)
+        assert plan.peak > 0 and plan.stage("fit: covariances").bytes > 0
+
+
+def test_a_damping_dict_with_an_unknown_layer_names_it():
+    model, task, data = tiny_mlp(), inf.ClassificationTask(), classification_data(10)
+    typo = {"0": 0.1, "2": 0.1, "20": 1.0}
+    match = r"damping names layers that are not tracked: \['20'\]; the tracked layers are \['0',"
+    for est in (inf.EKFAC(damping=typo), inf.Diagonal(damping=typo), inf.CG(damping=typo)):
+        with pytest.raises(ValueError, match=match):
+            est.fit(model, task, data, progress=False)
+    for est in (fitted(inf.EKFAC, model, task, data), inf.CG(damping=0.1).fit(model, task, data)):
+        with pytest.raises(ValueError, match=match):
+            est.with_damping(typo)
+    with pytest.raises(ValueError, match=match):
+        inf.pbrf_scores(model, task, data, data, [0], damping=typo, progress=False)
+
+
+def test_half_precision_overflow_says_what_overflowed():
+    model, task = tiny_mlp().half(), inf.ClassificationTask()
+    x, y = classification_data(10)
+    data = (x.half(), y)
+    est = inf.EKFAC(damping=1e-8).fit(model, task, data, progress=False)
+    with pytest.raises(FloatingPointError, match=r"overflows torch.float16 \(largest 65504\).*1/λ"):
+        inf.pairwise_scores(model, task, est, data, data, progress=False)
+
+
+@pytest.mark.parametrize(
+    ("data", "error", "match"),
+    [
+        ({"input_ids": torch.tensor([1, 2, 3])}, ValueError, r"integer token ids.*got \[3\]"),
+        ({"input_ids": torch.zeros(2, 0, dtype=torch.long)}, ValueError, r"got \[2, 0\]"),
+        ({"input_ids": torch.rand(2, 3)}, ValueError, r"token ids.*of torch.float32"),
+        ([[1, 2, 3], [4, 5]], TypeError, r"examples are lists \(\[1, 2, 3\]\): give token seq"),
+    ],
+)
+def test_malformed_token_data_is_named(data, error, match):
+    model, task = tiny_llama(), inf.LanguageModelingTask()
+    est = fitted(inf.Identity, model, task, lm_data(6))
+    with pytest.raises(error, match=match):
+        inf.pairwise_scores(model, task, est, data, lm_data(6), progress=False)
+
+
+def test_one_example_without_a_batch_dimension_and_lds_indices_out_of_range():
+    import numpy as np
+
+    model, task, data, est = _setting()
+    x, y = data
+    with pytest.raises(ValueError, match=r"shapes \[\[4\], \[\]\].*\(x\[None\], y\[None\]\)"):
+        inf.pairwise_scores(model, task, est, (x[0], y[0]), data, progress=False)
+    with pytest.raises(ValueError, match=r"subsets\[0\] holds indices outside .*\[100\]"):
+        inf.lds(torch.randn(2, 6), [[0, 100]], np.zeros((1, 2)))
+
+
+def test_per_token_scores_over_layers_that_read_different_positions():
+    from tests.test_tasks_hf import classifier, cls_batch
+
+    model, task = classifier("bert"), inf.SequenceClassificationTask()
+    batch = cls_batch()
+    est = inf.Identity().fit(model, task, batch, progress=False)
+    with pytest.raises(ValueError, match=r"by_token=True needs every tracked layer to read the"):
+        inf.pairwise_scores(model, task, est, batch, batch, by_token=True, progress=False)
+    mlp = inf.SequenceClassificationTask(modules="mlp")  # encoder layers only: one sequence
+    est = inf.Identity().fit(model, mlp, batch, progress=False)
+    tokens = inf.pairwise_scores(model, mlp, est, batch, batch, by_token=True, progress=False)
+    total = inf.pairwise_scores(model, mlp, est, batch, batch, progress=False)
+    assert torch.allclose(tokens.sum(-1), total, rtol=1e-10, atol=0)
