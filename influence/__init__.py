@@ -32,6 +32,7 @@ from .tasks import (
     SequenceClassificationTask,
     Task,
 )
+from .token_html import render_token_html
 
 __all__ = [
     "CG",
@@ -63,6 +64,7 @@ __all__ = [
     "per_example_gradients",
     "preconditioned_queries",
     "prompt_completion_queries",
+    "render_token_html",
     "retrain_measurements",
     "save_scores",
     "self_scores",

@@ -197,6 +197,15 @@ def pairwise_scores(
 
     Returns [Q, N]; with `by_token` [Q, N, T] (T the longest training sequence; the terms sum
     to the total); with `by_layer` a dict {layer: scores} whose values sum to the total.
+
+    `by_token` splits each score over the positions of the training sequence, at the caller's
+    positions (a left-padded row's terms are returned where its tokens are). For a causal
+    language model the output at position t predicts token t + 1, so the term at position t
+    is the contribution of predicting token t + 1 (the last real position predicts nothing
+    and its term is 0; padding's terms are 0); for a seq2seq model, whose tracked layers must
+    then all be the decoder's, position t's term is that of target token t. Every tracked
+    layer must read the same positions (no pooler or classification head: they read one per
+    example). `influence.render_token_html` draws a row of them.
     `rank` stores each layer's preconditioned query gradient as a rank-`rank` truncated SVD (query
     batching). `query_batch_size` bounds how many queries are held at once (each chunk makes
     one pass over the training data). The model is evaluated in eval mode.
