@@ -267,7 +267,8 @@ def finite_terms(
                 cleaned[id(x)] = torch.where(mask.unsqueeze(-1), x, torch.zeros((), dtype=x.dtype))
                 fixed.append(cleaned[id(x)])
                 continue
-            row = int(bad.any(1).nonzero()[0, 0])
+            real_bad = bad if mask is None else bad & mask
+            row = int(real_bad.any(1).nonzero()[0, 0])
             raise FloatingPointError(
                 f"NaN or Inf in the {what} of layer {name!r} for {_role(measurement)} "
                 f"{int(indices[row])}: its curvature terms and scores would be NaN. Check that "

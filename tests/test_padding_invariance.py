@@ -243,3 +243,42 @@ def test_left_padding_gives_right_padding_cg_and_pbrf_scores():
         )
     assert rel(got["left cg"], got["right cg"]) < 1e-9
     assert rel(got["left pbrf"], got["right pbrf"]) < 1e-9
+
+
+class _NanAtPadding(torch.nn.Module):
+    """A classifier whose tracked layer reads NaN at padded positions (as attention over
+    padding only gives), pooled over real positions only: its real tokens are all finite."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = torch.nn.Embedding(VOCAB, 6)
+        self.lin = torch.nn.Linear(6, 6)
+        self.head = torch.nn.Linear(6, 3)
+        self.double()
+
+    def forward(self, input_ids, attention_mask=None):
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        real = attention_mask.bool().unsqueeze(-1)
+        h = torch.where(real, self.emb(input_ids), torch.nan)
+        h = torch.where(real, torch.tanh(self.lin(h)), 0.0).sum(1)
+        return self.head(h)
+
+
+def test_nan_at_padded_positions_is_not_an_error():
+    """NaN in a layer's inputs at padded positions reaches no real token: the example is
+    scored as it is alone (it used to raise "... half precision or a diverged model ...")."""
+    model, task = _NanAtPadding(), inf.ClassificationTask()
+    train, queries = examples("classification", LENGTHS, 1), examples("classification", [4, 7], 2)
+    alone = results(model, task, inf.EKFAC, ragged(train), ragged(queries), batch_size=1)
+    got = results(model, task, inf.EKFAC, padded(train, 2), padded(queries, 2), batch_size=6)
+    for k, v in alone.items():
+        assert rel(got[k], v) < TIGHT, k
+    # A NaN at a real position is still an error naming the example.
+    broken = padded(train)
+    with torch.no_grad():
+        model.emb.weight[1] = torch.nan  # token 1, which only example 4 has
+    broken["input_ids"][4, 0] = 1
+    with pytest.raises(FloatingPointError, match="training example 4"):
+        inf.EKFAC().fit(model, task, broken, progress=False)

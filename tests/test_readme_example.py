@@ -40,9 +40,9 @@ def test_readme_classifier_example_runs(capsys):
     # Each query is a training text: its own copy is the most helpful training example.
     assert scores.argmax(dim=1).tolist() == [0, 1]
     assert table["train"].tolist()[::3] == [0, 1] and table["rank"].tolist() == [1, 2, 3] * 2
-    assert table["per_copy_score"].tolist() == [v / 32 for v in table["score"].tolist()]
+    assert table["per_copy_linear_estimate"].tolist() == [v / 32 for v in table["score"].tolist()]
     assert table["train_text"].tolist()[0] == "text 0"
-    assert "per_copy_score" in capsys.readouterr().out
+    assert "per_copy_linear_estimate" in capsys.readouterr().out
 
 
 def test_readme_seq2seq_example_runs(capsys):
