@@ -279,7 +279,9 @@ def finite_terms(
     return out
 
 
-def check_finite_queries(pre: Mapping[str, Any], damping: Mapping[str, float]) -> None:
+def check_finite_queries(
+    pre: Mapping[str, Any], damping: Mapping[str, float] | None = None
+) -> None:
     """NaN/Inf in preconditioned query gradients {layer: [Q, ...] or LowRank}. The gradients
     were finite (checked as captured), so the preconditioning overflowed: (G + λI)⁻¹ scales
     them by up to 1/λ, which half precision may not hold."""
@@ -287,7 +289,7 @@ def check_finite_queries(pre: Mapping[str, Any], damping: Mapping[str, float]) -
         for x in (p.u, p.s, p.v) if hasattr(p, "u") else (p,):
             row = _first_bad_row(x)
             if row is not None:
-                lam = damping.get(name)
+                lam = (damping or {}).get(name)
                 scale = f"up to 1/λ = {1 / lam:.3g} for λ = {lam:.3g}" if lam else "1/λ"
                 raise FloatingPointError(
                     f"the preconditioned gradient of query {row} at layer {name!r} overflows "

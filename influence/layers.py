@@ -164,32 +164,36 @@ def check_unshared(model: nn.Module, layers: dict[str, nn.Module]) -> None:
     A shared parameter's gradient sums every use of it, while the library sees only the
     tracked layers' inputs and output gradients: its scores would be those of a part of the
     gradient (GPT-2's `lm_head` is tied to the input embedding)."""
-    holders: dict[int, list[str]] = {}
-    by_storage: dict[int, list[tuple[str, torch.Tensor]]] = {}
-    for name, p in model.named_parameters(remove_duplicate=False):
-        holders.setdefault(id(p), []).append(name)
-        # Meta tensors have no memory to share; FSDP's flat parameter holds every original
-        # parameter's memory by design.
-        if not p.is_meta and type(p).__name__ != "FlatParameter":
-            by_storage.setdefault(p.untyped_storage().data_ptr(), []).append((name, p))
+    # Every (name, holding module) of each parameter: one module registered under two names
+    # is not sharing, another module holding the same parameter (or its memory) is.
+    holders: dict[int, list[tuple[str, int]]] = {}
+    by_storage: dict[int, list[tuple[str, int, torch.Tensor]]] = {}
+    for mname, m in model.named_modules(remove_duplicate=False):
+        for pname, p in m.named_parameters(recurse=False):
+            name = f"{mname}.{pname}" if mname else pname
+            holders.setdefault(id(p), []).append((name, id(m)))
+            # Meta tensors have no memory to share; FSDP's flat parameter holds every
+            # original parameter's memory by design.
+            if not p.is_meta and type(p).__name__ != "FlatParameter":
+                ptr = p.untyped_storage().data_ptr()
+                by_storage.setdefault(ptr, []).append((name, id(m), p))
     problems = []
-    tracked = {id(m): n for n, m in layers.items()}
     for layer, module in layers.items():
         for pname, p in module.named_parameters(recurse=False):
-            own = f"{layer}.{pname}" if layer else pname
-            others = [h for h in holders[id(p)] if h != own]
+            others = [h for h, owner in holders[id(p)] if owner != id(module)]
             if not p.is_meta:
                 lo, hi = _extent(p)
-                for name, q in by_storage.get(p.untyped_storage().data_ptr(), []):
+                for name, owner, q in by_storage.get(p.untyped_storage().data_ptr(), []):
                     q_lo, q_hi = _extent(q)
-                    if q is not p and lo < q_hi and q_lo < hi and name not in others:
+                    overlap = q is not p and lo < q_hi and q_lo < hi
+                    if overlap and owner != id(module) and name not in others:
                         others.append(name)
             if not others:
                 continue
             other_layers = [
                 h.rsplit(".", 1)[0] for h in others if h.rsplit(".", 1)[0] in layers.keys()
             ]
-            if other_layers and id(module) in tracked:
+            if other_layers:
                 pair = sorted({layer, *other_layers})
                 problems.append(f"{' and '.join(map(repr, pair))} share their {pname}")
             else:

@@ -534,12 +534,12 @@ class Seq2SeqLMTask(LanguageModelingTask):
     )
 
     def check_batch(self, batch):
-        super().check_batch(batch)
-        if not torch.is_tensor(batch.get("labels")):
+        if isinstance(batch, Mapping) and not torch.is_tensor(batch.get("labels")):
             raise TypeError(
                 "Seq2SeqLMTask needs the target tokens as 'labels' in each batch (−100 for "
                 f"positions that do not count); got keys {sorted(batch)[:8]}"
             )
+        super().check_batch(batch)
 
     def token_mask(self, batch):
         # Encoder and decoder layers read different sequences: see token_masks.

@@ -161,11 +161,12 @@ def test_cg_scores_do_not_depend_on_padding(case):
         (ragged(train), ragged(queries), 1),
         (padded(train, EXTRA), padded(queries, EXTRA), len(train)),
     ]:
-        cg = inf.CG(tol=1e-12).fit(model, task, train_data, batch_size=batch_size, progress=False)
+        cg = inf.CG(damping=0.01, tol=1e-10)
+        cg.fit(model, task, train_data, batch_size=batch_size, progress=False)
         kw = {"batch_size": batch_size, "progress": False}
         got.append(inf.pairwise_scores(model, task, cg, query_data, train_data, **kw))
-    # CG stops at a relative residual of 1e-12; its iterates from two orders of summation
-    # agree to that times the conditioning (measured 9e-8 on T5), not to rounding.
+    # CG stops at a relative residual of 1e-10; its iterates from two orders of summation
+    # agree to that times the conditioning, not to rounding.
     assert rel(got[1], got[0]) < 1e-6
 
 

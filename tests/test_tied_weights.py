@@ -34,6 +34,8 @@ class TwoHeads(nn.Module):
             self.second.weight = self.first.weight
         elif share == "storage":
             self.second.weight = nn.Parameter(self.first.weight.data)  # same memory
+        elif share == "alias":
+            self.alias = self.first  # one module under two names: nothing is shared
 
     def forward(self, x):
         return self.out(torch.tanh(self.second(torch.tanh(self.first(x)))))
@@ -85,3 +87,12 @@ def test_gpt2_tied_lm_head_is_refused_and_untied_lm_head_scores_exactly():
     infos = dict.fromkeys(task.tracked_modules(untied))
     g = flat(brute_gradients(untied, task, data), infos)
     assert (got - g @ g.T).abs().max() <= 1e-10 * (g @ g.T).abs().max()
+
+
+def test_one_module_under_two_names_is_not_sharing():
+    model, task, data = TwoHeads("alias"), inf.ClassificationTask(), _data()
+    assert list(task.tracked_modules(model)) == ["first", "second", "out"]
+    est = inf.Identity().fit(model, task, data, progress=False)
+    got = inf.pairwise_scores(model, task, est, data, data, progress=False)
+    g = flat(brute_gradients(model, task, data), dict.fromkeys(["first", "second", "out"]))
+    assert torch.allclose(got, g @ g.T, rtol=1e-10, atol=0)
