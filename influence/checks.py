@@ -264,7 +264,7 @@ def finite_terms(
                 continue
             bad = ~torch.isfinite(x).reshape(*x.shape[:2], -1).all(-1)  # [B, T]
             if mask is not None and not bool((bad & mask).any()):
-                cleaned[id(x)] = torch.where(mask.unsqueeze(-1), x, torch.zeros((), dtype=x.dtype))
+                cleaned[id(x)] = torch.where(mask.unsqueeze(-1), x, x.new_zeros(()))
                 fixed.append(cleaned[id(x)])
                 continue
             real_bad = bad if mask is None else bad & mask
