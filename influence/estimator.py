@@ -366,7 +366,7 @@ def _check_checksum(path, tensors: dict[str, torch.Tensor], metadata: dict[str, 
 def _read_factor_file(path, cls) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict]:
     """A factor file's tensors, parsed metadata (every field checked) and raw metadata."""
     tensors, metadata = load_safetensors(path)
-    again = _AGAIN
+    again = _AGAIN  # what to do about any problem below
     if "influence" not in metadata:
         raise ValueError(f"{path} was not written by influence's Estimator.save")
     try:
@@ -388,7 +388,9 @@ def _read_factor_file(path, cls) -> tuple[dict[str, torch.Tensor], dict[str, Any
             f"inf.{meta['estimator']}.load"
         )
     for n, shape in meta["layers"].items():
-        if not (isinstance(shape, list) and len(shape) == 4):
+        if not (
+            isinstance(shape, list) and len(shape) == 4 and all(isinstance(x, int) for x in shape)
+        ):
             raise ValueError(f"{path}: layer {n!r} has no valid shape in its metadata; {again}")
     return tensors, meta, metadata
 

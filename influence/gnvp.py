@@ -205,7 +205,7 @@ class GaussNewton:
     # -- products ---------------------------------------------------------------------------
     def _gnvp_batch(self, batch, flat: torch.Tensor) -> torch.Tensor:
         """Σ_{i in batch} J_iᵀ H_i J_i v for each row v of `flat` [Q, P]; returns [Q, P]."""
-        batch, _ = right_align(self.task, self.task.to_device(batch, self.device))
+        batch = right_align(self.task, self.task.to_device(batch, self.device))
         primals = self._primals()
 
         def f(params):

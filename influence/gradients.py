@@ -531,7 +531,7 @@ def iter_layer_terms(
             checks.check_batch_values(model, batch, idx, measurement)
             checks.check_counted_tokens(task, batch, idx, measurement)
             batch = task.to_device(batch, dev)
-            aligned, _ = right_align(task, batch)
+            aligned = right_align(task, batch)
             n = task.batch_size(aligned)
             with LayerCapture(model, layers, infos, batch_size=n, batch=aligned) as cap:
                 if measurement:

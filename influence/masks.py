@@ -26,16 +26,16 @@ from .tasks import Task
 LayerMasks = dict[str, torch.Tensor | None]
 
 
-def right_align(task: Task, batch: Any) -> tuple[Any, torch.Tensor | None]:
-    """`batch` with every left-padded row rolled so that its first real position comes first,
-    and each row's shift (None when no row starts with padding).
+def right_align(task: Task, batch: Any) -> Any:
+    """`batch` with every left-padded row rolled so that its first real position comes first
+    (`leading_padding` gives each row's shift).
 
     A row's leading positions with `attention_mask` 0 move to its end, with every tensor of
     `task.sequence_keys` (input ids, labels of a causal LM, token types, position ids, ...).
     A row without any real position is left as it is."""
     lead = leading_padding(task, batch)
     if lead is None:
-        return batch, None
+        return batch
     keys = task.sequence_keys(batch)
     width = batch["attention_mask"].shape[1]
     index = (torch.arange(width, device=lead.device) + lead[:, None]) % width
@@ -44,7 +44,7 @@ def right_align(task: Task, batch: Any) -> tuple[Any, torch.Tensor | None]:
         v = batch[k]
         idx = index.reshape(*index.shape, *([1] * (v.dim() - 2))).expand_as(v)
         out[k] = v.gather(1, idx.to(v.device))
-    return out, lead
+    return out
 
 
 def leading_padding(task: Task, batch: Any) -> torch.Tensor | None:

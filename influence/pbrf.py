@@ -147,11 +147,11 @@ def pbrf_scores(
     batches = []
     with _EvalMode(model), torch.no_grad():
         for _, b in iter_batches(loader, batch_size):
-            b = right_align(task, task.to_device(b, dev))[0]
+            b = right_align(task, task.to_device(b, dev))
             batches.append((b, task.outputs(model, b).detach()))
         # One query per measurement, whatever batch size a DataLoader of queries has.
         queries = [
-            right_align(task, task.to_device(take(query_data, [q]), dev))[0]
+            right_align(task, task.to_device(take(query_data, [q]), dev))
             for q in range(num_examples(query_data))
         ]
 
@@ -248,7 +248,7 @@ def pbrf_scores(
     start = time.perf_counter()
     with _EvalMode(model):
         for j, m in enumerate(tqdm(train_indices, desc="PBRF", disable=not progress, leave=False)):
-            zb = right_align(task, task.to_device(take(train_data, [m]), dev))[0]
+            zb = right_align(task, task.to_device(take(train_data, [m]), dev))
             init_grad = [0.0]
             plus, s1, r1, u_plus = solve(zb, eps)
             # θ*(−ε) − θ_s ≈ −(θ*(ε) − θ_s): in the rescaled variable the two minimisers are
