@@ -179,8 +179,8 @@ Markdown(
 is_rep = [pair in reps for pair in zip(table.query_set, table["query"], strict=True)]
 t1 = table[(table.model == largest) & np.array(is_rep)].copy()
 pairs = list(zip(t1.query_set, t1["query"], strict=True))
-t1["prompt"] = [sc.queries(qs).prompt.iloc[q][-40:] for qs, q in pairs]
-t1["completion"] = [sc.queries(qs).completion.iloc[q][:30] for qs, q in pairs]
+t1["prompt"] = [sc.queries(qs).prompt.iloc[q] for qs, q in pairs]
+t1["completion"] = [sc.queries(qs).completion.iloc[q] for qs, q in pairs]
 TABLE1 = ["query_set", "query", "prompt", "completion", "alpha", "xmin", "n_tail", "ks_pvalue",
           "R_lognormal", "R_exponential", "top1_share", "max_per_copy"]  # fmt: skip
 table1 = t1[TABLE1]
@@ -322,7 +322,6 @@ report.table(
     headers={"queries": "queries", "self_influence_percentile": "self-influence percentile"},
     percent=["self_influence_percentile"],
 )  # fmt: skip
-Markdown(f"In words: {checks[largest].describe()}.")
 
 # %%
 found = tails.findings(table, memo, N, largest)

@@ -93,6 +93,7 @@ report.table(
     + ", ".join(f"{t} {n}" for t, n in n_per_type.items())
     + ".",
     headers={"corpus": "corpus base rate"},
+    collapse_after=30,
 )
 
 # %%
@@ -125,13 +126,15 @@ for kk in ks[1:]:
 # %%
 trends = A.share_trends(labeled[k0], params, **boot)
 trend_headers = {"share_of": "share of", "change": "change across the suite"}
+points = {c: stats.format_points for c in ("change", "low", "high")}
 report.table(
     trends,
     caption=f"Per-query shares of the top-{k0} by size (means), their change across the suite "
     "(mean per-query slope × decades of parameters) with its 95% CI, and the Wilcoxon p of "
     "the slopes over queries.",
     headers=trend_headers,
-    percent=[*order, "change", "low", "high"],
+    percent=order,
+    formats=points,
 )
 
 # %% [markdown]
@@ -153,12 +156,14 @@ report.table(
     caption=f"Composition of the top-{k0} among the {n_cand} BM25 candidates of each query "
     f"({stats.format_share(cfg['bm25_fraction'])} of the corpus), beside the corpus base rate.",
     headers={"corpus": "corpus base rate"},
+    collapse_after=30,
 )
 report.table(
     A.share_trends(labeled_bm25, params, **boot),
     caption="The change with size among the BM25 candidates (as the table above it).",
     headers=trend_headers,
-    percent=[*order, "change", "low", "high"],
+    percent=order,
+    formats=points,
 )
 
 # %% [markdown]

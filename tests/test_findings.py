@@ -33,15 +33,15 @@ def test_a_finding_agrees_only_when_significant_in_direction_and_large_enough():
     assert _judge(-0.2, 0.001, expected=-1).verdict == "agrees"
     opposite = _judge(-0.2, 0.001)
     assert opposite.verdict == "disagrees"
-    assert "opposite to the paper's direction" in opposite.reason
+    assert opposite.reason == "the change = -0.2: opposite to the paper, at least 0.05, p = 0.001"
     not_significant = _judge(0.2, 0.3)  # in the paper's direction, not significant
     assert not_significant.verdict == "inconclusive" and "not significant" in not_significant.reason
     small = _judge(0.01, 1e-6)  # significant, below the threshold
-    assert small.verdict == "inconclusive" and "smaller than 0.05" in small.reason
+    assert small.verdict == "inconclusive" and "but smaller than 0.05" in small.reason
     assert _judge(-0.01, 1e-6).verdict == "inconclusive"  # the threshold works both ways
     assert _judge(float("nan"), float("nan")).verdict == "inconclusive"
     few = _judge(0.2, 0.25, n=3)
-    assert "with 3 queries that differ no test can reach p < 0.05" in few.reason
+    assert "with 3 queries no test can reach p < 0.05" in few.reason
     assert "p < 1e-4" in _judge(0.2, 1e-6).reason
     f = _judge(0.2, 0.001)
     assert f.threshold == "|the change| ≥ 0.05 and p < 0.05"
@@ -73,7 +73,9 @@ def test_the_notebook_verdict_rule():
         "scale: -> not comparable",
     ]
     table = findings.frame([agree, nc])
-    assert list(table.columns) == ["claim", "paper", "ours", "test", "verdict", "reason"]
+    assert list(table.columns) == [
+        "claim", "paper", "ours", "test", "verdict", "reason", "threshold"
+    ]  # fmt: skip
 
 
 def test_display_table_reads_like_a_table():

@@ -176,7 +176,7 @@ def test_findings_follow_the_numbers_with_negative_controls():
     half = {f.name: f for f in tails.findings(
         _synthetic_table(n, coin, 2.5, 0.3, 50), _memo([1.0] * 8, 0.002), 2400, "l")}  # fmt: skip
     assert half["power law"].verdict == "inconclusive"
-    assert "of 40 queries" in half["power law"].ours
+    assert "of 40 queries where it is preferred" in half["power law"].ours
     with pytest.raises(ValueError, match="no tail fits of model 'xl'"):
         tails.findings(_synthetic_table(n, True, 2.5, 0.3, 50), _memo([1.0], 0.1), 2400, "xl")
 

@@ -434,7 +434,7 @@ def findings(
             test=tr.test,
             expected=expected,
             threshold=threshold,
-            what="the change across the suite",
+            what="change across the suite",
             fmt=change,
             ours=f"{means} ({suite}); change {tr.change.format(change)}",
             base_rate=base_rate,
@@ -550,14 +550,16 @@ def plot_composition(comp: pd.DataFrame, params: dict[str, int], k: int, base: p
         ax.set_title(qt)
         ax.set_ylim(0, 1)
     axes[0][0].set_ylabel(f"share of the top-{k}")
-    handles, names = {}, []
+    # one legend entry per colour: categories of the same meaning share one ("same fact, other
+    # words / same operation / same function kind")
+    by_colour: dict[str, tuple[Any, list[str]]] = {}
     for ax in axes[0]:
         for h, n in zip(*ax.get_legend_handles_labels(), strict=True):
-            if n not in handles:
-                handles[n] = h
-                names.append(n)
-    fig.legend([handles[n] for n in names], names, loc="lower center", ncol=3,
-               bbox_to_anchor=(0.5, -0.01))  # fmt: skip
+            entry = by_colour.setdefault(style.category_color(n), (h, []))
+            if n not in entry[1]:
+                entry[1].append(n)
+    fig.legend([h for h, _ in by_colour.values()], [" / ".join(n) for _, n in by_colour.values()],
+               loc="lower center", ncol=2, bbox_to_anchor=(0.5, -0.01))  # fmt: skip
     fig.tight_layout(rect=(0, 0.16, 1, 1))
     return fig
 

@@ -101,9 +101,12 @@ def table(
     html_columns: Iterable[Any] = (),
     index: bool = False,
     collapse_after: int = COLLAPSE_AFTER,
+    stacked: bool = False,
 ) -> Table:
     """`frame` as an HTML table (see the module docstring). `index=True` shows the index as
-    leading columns (e.g. a pivot's row labels); `formats` overrides a column's formatter."""
+    leading columns (e.g. a pivot's row labels); `formats` overrides a column's formatter;
+    `stacked=True` shows each row as a block of labelled cells on narrow screens (each cell
+    carries its header as `data-label`)."""
     df = frame.reset_index() if index else frame.reset_index(drop=True)
     percent, formats = list(percent), dict(formats or {})
     raw = set(html_columns)
@@ -120,6 +123,7 @@ def table(
     numeric = [
         h for h, c in zip(escaped.columns, df.columns, strict=True)
         if c not in raw and pd.api.types.is_numeric_dtype(df[c])
+        and not pd.api.types.is_bool_dtype(df[c])
     ]  # fmt: skip
     # element ids must differ between the tables of a page: derive them from the content
     uid = hashlib.sha1(shown.to_json().encode() + caption.encode()).hexdigest()[:10]
@@ -131,6 +135,13 @@ def table(
         )
     )
     body = re.sub(r'<style type="text/css">\s*</style>\s*', "", styler.to_html())
+    if stacked:
+        labels = list(escaped.columns)
+        body = re.sub(
+            r'<td id="(T_\w+?_row\d+_col(\d+))"',
+            lambda m: f'<td data-label="{labels[int(m.group(2))]}" id="{m.group(1)}"',
+            body,
+        ).replace('class="study-table"', 'class="study-table stacked"', 1)
     cap = f'<p class="table-caption">{_html.escape(caption)}</p>' if caption else ""
     if len(df) > collapse_after:
         summary = _html.escape(caption or "Table") + f" ({len(df)} rows: click to show)"

@@ -112,8 +112,9 @@ def judge(
     if not threshold >= 0:
         raise ValueError(f"threshold must be a non-negative number, got {threshold!r}")
     est, p = effect.estimate, test.p
-    stated = f"|{what}| ≥ {fmt(threshold)} and p < {alpha:g}"
-    shown = f"{what} ({fmt(est)})"
+    size = fmt(threshold).lstrip("+")
+    stated = f"|{what}| ≥ {size} and p < {alpha:g}"
+    shown = f"{what} = {fmt(est)}"
     if not math.isfinite(est) or p is None or not math.isfinite(p):
         verdict = INCONCLUSIVE
         reason = f"no test is possible: no {test.over} with a nonzero difference"
@@ -123,16 +124,16 @@ def judge(
         along = (est > 0) == (expected > 0) and est != 0
         if significant and big:
             verdict = AGREES if along else DISAGREES
-            side = "in the paper's direction" if along else "opposite to the paper's direction"
-            reason = f"{shown} is {side}, at least {fmt(threshold)} in size, {p_clause(p)}"
+            side = "the paper's direction" if along else "opposite to the paper"
+            reason = f"{shown}: {side}, at least {size}, {p_clause(p)}"
         elif significant:
             verdict = INCONCLUSIVE
-            reason = f"{shown} is significant ({p_clause(p)}) but smaller than {fmt(threshold)}"
+            reason = f"{shown}: significant ({p_clause(p)}) but smaller than {size}"
         else:
             verdict = INCONCLUSIVE
-            reason = f"{shown} is not significant ({p_clause(p)} ≥ {alpha:g})"
+            reason = f"{shown}: not significant ({p_clause(p)})"
             if _min_p(test.n) >= alpha:
-                reason += f"; with {test.n} {test.over} that differ no test can reach p < {alpha:g}"
+                reason += f"; with {test.n} {test.over} no test can reach p < {alpha:g}"
     return Finding(
         name=name,
         claim=claim,
@@ -203,6 +204,7 @@ COLUMNS = {
     "test": "test",
     "verdict": "verdict",
     "reason": "why",
+    "threshold": "rule",
 }
 
 

@@ -114,9 +114,6 @@ def findings_html(findings: Sequence[dict[str, Any]]) -> str:
 
     columns = [c for c in FINDING_COLUMNS if c != "base_rate" or any(f.get(c) for f in findings)]
     rows = [{c: f.get(c, "") or "" for c in columns} for f in findings]
-    for row, f in zip(rows, findings, strict=True):
-        rule = f.get("threshold") or ""
-        row["reason"] = row["reason"] + (f" (rule: {rule})" if rule else "")
     frame = pd.DataFrame(rows, columns=columns)
     return display.table(
         frame,
@@ -124,6 +121,7 @@ def findings_html(findings: Sequence[dict[str, Any]]) -> str:
         formats={"verdict": verdict_html},
         html_columns=["verdict"],
         collapse_after=40,
+        stacked=True,
     ).html
 
 
@@ -244,8 +242,8 @@ def report_header(report: dict[str, Any], toc: str, names: Sequence[str]) -> str
     if summary.get("here"):
         answer.append(f"<p><b>We find.</b> {html.escape(summary['here'])}</p>")
     if summary.get("verdict"):
-        reason = f" {html.escape(summary['reason'])}" if summary.get("reason") else ""
-        answer.append(f"<p><b>Verdict:</b> {verdict_html(summary['verdict'])}.{reason}</p>")
+        reason = f" — {html.escape(summary['reason'])}" if summary.get("reason") else ""
+        answer.append(f"<p><b>Verdict:</b> {verdict_html(summary['verdict'])}{reason}</p>")
     if report.get("findings"):
         answer.append(findings_html(report["findings"]))
     if answer:

@@ -79,8 +79,8 @@ def format_number(x: Any, digits: int = 3) -> str:
             return "n/a" if math.isnan(x) else ("∞" if x > 0 else "−∞")
         if x == 0:
             return "0"
-        if x.is_integer() and abs(x) < 1e15:
-            return f"{int(x):,}"
+        if (x.is_integer() or abs(x) >= 10**digits) and abs(x) < 1e15:
+            return f"{round(x):,}"  # no exponent for what a reader counts in units
         text = f"{x:.{digits}g}"
         if "e" in text:
             mantissa, exp = text.split("e")

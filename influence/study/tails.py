@@ -415,9 +415,9 @@ def _most(name, claim, paper, hits: pd.Series, what: str, extra: str = "") -> Fi
         test=test,
         expected=+1,
         threshold=MOST_MARGIN,
-        what=f"the share of queries {what} − 50%",
+        what="share − 50%",
         fmt=stats.format_points,
-        ours=f"{share_.format(stats.format_share)} of {len(hits)} queries{extra}",
+        ours=f"{share_.format(stats.format_share)} of {len(hits)} queries {what}{extra}",
     )
 
 
@@ -497,7 +497,7 @@ def findings(table: pd.DataFrame, memo: pd.DataFrame, n_train: int, model: str) 
             test=e.test,
             expected=+1,
             threshold=QUOTE_MARGIN,
-            what="the share of the top-k containing the saying − its base rate",
+            what="share − base rate",
             fmt=stats.format_points,
             ours=e.share.format(stats.format_share),
             base_rate=stats.format_share(e.base_rate),
@@ -542,9 +542,9 @@ def plot_ccdf(
     positive per-copy influences (dots) and the fitted power law above x_min (dashed)."""
     import matplotlib.pyplot as plt
 
-    ncols = min(len(order), 3)
+    ncols = min(len(order), 4)
     nrows = math.ceil(len(order) / ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(3.3 * ncols, 3.0 * nrows), sharey=True,
+    fig, axes = plt.subplots(nrows, ncols, figsize=(2.5 * ncols, 2.9 * nrows), sharey=True,
                              squeeze=False)  # fmt: skip
     for ax, m in zip(axes.ravel(), order, strict=False):
         for qs, q in queries:
@@ -580,7 +580,6 @@ def plot_by_size(table: pd.DataFrame, order: Sequence[str]):
                     tick_labels=list(order))  # fmt: skip
     axes[0].axhspan(*ALPHA_RANGE, color=style.GREEN, alpha=0.15, label="paper")
     axes[0].set_ylabel("exponent α")
-    axes[0].set_yscale("log")
     axes[1].boxplot([table[table.model == m].top1_share.to_numpy() for m in order],
                     tick_labels=list(order))  # fmt: skip
     axes[1].axhspan(*TOP1_RANGE, color=style.GREEN, alpha=0.15, label="paper")
