@@ -107,13 +107,16 @@ prompts = {qs: sc.queries(qs).prompt.iloc[0] for qs in SETS}
 fig = tails.plot_distributions(
     {qs: per_copy[(largest, qs)][0] for qs in SETS}, {qs: f"{qs} #0" for qs in SETS}
 )
-share_pos = np.mean([(per_copy[(largest, qs)][0] > 0).mean() for qs in SETS])
+first = [per_copy[(largest, qs)][0] for qs in SETS]
+share_pos = np.mean([(x > 0).mean() for x in first])
+spread = np.median([x.max() / np.median(np.abs(x)) for x in first])
 report.figure(
     fig,
     "distributions",
     caption=f"Per-copy influence of all {N:,} training sequences on the first query of each set "
-    f"({largest}), on a signed log scale: most sequences sit near zero on both sides "
-    f"({stats.format_share(share_pos)} positive on average), a few carry large positive values.",
+    f"({largest}), on a signed log scale: {stats.format_share(share_pos)} of the values are "
+    f"positive on average, and the largest is a median {stats.format_number(spread, 2)}× the "
+    "median absolute value.",
 )
 
 # %% [markdown]

@@ -305,7 +305,7 @@ report.metrics["relative_influence"] = (
 report.metrics["relative_influence_summary"] = tr_summary.round(4).to_dict(orient="records")
 report.metrics["trends"] = {"translation_relative": tr_trend, **own_trend}
 report.metrics["score_check"] = checks
-report.metrics["findings"] = pvh.to_dict(orient="records")
+report.metrics["paper_vs_here_rows"] = pvh.to_dict(orient="records")
 report.paper_vs_here = pvh_md
 report.save()
 Markdown(f"**In one line.** {here} Verdict: **{overall}**.")

@@ -298,7 +298,16 @@ table.summary th { background: #f3f4f6; }
        margin: .8rem 0; border-radius: 4px; }
 .reason { color: #555; font-size: .88em; }
 .meta { color: #666; font-size: .9em; }
+@media (max-width: 640px) {
+  table.summary { min-width: 0; }
+  table.summary thead { display: none; }
+  table.summary, table.summary tbody, table.summary tr, table.summary td { display: block; }
+  table.summary tr { border-bottom: 2px solid #bbb; padding: .4rem 0; }
+  table.summary td { border: none; padding: .15rem 0; }
+  table.summary td::before { content: attr(data-label) ": "; font-weight: 600; }
+}
 """
+INDEX_COLUMNS = ("notebook", "question", "the paper found", "we find", "verdict", "wall time")
 
 
 def headline_figure(report: dict[str, Any], reports_dir: Path) -> dict[str, Any] | None:
@@ -332,12 +341,20 @@ def index_page(entries: Sequence[dict[str, Any]], reports_dir: Path) -> str:
         cell = verdict_html(verdict) + (
             f'<div class="reason">{html.escape(reason)}</div>' if reason else ""
         )
+        cells = [
+            f'<a href="{nb}.html">{html.escape(nb)}</a>',
+            html.escape(summary.get("question") or entry.get("title", "")),
+            html.escape(summary.get("paper", "")),
+            html.escape(summary.get("here") or ""),
+            cell,
+            duration(wall),
+        ]
         rows.append(
-            f'<tr><td><a href="{nb}.html">{html.escape(nb)}</a></td>'
-            f"<td>{html.escape(summary.get('question') or entry.get('title', ''))}</td>"
-            f"<td>{html.escape(summary.get('paper', ''))}</td>"
-            f"<td>{html.escape(summary.get('here') or '')}</td>"
-            f"<td>{cell}</td><td>{duration(wall)}</td></tr>"
+            "<tr>"
+            + "".join(
+                f'<td data-label="{h}">{c}</td>' for h, c in zip(INDEX_COLUMNS, cells, strict=True)
+            )
+            + "</tr>"
         )
         fig = headline_figure(entry, reports_dir)
         img = ""
@@ -358,10 +375,10 @@ def index_page(entries: Sequence[dict[str, Any]], reports_dir: Path) -> str:
             f"{entry['seed']}, commit {commit}, wall time {duration(wall)}; "
             f'<a href="{nb}.json">metrics and provenance</a></p>\n</section>'
         )
+    head = "".join(f"<th>{h}</th>" for h in INDEX_COLUMNS)
     table = (
-        '<div class="table-wrap"><table class="summary"><thead><tr><th>notebook</th>'
-        "<th>question</th><th>the paper found</th><th>we find</th><th>verdict</th>"
-        f"<th>wall time</th></tr></thead><tbody>{''.join(rows)}</tbody></table></div>"
+        f'<div class="table-wrap"><table class="summary"><thead><tr>{head}</tr></thead>'
+        f"<tbody>{''.join(rows)}</tbody></table></div>"
     )
     return (
         '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'

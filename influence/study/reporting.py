@@ -38,9 +38,9 @@ from . import display as _display
 from . import style
 from .findings import MIXED, Finding, is_verdict, overall
 from .presets import check_preset
-from .run_context import COMMITTED_PRESET, RunContext, figure_dir, figures_root
+from .run_context import RunContext
 
-__all__ = ["COMMITTED_PRESET", "Report", "figure_dir", "figures_root"]
+__all__ = ["Report"]
 
 FIGURE_FORMATS = ("png", "svg")
 MAX_HERE_WORDS = 60
