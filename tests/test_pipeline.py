@@ -269,7 +269,8 @@ def test_report_page_is_readable(study):
     assert "&lt; 1e-4" in page and "3.0" not in text  # p formatted, integers as integers
     assert "Plumbing check" not in text  # default preset, no overrides
     index = (study / "reports" / "index.html").read_text()
-    assert "<td>it does</td>" in index and "value 2" in index and "mixed: 1 of 2 agree" in index
+    assert '<td data-label="the paper found">it does</td>' in index and "value 2" in index
+    assert "mixed: 1 of 2 agree" in index
     assert 'name="viewport"' in index and 'alt="A toy line that rises' in index
     assert index.index('class="summary"') < index.index("<img")  # the table comes first
 
@@ -433,7 +434,11 @@ def _published(reports: Path) -> tuple[str, int, str]:
     value = int(re.search(r"We find\.</b> value (\d+)", page).group(1))
     record = json.loads((reports / "00_toy.json").read_text())
     index = (reports / "index.html").read_text()
-    return value, record["value"], re.search(r"<td>value (\d+)</td>", index).group(1)
+    return (
+        value,
+        record["value"],
+        re.search(r'<td data-label="we find">value (\d+)</td>', index).group(1),
+    )
 
 
 def test_ctrl_c_right_after_the_page_is_renamed_is_finished_by_the_next_run(study, monkeypatch):
