@@ -214,6 +214,11 @@ def test_findings_follow_the_trends_with_negative_controls():
     mixed = np.where(np.arange(q)[:, None] % 2 == 0, steps, 4 - steps)
     f = A.findings(**_inputs(mixed, flat, np.full((q, 3), 0.7), np.ones((q, 3))))[0]
     assert f.verdict == "inconclusive" and "not significant" in f.reason
+    # no query with a positive influence among its BM25 candidates: no test, not a crash
+    inputs = _inputs(rising, falling, bm25, mx)
+    inputs["labeled_filtered"] = inputs["labeled"].iloc[:0]
+    empty = {f.name: f for f in A.findings(**inputs)}["meaning share, BM25 candidates"]
+    assert empty.verdict == "inconclusive" and "no test is possible" in empty.reason
 
 
 def test_share_trends_and_composition_table(fake):

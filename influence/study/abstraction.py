@@ -424,6 +424,8 @@ def findings(
 
     def trend_finding(name, claim, paper, values, expected, threshold, level, change,
                       base_rate=""):  # fmt: skip
+        if values.empty:  # e.g. no query with a positive influence among its candidates
+            values = pd.DataFrame(columns=list(params), dtype=float)
         tr = stats.size_trend(values, params, **boot)
         means = " → ".join(level(v) for v in tr.means.values())
         return judge(
