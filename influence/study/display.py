@@ -119,7 +119,11 @@ def table(
     for i, c in enumerate(df.columns):
         if c not in raw:
             escaped[i] = escaped[i].map(_html.escape)
-    escaped.columns = [_html.escape(header(c, headers)) for c in df.columns]
+    names: list[str] = []
+    for c in df.columns:  # two identifiers with the same words stay two columns
+        name = _html.escape(header(c, headers))
+        names.append(name if name not in names else f"{name} ({names.count(name) + 1})")
+    escaped.columns = names
     numeric = [
         h for h, c in zip(escaped.columns, df.columns, strict=True)
         if c not in raw and pd.api.types.is_numeric_dtype(df[c])
