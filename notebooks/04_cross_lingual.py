@@ -46,8 +46,8 @@ import pandas as pd
 from IPython.display import Markdown, display
 
 from influence.study import abstraction as A
+from influence.study import compat, stats
 from influence.study import cross_lingual as X
-from influence.study import relations as R
 from influence.study.influence_scores import study_scores
 from influence.study.parameters import notebook_config
 from influence.study.reporting import Report
@@ -111,7 +111,7 @@ for m in order:
         sub = frame[frame.model == m]
         if sub.empty:
             continue
-        mean, lo, hi = R.bootstrap_mean(sub["top_share"].to_numpy(), **boot)
+        mean, lo, hi = stats.bootstrap(sub["top_share"].to_numpy(), **boot)
         summary_rows.append(
             {"model": m, "params": params[m], "queries": label, "n": len(sub),
              "top_share": float(mean), "low": float(lo), "high": float(hi),
@@ -124,7 +124,7 @@ own_summary.round(4)
 
 # %%
 own_trend = {
-    what: A.paired_trend(cross.pivot(index="query", columns="model", values=col), small, large)
+    what: compat.paired_trend(cross.pivot(index="query", columns="model", values=col), small, large)
     for what, col in (
         ("top share", "top_share"),
         ("best rank", "best_rank"),
@@ -174,7 +174,7 @@ for m in order:
     sub = translated[translated.model == m].dropna(subset=["relative"]) if len(translated) else []
     if len(sub) == 0:
         continue
-    mean, lo, hi = R.bootstrap_mean(sub["relative"].to_numpy(), **boot)
+    mean, lo, hi = stats.bootstrap(sub["relative"].to_numpy(), **boot)
     tr_rows.append({"model": m, "params": params[m], "relative": float(mean), "low": float(lo),
                     "high": float(hi), "n": len(sub)})  # fmt: skip
 tr_summary = pd.DataFrame(tr_rows)
@@ -196,7 +196,7 @@ if len(tr_summary):
     ax.set_title("Top-10 same-language sequences, scored against translations", fontsize=9)
     report.savefig(fig, "translation_relative")
     plt.show()
-tr_trend = A.paired_trend(
+tr_trend = compat.paired_trend(
     translated.pivot_table(index=["query", "language"], columns="model", values="relative")
     if len(translated)
     else pd.DataFrame(columns=[small, large]),
@@ -218,8 +218,8 @@ print("translation queries per source language:",
 
 # %%
 cs = own_summary[own_summary.queries == "asked in another language"].set_index("model")
-v_rise, r_rise = A.verdict(tr_trend, "rises")
-v_share, r_share = A.verdict(own_trend["top share"], "rises")
+v_rise, r_rise = compat.verdict(tr_trend, "rises")
+v_share, r_share = compat.verdict(own_trend["top share"], "rises")
 if len(tr_summary):
     first = tr_summary.set_index("model").loc[small]
     near_zero = first.high < 0.1
@@ -267,11 +267,11 @@ pvh_md = "| finding | paper | here | verdict | reason |\n|---|---|---|---|---|\n
 Markdown(pvh_md)
 
 # %%
-overall = A.overall_verdict([v_zero, v_rise, v_share])
+overall = compat.overall_verdict([v_zero, v_rise, v_share])
 here = (
     f"Translations of a query keep {tr_trend['mean_small']:.2f} ({small}) → "
     f"{tr_trend['mean_large']:.2f} ({large}) of its influence on its top-{cfg['n_top']} "
-    f"sequences (paired: {A.trend_phrase(tr_trend['word'])}); a fact stated only in Y and "
+    f"sequences (paired: {compat.trend_phrase(tr_trend['word'])}); a fact stated only in Y and "
     f"asked in X has its own statements as {cs.top_share.get(small, float('nan')):.0%} → "
     f"{cs.top_share.get(large, float('nan')):.0%} of its top {cfg['k']}."
 )
@@ -305,7 +305,7 @@ report.metrics["relative_influence"] = (
 report.metrics["relative_influence_summary"] = tr_summary.round(4).to_dict(orient="records")
 report.metrics["trends"] = {"translation_relative": tr_trend, **own_trend}
 report.metrics["score_check"] = checks
-report.metrics["findings"] = pvh.to_dict(orient="records")
+report.metrics["paper_vs_here_rows"] = pvh.to_dict(orient="records")
 report.paper_vs_here = pvh_md
 report.save()
 Markdown(f"**In one line.** {here} Verdict: **{overall}**.")

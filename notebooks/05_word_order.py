@@ -44,6 +44,7 @@ import numpy as np
 import pandas as pd
 from IPython.display import HTML, Markdown
 
+from influence.study import compat, display, stats
 from influence.study import word_order as wo
 from influence.study.influence_scores import study_scores
 from influence.study.parameters import notebook_config
@@ -202,7 +203,7 @@ drop_any = (r_large.denominator <= 0 < r_large.numerator) or (r_large.ratio > 1 
 n_large = names.loc[large]
 
 sizes_ok = [m for m in models if prompt_first_best[m]]
-v1 = "agrees" if len(sizes_ok) == len(models) else "partly" if sizes_ok else "disagrees"
+v1 = "agrees" if len(sizes_ok) == len(models) else "inconclusive" if sizes_ok else "disagrees"
 r1 = (
     ""
     if v1 == "agrees"
@@ -211,7 +212,7 @@ r1 = (
         + ", ".join(f"{m}: {wo.GROUP_LABELS[table[m].idxmax()]}" for m in models)
     )
 )
-v2 = "agrees" if drop10 else "partly" if drop_any else "disagrees"
+v2 = "agrees" if drop10 else "inconclusive" if drop_any else "disagrees"
 r2 = "" if v2 == "agrees" else f"largest model: rewording/flipped = {ratio_text(large)}"
 if not np.isfinite(n_large.wilcoxon_p) or n_large.wilcoxon_p >= 0.05:
     v3, r3 = "agrees", ""
@@ -221,7 +222,7 @@ elif n_large.difference > 0:
         f"flipped sequences carry more than the names alone (Wilcoxon p = {n_large.wilcoxon_p:.2g})"
     )
 else:
-    v3 = "partly"
+    v3 = "inconclusive"
     r3 = f"flipped sequences carry less than the names alone (p = {n_large.wilcoxon_p:.2g})"
 rows = [
     (
@@ -252,19 +253,11 @@ if thin:
     thin_reason = f"only {n_facts} word-order facts at preset {preset!r}: too few to conclude"
     rows = [(f, h, "not comparable", thin_reason) for f, h, _, _ in rows]
 pvh = pd.DataFrame(rows, columns=["finding (paper)", "here", "verdict", "reason"])
-Markdown(wo.markdown_table(pvh))
+display.table(pvh)
 
 # %%
 verdicts = list(pvh.verdict)
-overall = (
-    "not comparable"
-    if thin
-    else "agrees"
-    if all(v == "agrees" for v in verdicts)
-    else "disagrees"
-    if all(v == "disagrees" for v in verdicts)
-    else "partly"
-)
+overall = "not comparable" if thin else compat.overall_verdict(verdicts)
 here = (
     f"{n_facts} facts × 6 groups, {len(models)} sizes. Largest model ({large}): rewording "
     f"{fmt(rw)} vs flipped {fmt(fl)} nats per copy, ratio {ratio_text(large)}; the "
@@ -324,7 +317,7 @@ Markdown(
 * **Which groups help.** The most influential group is
   {", ".join(f"{best[m]} ({m})" for m in models)}; the least influential
   {", ".join(f"{worst[m]} ({m})" for m in models)}. The mean rewording influence
-  {wo.direction(table.loc["rewording", models].to_numpy())} with model size
+  {stats.direction(table.loc["rewording", models].to_numpy())} with model size
   ({", ".join(fmt(table.loc["rewording", m]) for m in models)} nats per copy).
 * **Flipped.** Rewording/flipped per size:
   {"; ".join(f"{m} {ratio_text(m)}" for m in models)}.

@@ -43,6 +43,7 @@ import matplotlib.pyplot as plt
 import pandas as pd
 from IPython.display import Markdown
 
+from influence.study import compat, display, stats
 from influence.study import role_play as rp
 from influence.study.influence_scores import study_scores
 from influence.study.parameters import notebook_config
@@ -194,18 +195,19 @@ def share(m, cols, table=shares):
 
 def ci(m, cols, table=shares):
     v = table.loc[m][cols].sum(axis=1).to_numpy()
-    lo, hi = rp.bootstrap_ci(v, n_boot=cfg["n_boot"], seed=seed)
-    return f"{v.mean():.0%} [{lo:.0%}, {hi:.0%}]"
+    return stats.bootstrap(v, n_boot=cfg["n_boot"], seed=seed).format(stats.format_share)
 
 
 fe = ["fiction", "essay"]
 fe_corpus = float(corpus[fe].sum())
 fe_large = share(large, fe)
-fe_lo = rp.bootstrap_ci(shares.loc[large][fe].sum(axis=1).to_numpy(), cfg["n_boot"], seed=seed)[0]
+fe_lo = stats.bootstrap(
+    shares.loc[large][fe].sum(axis=1).to_numpy(), n_boot=cfg["n_boot"], seed=seed
+).low
 other_cats = [c for c in rp.CATEGORIES if c not in fe]
 dominant = fe_large > max(share(large, [c]) for c in other_cats)
 enriched = fe_lo > fe_corpus
-v1 = "agrees" if dominant and enriched else "partly" if enriched else "disagrees"
+v1 = "agrees" if dominant and enriched else "inconclusive" if enriched else "disagrees"
 top_cat_large = share_table[large].idxmax()
 r1 = (
     ""
@@ -220,7 +222,7 @@ dis_enriched_small = dis_small > float(corpus["distractor"])
 if d["direction"] == "falls" and dis_enriched_small and d["wilcoxon_p"] < 0.05:
     v2, r2 = "agrees", ""
 elif d["direction"] == "falls" and dis_enriched_small:
-    v2 = "partly"
+    v2 = "inconclusive"
     r2 = f"the fall is not significant over {d['queries']} queries (p = {d['wilcoxon_p']:.2g})"
 else:
     v2 = "disagrees"
@@ -232,7 +234,10 @@ t = trends["fiction + essay"]
 if t["direction"] == "rises" and t["wilcoxon_p"] < 0.05:
     v3, r3 = "agrees", ""
 elif t["direction"] == "rises":
-    v3, r3 = "partly", f"not significant over {t['queries']} queries (p = {t['wilcoxon_p']:.2g})"
+    v3, r3 = (
+        "inconclusive",
+        f"not significant over {t['queries']} queries (p = {t['wilcoxon_p']:.2g})",
+    )
 else:
     v3 = "disagrees"
     r3 = f"fiction + essay share {t['direction']} (p = {t['wilcoxon_p']:.2g})"
@@ -263,19 +268,11 @@ if thin:
     thin_reason = f"only {min(per_topic.values())} queries per topic at preset {preset!r}: too few"
     rows = [(f, h, "not comparable", thin_reason) for f, h, _, _ in rows]
 pvh = pd.DataFrame(rows, columns=["finding (paper)", "here", "verdict", "reason"])
-Markdown(rp.markdown_table(pvh))
+display.table(pvh)
 
 # %%
 verdicts = list(pvh.verdict)
-overall = (
-    "not comparable"
-    if thin
-    else "agrees"
-    if all(v == "agrees" for v in verdicts)
-    else "disagrees"
-    if all(v == "disagrees" for v in verdicts)
-    else "partly"
-)
+overall = "not comparable" if thin else compat.overall_verdict(verdicts)
 here = (
     f"{n_q} held-out queries, top-{k} positive influences. Largest model ({large}): "
     f"assistant {ci(large, ['assistant'])}, fiction + essay {ci(large, fe)}, distractors "
@@ -345,7 +342,7 @@ Markdown(
   dialogues still hold {", ".join(f"{m} {new_table.loc['assistant', m]:.0%}" for m in models)}.
 * **Fiction and essays** hold
   {", ".join(f"{m} {share(m, fe):.0%}" for m in models)} of the top-{k}
-  (corpus {fe_corpus:.1%}): the share {rp.direction([share(m, fe) for m in models])} with
+  (corpus {fe_corpus:.1%}): the share {stats.direction([share(m, fe) for m in models])} with
   model size.
 * **Distractors** (same key words, other meaning) hold
   {", ".join(f"{m} {share(m, ['distractor']):.0%}" for m in models)}.

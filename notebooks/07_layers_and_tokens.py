@@ -46,8 +46,10 @@ from IPython.display import HTML, Markdown, display
 from scipy import stats
 
 import influence as inf
+from influence.study import compat
 from influence.study import layers_and_tokens as lt
 from influence.study import relations as rel
+from influence.study import stats as study_stats
 from influence.study.influence_scores import study_scores
 from influence.study.parameters import notebook_config
 from influence.study.reporting import Report
@@ -142,7 +144,7 @@ plt.show()
 # %%
 cent = (
     centroid.groupby(["model", "query_set"])["centroid"]
-    .apply(lambda s: lt.fmt_ci(lt.bootstrap_mean(s, NB, seed)))
+    .apply(lambda s: study_stats.bootstrap(s.to_numpy(), n_boot=NB, seed=seed).format())
     .unstack("query_set")
     .reindex(columns=sets)
 )
@@ -284,9 +286,7 @@ print(paired.round(4).to_string())
 
 # %%
 with report.stage("tokens"):
-    task = inf.LanguageModelingTask(modules=st.config["modules"])
-    model = suite.models[big]
-    est = inf.EKFAC.load(st.paths[big] / "ekfac.safetensors", model, task)
+    task, model, est = st.task, st.model(big), st.estimator(big)
     n_q, n_s = cfg["token_queries"], cfg["token_sequences"]
     token_rows, checks, blocks = [], [], []
     for qs in sets:
@@ -378,7 +378,7 @@ rows = [
         "spread over layers",
         "roughly even",
         f"largest mean layer share / (1/L): {ratio_range} over sizes",
-        "agrees" if even_ok else "partly",
+        "agrees" if even_ok else "inconclusive",
         "" if even_ok else "some layer holds more than twice an even share",
     ),
     (
@@ -434,13 +434,7 @@ layers). Its largest mean layer share is {ev_big["max_mean_share"]:.2f} against 
 )
 
 # %%
-verdicts = [r[3] for r in rows[:3] if r[3] != "not comparable"]
-if not verdicts:
-    verdict_word = "not comparable"
-elif all(v == "agrees" for v in verdicts):
-    verdict_word = "agrees" if len(verdicts) == 3 else "partly"
-else:
-    verdict_word = "disagrees" if all(v == "disagrees" for v in verdicts) else "partly"
+verdict_word = compat.overall_verdict([r[3] for r in rows[:3]])
 reason = "; ".join(f"{r[0]}: {r[4]}" for r in rows[:3] if r[3] != "agrees")
 here = (
     f"At {big}: largest layer share {ev_big['max_over_uniform']:.1f}× an even share; "

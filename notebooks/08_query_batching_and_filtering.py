@@ -52,8 +52,10 @@ from IPython.display import Markdown
 from scipy import stats
 
 import influence as inf
+from influence.study import compat
 from influence.study import layers_and_tokens as lt
 from influence.study import query_batching as qb
+from influence.study import stats as study_stats
 from influence.study.influence_scores import study_scores
 from influence.study.parameters import notebook_config
 from influence.study.reporting import Report
@@ -99,7 +101,7 @@ print(
     qrows.query_set.value_counts().to_dict(),
 )
 rank_list = [*cfg["ranks"], None]
-task = inf.LanguageModelingTask(modules=st.config["modules"])
+task = st.task
 sweeps, agree = {}, []
 swept = list(cfg["sweep_sizes"] or st.models)
 unknown = [m for m in swept if m not in st.models]
@@ -107,8 +109,7 @@ if unknown:
     raise ValueError(f"sweep_sizes {unknown} are not sizes of the scores stage {st.models}")
 with report.stage("rank_sweep"):
     for m in swept:
-        model = suite.models[m]
-        est = inf.EKFAC.load(st.paths[m] / "ekfac.safetensors", model, task)
+        model, est = st.model(m), st.estimator(m)
         res = qb.rank_sweep(
             model,
             task,
@@ -279,7 +280,7 @@ for m in st.models:
                 "model": m,
                 "m": mm,
                 "fraction": mm / N,
-                "recall": lt.fmt_ci(lt.bootstrap_mean(c["all"], NB, seed)),
+                "recall": study_stats.bootstrap(c["all"], n_boot=NB, seed=seed).format(),
                 "queries with both": len(both),
                 "shares − not": float(d.mean()) if len(d) else float("nan"),
                 "p": float(stats.wilcoxon(nz).pvalue) if len(nz) >= 6 else float("nan"),
@@ -295,7 +296,7 @@ print(bias.round(4).to_string(index=False))
 r32 = agree[(agree["rank"] == 32)].set_index("model")
 p32 = ", ".join(f"{m} {r32.loc[m, 'pearson']:.4f}" for m in swept)
 exact32 = bool(r32["exact_rank"].all())
-r_trend = lt.direction([float(r32.loc[m, "pearson"]) for m in swept], tol=1e-4)
+r_trend = study_stats.direction([float(r32.loc[m, "pearson"]) for m in swept], tol=1e-4)
 ok32 = bool(r32["pearson"].min() >= 0.99)
 lowest = agree[agree["rank"] == cfg["ranks"][0]].set_index("model")["pearson"]
 b_big = bias[(bias.model == big)]
@@ -329,7 +330,7 @@ rows = [
         "stored query size at rank 32",
         "much smaller than full",
         f"{swept[-1]}: {mem_32:.2f} MB vs {mem_full:.2f} MB full",
-        "agrees" if mem_32 < mem_full else "partly",
+        "agrees" if mem_32 < mem_full else "inconclusive",
         "" if mem_32 < mem_full else "rank 32 is not smaller than the full matrices here",
     ),
     (
@@ -371,15 +372,7 @@ BM25 for all {len(qall)} queries took {bm25_s:.2f} s.
 
 # %%
 main = [r for r in rows if r[3] != "not comparable"]
-verdict_word = (
-    "agrees"
-    if main and all(r[3] == "agrees" for r in main)
-    else "not comparable"
-    if not main
-    else "disagrees"
-    if all(r[3] == "disagrees" for r in main)
-    else "partly"
-)
+verdict_word = compat.overall_verdict([r[3] for r in main])
 reason = "; ".join(f"{r[0]}: {r[4]}" for r in rows if r[3] != "agrees")
 here = (
     f"Rank-32 vs full Pearson {p32}; BM25 recall of the true top-{TOP} at "

@@ -1,10 +1,13 @@
-"""Test settings: one intra-op thread.
+"""Test settings: the study's one thread count (`influence.study.run_context.THREADS`).
 
-The tests use tiny float64 models, for which thread synchronisation costs more than it saves
-(measured: the estimator tests run ~10x faster on one thread when the machine is busy), and
-one thread makes results independent of the machine's core count.
+Floating-point sums depend on the number of threads that split them (README, "Determinism"),
+so the tests compute with the same intra-op thread count as every pipeline run and notebook.
+The tests' tiny float64 models also run faster on one thread than on a busy machine's many
+(measured ~10x for the estimator tests).
 """
 
 import torch
 
-torch.set_num_threads(1)
+from influence.study.run_context import THREADS
+
+torch.set_num_threads(THREADS)

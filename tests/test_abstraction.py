@@ -148,30 +148,110 @@ def test_max_per_copy_and_top_texts(fake):
     assert t.loc[1, "l"].startswith("Zor rules Ast  [same fact, other words, 0.5]")
 
 
-def test_paired_trend_and_verdicts():
-    up = pd.DataFrame({"a": np.zeros(10), "b": np.linspace(0.1, 1.0, 10)})
-    t = A.paired_trend(up, "a", "b")
-    # exact Wilcoxon, n = 10, all positive: two-sided p = 2 / 2**10
-    assert t["word"] == "rises" and t["p"] == pytest.approx(2 / 1024)
-    assert (t["rises"], t["falls"], t["ties"]) == (10, 0, 0)
-    assert A.verdict(t, "rises") == ("agrees", "")
-    assert A.verdict(t, "falls")[0] == "disagrees"
-    few = A.paired_trend(up.iloc[:5], "a", "b")
-    assert few["word"] == "too few queries" and np.isnan(few["p"])
-    assert A.verdict(few, "rises")[0] == "not comparable"
-    mixed = pd.DataFrame({"a": np.zeros(8), "b": [1, -1, 2, -2, 3, -3, 0.5, 0.0]})
-    m = A.paired_trend(mixed, "a", "b")
-    assert m["word"] == "no clear change" and m["ties"] == 1
-    assert A.verdict(m, "rises")[0] == "partly"  # mean +0.0625 > 0, p large
-    assert A.overall_verdict(["agrees", "not comparable"]) == "agrees"
-    assert A.overall_verdict(["agrees", "disagrees"]) == "partly"
-    assert A.overall_verdict(["not comparable"]) == "not comparable"
+PARAMS = {"xs": 1_000, "s": 10_000, "l": 100_000}
 
 
-def test_direction_and_jaccard():
-    assert A.direction([1, 2, 3]) == "rises with every size"
-    assert A.direction([3, 2, 2, 1]) == "falls with every size"
-    assert A.direction([1, 3, 2]) == "rises overall, not monotonically"
+def _labeled(meaning: np.ndarray, surface: np.ndarray, k: int = 10) -> pd.DataFrame:
+    """Top-k rows of fact queries: meaning[q, m] of a query's k rows state the same fact in
+    other words, surface[q, m] share a name, the rest are unrelated (q queries × 3 sizes)."""
+    rows = []
+    for q in range(meaning.shape[0]):
+        for j, m in enumerate(PARAMS):
+            a, b = int(meaning[q, j]), int(surface[q, j])
+            rels = [R.OTHER_WORDS] * a + [R.SHARES_NAME] * b + [R.UNRELATED] * (k - a - b)
+            rows += [{"query_type": "facts", "query": q, "model": m, "relation": r} for r in rels]
+    return pd.DataFrame(rows)
+
+
+def _inputs(meaning, surface, bm25, max_copy):
+    q = meaning.shape[0]
+    lab = _labeled(meaning, surface)
+    overlap = pd.DataFrame(
+        [{"query_type": "facts", "query": i, "model": m, "bm25_pct": bm25[i, j]}
+         for i in range(q) for j, m in enumerate(PARAMS)]
+    )  # fmt: skip
+    mx = overlap.rename(columns={"bm25_pct": "max_per_copy"}).assign(
+        max_per_copy=[max_copy[i, j] for i in range(q) for j in range(len(PARAMS))]
+    )
+    base = pd.DataFrame(
+        [{"query_type": "facts", "query": i, "category": c, "base_rate": r}
+         for i in range(q) for c, r in ((R.OTHER_WORDS, 0.01), (R.SHARES_NAME, 0.05),
+                                        (R.SAME_RELATION, 0.1))]
+    )  # fmt: skip
+    return {"labeled": lab, "labeled_filtered": lab, "overlap": overlap, "max_copy": mx,
+            "params": PARAMS, "base": base}  # fmt: skip
+
+
+def test_findings_follow_the_trends_with_negative_controls():
+    q = 12
+    rng = np.random.default_rng(0)
+    steps = np.array([0, 2, 4])  # per-query counts of the top 10 at xs, s, l
+    noise = rng.integers(0, 2, size=(q, 1))
+    rising = noise + steps  # meaning rises by 4 of 10 over two decades
+    falling = np.tile(5 - steps, (q, 1))  # surface falls
+    bm25 = 0.9 - 0.05 * steps - rng.uniform(0, 0.01, (q, 3))
+    mx = 10.0 ** (1 - 0.5 * steps - rng.uniform(0, 0.1, (q, 3)))
+    found = {f.name: f for f in A.findings(**_inputs(rising, falling, bm25, mx))}
+    assert set(found) == {"meaning share", "meaning share, BM25 candidates", "surface share",
+                          "token overlap", "largest influence"}  # fmt: skip
+    for f in found.values():
+        assert f.verdict == "agrees", (f.name, f.reason)
+    assert found["meaning share"].base_rate == "1%"
+    assert found["surface share"].base_rate == "15%"  # shares a name + same relation
+    assert found["meaning share"].estimate == pytest.approx(0.4)  # +40 points across the suite
+    assert "p = 0.00049" in found["meaning share"].test  # 2 / 2**12, all slopes positive
+    # negative control: the opposite trends disagree
+    opposite = {f.name: f for f in A.findings(**_inputs(falling, rising, bm25[:, ::-1],
+                                                         mx[:, ::-1]))}  # fmt: skip
+    for f in opposite.values():
+        assert f.verdict == "disagrees", (f.name, f.reason)
+    # negative control: no change with size is inconclusive
+    flat = np.full((q, 3), 3)
+    none = A.findings(**_inputs(flat, flat, np.full((q, 3), 0.7), np.ones((q, 3))))
+    assert {f.verdict for f in none} == {"inconclusive"}
+    assert "no test is possible" in none[0].reason
+    # half the queries rise and half fall by the same amount: not significant
+    mixed = np.where(np.arange(q)[:, None] % 2 == 0, steps, 4 - steps)
+    f = A.findings(**_inputs(mixed, flat, np.full((q, 3), 0.7), np.ones((q, 3))))[0]
+    assert f.verdict == "inconclusive" and "not significant" in f.reason
+    # no query with a positive influence among its BM25 candidates: no test, not a crash
+    inputs = _inputs(rising, falling, bm25, mx)
+    inputs["labeled_filtered"] = inputs["labeled"].iloc[:0]
+    empty = {f.name: f for f in A.findings(**inputs)}["meaning share, BM25 candidates"]
+    assert empty.verdict == "inconclusive" and "no test is possible" in empty.reason
+
+
+def test_share_trends_and_composition_table(fake):
+    lab = A.labeled_top_k(fake, k=2)
+    base = A.corpus_composition(fake)
+    facts = base[base.query_type == "facts"].set_index("category")["base_rate"]
+    # the fact query against the 6 training rows: 1 seen text, 1 other words, 1 shares a name,
+    # 1 same relation, 2 unrelated (the math rows)
+    assert facts[R.SAME_WORDS] == pytest.approx(1 / 6)
+    assert facts[R.UNRELATED] == pytest.approx(2 / 6)
+    comp = A.composition_by_type(lab, n_boot=20)
+    table = A.composition_table(comp, base, ["xs", "l"])
+    row = table[(table.query_type == "facts") & (table.category == R.OTHER_WORDS)].iloc[0]
+    assert row["corpus"] == "17%" and row["xs"] == "0%" and row["l"] == "50%"
+    trends = A.share_trends(lab, {"xs": 1000, "l": 8000}, n_boot=20)
+    meaning = trends[(trends.query_type == "facts") & (trends.share_of == "meaning")].iloc[0]
+    assert meaning["xs"] == 0.0 and meaning["l"] == 0.5 and meaning["queries"] == 1
+
+
+def test_bm25_candidates_restrict_the_ranking(fake):
+    bm25 = {"facts": np.array([[0.0, 5.0, 4.0, 0.0, 0.0, 0.0]]),
+            "math": np.array([[0.0, 0.0, 0.0, 0.0, 1.0, 2.0]])}  # fmt: skip
+    cands = A.bm25_candidates(bm25, 2 / 6)  # keep 2 of 6 sequences per query
+    assert cands["facts"].tolist() == [[False, True, True, False, False, False]]
+    lab = A.labeled_top_k(fake, 2, query_sets=("facts",), candidates=cands)
+    top = lab[lab.model == "l"].sort_values("rank")
+    # at l the fact query's top score is row 1 (3.0); row 2 is negative, so only one is kept
+    assert top.train_id.tolist() == [1] and top.relation.tolist() == [R.OTHER_WORDS]
+    xs = lab[lab.model == "xs"].sort_values("rank")
+    assert xs.train_id.tolist() == [2]  # row 0 (3.0) is not a candidate
+
+
+def test_jaccard_and_query_types():
     assert A.jaccard({1, 2}, {2, 3}) == pytest.approx(1 / 3)
     assert A.jaccard(set(), set()) == 0.0
     with pytest.raises(ValueError, match="query_set must be one of"):

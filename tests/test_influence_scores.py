@@ -173,3 +173,31 @@ def test_unknown_names_fail_at_once_listing_valid_ones(env):
         sc.scores("t", "facts", layers=["nope"])
     with pytest.raises(ValueError, match="unknown parameter"):
         IS.study_scores(suite, "smoke", progress=False, rank=3)
+
+
+def test_fitted_estimator_and_self_influence_come_from_the_stage(env, monkeypatch):
+    """`estimator(size)` loads the stage's EK-FAC (scores equal the stage's); the stage's
+    model copy leaves the suite's model as it was; `self_influence` is the diagonal of the
+    training set scored against itself, cached."""
+    suite, sc = env
+    net, est = sc.model("t"), sc.estimator("t")
+    assert next(net.parameters()).dtype == torch.float64  # the stage's dtype
+    assert next(suite.models["t"].parameters()).dtype == torch.float32  # suite untouched
+    q = query_dataset(suite.tokenizer, suite.corpus.queries["facts"].select(sc.selected["facts"]))
+    train = train_dataset(suite, suite.corpus)
+    again = inf.pairwise_scores(net, sc.task, est, q, train, progress=False)
+    ref = sc.scores("t", "facts")
+    torch.testing.assert_close(again, ref, rtol=1e-9, atol=1e-9 * ref.abs().max().item())
+    si = sc.self_influence("t")
+    assert si.shape == (len(suite.corpus.train),) and (si > 0).all()
+    first = train.select(range(5))
+    diag = inf.pairwise_scores(net, sc.task, est, first, first, progress=False).diagonal()
+    torch.testing.assert_close(si[:5], diag, rtol=1e-9, atol=1e-12)
+
+    def boom(*a, **k):
+        raise AssertionError("recomputed a cached self-influence")
+
+    monkeypatch.setattr(inf, "self_scores", boom)
+    assert torch.equal(sc.self_influence("t"), si)
+    with pytest.raises(ValueError, match=r"unknown model size \['xl'\]"):
+        sc.estimator("xl")

@@ -98,14 +98,6 @@ def test_share_table_centroid_evenness_and_restriction():
     assert share.loc[("m", "upper", "math", 0)] == 1.0
 
 
-def test_statistics_helpers():
-    m, lo, hi = lt.bootstrap_mean([1.0, 2.0, 3.0, 4.0], n_boot=500, seed=0)
-    assert m == 2.5 and 1.0 <= lo < 2.5 < hi <= 4.0
-    assert np.isnan(lt.bootstrap_mean([1.0])[1])
-    assert lt.direction([1, 2, 3]) == "rises" and lt.direction([3, 2, 2]) == "falls"
-    assert lt.direction([1, 3, 2]) == "not monotone" and lt.direction([1]) == "too few points"
-
-
 def test_token_html_colours_and_escapes():
     h = lt.token_html(["<a>", " b"], [1.0, -1.0], scale=1.0)
     assert "&lt;a&gt;" in h and h.count("<span") == 2

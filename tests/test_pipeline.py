@@ -10,7 +10,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from influence.study import pipeline
+from influence.study import bookkeeping, pipeline, rendering
 
 GOOD = """\
 # %% [markdown]
@@ -28,8 +28,12 @@ import sys
 
 import matplotlib.pyplot as plt
 
+import pandas as pd
+
+from influence.study.findings import judge
 from influence.study.parameters import notebook_config
 from influence.study.reporting import Report
+from influence.study.stats import Interval, Test
 
 notebook_config("00_toy", globals())  # checks preset, device, seed and injected names
 cfg = {"scale": 2 if scale is None else scale}
@@ -42,20 +46,24 @@ print("a warning the reader must not see", file=sys.stderr)
 # %%
 with report.stage("compute"):
     value = cfg["scale"] * (seed + 1)
-fig, ax = plt.subplots()
+fig, ax = plt.subplots(figsize=(4, 3))
 ax.plot([0, 1], [0, value])
-report.savefig(fig, "headline")
-plt.show()
+report.figure(fig, "headline", caption="A toy line that rises to the value.")
+report.table(pd.DataFrame({"query_set": ["a"], "p": [1e-7], "n": [3.0]}), caption="A toy table.")
 report.metrics["value"] = value
-report.summarize(
+found = [
+    judge("toy rise", "the toy rises", "rises", effect=Interval(value, value - 1, value + 1),
+          test=Test("toy test", 0.01, 10), expected=+1, threshold=1, what="the rise"),
+    judge("toy fall", "the toy falls", "falls", effect=Interval(0.1, -1, 1),
+          test=Test("toy test", 0.5, 10), expected=-1, threshold=1, what="the fall"),
+]
+report.conclude(
     question="Does the pipeline work?",
     paper="it does",
     here=f"value {value}",
-    verdict="partly",
-    reason="a toy",
+    findings=found,
     reference="§0",
 )
-report.paper_vs_here = f"paper: 1; here: {value}"
 report.save()
 
 # %% [markdown]
@@ -104,13 +112,18 @@ def test_run_renders_reports_then_a_failure_names_notebook_and_cell(study, capsy
     assert pipeline.main(["--preset", "default", "--seed", "1", "-p", "scale=3"]) == 0
     reports = study / "reports"
     html = (reports / "00_toy.html").read_text()
-    assert "value = 6" in html  # the injected parameters reached the kernel
+    assert "value 6" in html  # the injected parameters reached the kernel
     report = json.loads((reports / "00_toy.json").read_text())
     assert report["value"] == 6 and report["metrics"] == ["value"]
     assert report["params"] == {"scale": 3}
     assert report["parameters"] == {"preset": "default", "device": "cpu", "seed": 1, "scale": 3}
-    assert report["paper_vs_here"] == "paper: 1; here: 6"
+    assert report["threads"] == 1
     assert report["title"] == "Toy question: does the pipeline work?"
+    # findings: claim, verdict, p or ci; the notebook's verdict follows from them
+    assert [f["verdict"] for f in report["findings"]] == ["agrees", "inconclusive"]
+    assert all({"claim", "verdict", "p", "ci", "reason"} <= set(f) for f in report["findings"])
+    assert report["summary"]["verdict"] == "mixed: 1 of 2 agree"
+    assert report["figures"]["headline"]["caption"] == "A toy line that rises to the value."
     assert set(report["wall_time_s"]["stages"]) == {"compute"}
     assert report["wall_time_s"]["total"] > 0
     prov = report["provenance"]
@@ -123,6 +136,7 @@ def test_run_renders_reports_then_a_failure_names_notebook_and_cell(study, capsy
     assert 'href="00_toy.html"' in index
     assert "../figures/00_toy/headline.png" in index
     assert "value 6" in index and "it does" in index
+    assert not list(study.rglob(".*.new")) and not (reports / ".publish.json").exists()
     (run,) = (study / "artifacts" / "runs" / "default").iterdir()  # this run's own folder
     assert run.name == report["run_id"]
     executed = nbformat.read(run / "00_toy.ipynb", 4)
@@ -150,9 +164,15 @@ def test_other_presets_never_write_committed_reports(study):
     assert not (study / "figures").exists()
     out = study / "artifacts" / "reports" / "smoke"
     assert {"00_toy.html", "00_toy.json", "index.html"} <= {p.name for p in out.iterdir()}
-    assert "scale = None" not in (out / "00_toy.html").read_text()
+    page = (out / "00_toy.html").read_text()
+    assert "scale = None" not in page
     assert (study / "artifacts" / "figures" / "smoke" / "00_toy" / "headline.png").is_file()
-    assert "../../figures/smoke/00_toy/headline.png" in (out / "index.html").read_text()
+    index = (out / "index.html").read_text()
+    assert "../../figures/smoke/00_toy/headline.png" in index
+    # a plumbing check, said on every page and the index, verdicts greyed
+    for html in (page, index):
+        assert "Plumbing check at the smoke preset, not findings" in html
+        assert re.search(r'<body class="[^"]*plumbing', html)
 
 
 def test_unknown_parameter_fails_at_once_listing_valid_ones(study, capsys):
@@ -219,7 +239,7 @@ def test_report_page_is_readable(study):
     assert page.count("<h1>") == 1  # the header's, not the notebook's copy
     # every code cell folded away (a <details> per input, closed), no prompts
     code_cells = len(re.findall(r'class="jp-Cell jp-CodeCell', page))
-    assert code_cells == 3 and page.count('<details class="report-code">') == code_cells
+    assert code_cells == 2 and page.count('<details class="report-code">') == code_cells
     assert "<details open" not in page and "In&nbsp;[" not in page
     text = _visible_text(page)
     assert page.count("a warning the reader must not see") == 1  # in the folded code only
@@ -231,9 +251,27 @@ def test_report_page_is_readable(study):
     assert '<a href="index.html">' in page and '<a href="01_next.html">' in page
     toc = re.search(r'<nav class="report-toc">(.*?)</nav>', page, re.S).group(1)
     assert "The figure" in toc and "The number" in toc
+    assert "value = " not in page  # the nbval check cell is a test fixture, not on the page
     assert "show all code" in page
+    # the answer first: question, the paper (linked), ours, the verdict, the findings table
+    order = [text.index(s) for s in ("Question.", "The paper found.", "We find.", "Verdict:")]
+    assert order == sorted(order) and order[-1] < text.index("the toy rises")
+    assert text.index("the toy falls") < text.index("Reproduce this page")
+    assert 'href="https://arxiv.org/abs/2308.03296"' in page
+    assert "make reproduce ONLY=00_toy PRESET=default" in text
+    assert ".venv/bin/papermill notebooks/00_toy.ipynb out.ipynb -p preset default" in text
+    assert 'name="viewport"' in page
+    # figures numbered, captioned, alt text from the caption; tables as HTML, numbered
+    assert "Figure 1." in text and "A toy line that rises to the value." in text
+    assert re.search(r'<img[^>]+alt="Figure 1\. A toy line', page)
+    assert "No description has been provided" not in page
+    assert "Table 1. A toy table." in text and 'class="study-table"' in page
+    assert "&lt; 1e-4" in page and "3.0" not in text  # p formatted, integers as integers
+    assert "Plumbing check" not in text  # default preset, no overrides
     index = (study / "reports" / "index.html").read_text()
-    assert "<td>it does</td>" in index and "value 2" in index and "partly" in index
+    assert '<td data-label="the paper found">it does</td>' in index and "value 2" in index
+    assert "mixed: 1 of 2 agree" in index
+    assert 'name="viewport"' in index and 'alt="A toy line that rises' in index
     assert index.index('class="summary"') < index.index("<img")  # the table comes first
 
 
@@ -268,25 +306,27 @@ def test_bad_device_fails_before_anything_runs(study, capsys):
 def test_provenance_is_dirty_only_for_changed_sources(monkeypatch):
     """The reports, figures and README table the pipeline writes do not make a run dirty."""
     status = {"value": " M reports/01.html\n M figures/a.png\n M README.md\n"}
-    monkeypatch.setattr(pipeline, "_git", lambda *a: status["value"] if a[0] == "status" else "abc")
-    assert pipeline.provenance("cpu")["git_dirty"] is False
+    monkeypatch.setattr(
+        bookkeeping, "git", lambda *a: status["value"] if a[0] == "status" else "abc"
+    )
+    assert bookkeeping.provenance("cpu")["git_dirty"] is False
     status["value"] += " M influence/scores.py\n"
-    assert pipeline.provenance("cpu")["git_dirty"] is True
+    assert bookkeeping.provenance("cpu")["git_dirty"] is True
 
 
 def test_committed_reports_need_a_clean_tree():
-    pipeline.check_clean_tree("")
-    pipeline.check_clean_tree(" M reports/01.html\n M figures/a.png\n M README.md\n")
+    bookkeeping.check_clean_tree("")
+    bookkeeping.check_clean_tree(" M reports/01.html\n M figures/a.png\n M README.md\n")
     with pytest.raises(pipeline.PipelineError, match="clean tree.*influence/x.py"):
-        pipeline.check_clean_tree(" M influence/x.py\n M reports/01.html\n")
+        bookkeeping.check_clean_tree(" M influence/x.py\n M reports/01.html\n")
 
 
 def test_a_second_run_on_the_same_reports_is_refused(study):
-    with pipeline.reports_lock(study / "reports", "first"):
+    with bookkeeping.reports_lock(study / "reports", "first"):
         with pytest.raises(pipeline.PipelineError, match="another pipeline run.*first"):
-            with pipeline.reports_lock(study / "reports", "second"):
+            with bookkeeping.reports_lock(study / "reports", "second"):
                 pass
-    with pipeline.reports_lock(study / "reports", "third"):  # released after the first
+    with bookkeeping.reports_lock(study / "reports", "third"):  # released after the first
         pass
 
 
@@ -300,8 +340,8 @@ def test_findings_table_in_readme_matches_the_reports():
     """Every number of the README's findings comes from the committed reports' JSON."""
     root = Path(__file__).resolve().parents[1]
     readme = (root / "README.md").read_text()
-    assert pipeline.FINDINGS_START in readme
-    assert pipeline.findings_table(root / "reports") in readme
+    assert rendering.FINDINGS_START in readme
+    assert rendering.findings_table(rendering.read_reports(root / "reports")) in readme
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -386,3 +426,144 @@ def test_every_papermill_command_of_the_readme_is_valid(tmp_path, monkeypatch):
             if isinstance(value, dict):
                 assert all(cfg[name][k] == v for k, v in value.items()), line
     assert papermill  # imported for its CLI's side effects (engines registered)
+
+
+def _published(reports: Path) -> tuple[str, int, str]:
+    """(the page's "We find" value, the JSON's value, the index's row) of the toy notebook."""
+    page = (reports / "00_toy.html").read_text()
+    value = int(re.search(r"We find\.</b> value (\d+)", page).group(1))
+    record = json.loads((reports / "00_toy.json").read_text())
+    index = (reports / "index.html").read_text()
+    return (
+        value,
+        record["value"],
+        re.search(r'<td data-label="we find">value (\d+)</td>', index).group(1),
+    )
+
+
+def test_ctrl_c_right_after_the_page_is_renamed_is_finished_by_the_next_run(study, monkeypatch):
+    """A notebook's page, JSON, index and figures are replaced together or not at all."""
+    assert pipeline.main(["--preset", "default", "-p", "scale=2"]) == 0
+    reports = study / "reports"
+    assert _published(reports) == (2, 2, "2")
+    real_replace = bookkeeping.os.replace
+    calls = []
+
+    def interrupted(src, dst):
+        real_replace(src, dst)
+        calls.append(dst)
+        if str(dst).endswith("00_toy.html"):
+            raise KeyboardInterrupt  # Ctrl-C right after the page is renamed into place
+
+    monkeypatch.setattr(bookkeeping.os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.main(["--preset", "default", "-p", "scale=5"])
+    monkeypatch.setattr(bookkeeping.os, "replace", real_replace)
+    assert (reports / ".publish.json").exists()  # the journal says: finish this
+    assert _published(reports)[:2] == (5, 2)  # new page, old JSON: the state to repair
+    # the next run (here: a dry run does not touch reports; a real one does) finishes it first
+    assert bookkeeping.recover(reports).startswith("finished publishing run")
+    assert _published(reports) == (5, 5, "5")
+    assert not (reports / ".publish.json").exists() and not list(study.rglob(".*.new"))
+    assert not list(study.rglob(".*.old"))
+
+
+def test_an_interrupted_notebook_publishes_nothing(study, monkeypatch):
+    assert pipeline.main(["--preset", "default"]) == 0
+    reports = study / "reports"
+    before = {p.name: p.read_bytes() for p in reports.iterdir() if p.name != ".lock"}
+    figures = {p.name: p.read_bytes() for p in (study / "figures" / "00_toy").iterdir()}
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("papermill.execute_notebook", killed)
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.main(["--preset", "default", "-p", "scale=9"])
+    after = {p.name: p.read_bytes() for p in reports.iterdir() if p.name != ".lock"}
+    assert after == before
+    assert {p.name: p.read_bytes() for p in (study / "figures" / "00_toy").iterdir()} == figures
+    assert not list(study.rglob(".*.new")) and not (reports / ".publish.json").exists()
+
+
+def test_a_run_killed_while_staging_is_rolled_back(tmp_path):
+    reports = tmp_path / "reports"
+    reports.mkdir()
+    (reports / "01.html").write_text("old")
+    pub = bookkeeping.Publication(reports, "run1")
+    staged = pub.stage(reports / "01.html")
+    folder = pub.stage(tmp_path / "figures" / "01")
+    pub.begin()
+    staged.write_text("new, half written")
+    folder.mkdir(parents=True)
+    # the process dies here (kill -9): no commit, no abort
+    assert bookkeeping.recover(reports).startswith("rolled back")
+    assert (reports / "01.html").read_text() == "old"
+    assert not staged.exists() and not folder.exists()
+    assert bookkeeping.recover(reports) is None
+
+
+def test_an_unreadable_report_record_stops_the_index_naming_it(study, capsys):
+    (study / "notebooks" / "01_next.py").write_text(GOOD.replace("00_toy", "01_next"))
+    assert pipeline.main(["--preset", "default", "--only", "00"]) == 0
+    reports = study / "reports"
+    (reports / "00_toy.json").write_text('{"notebook": "00_toy", "summ')  # truncated
+    capsys.readouterr()
+    assert pipeline.main(["--preset", "default", "--only", "01"]) == 1
+    err = capsys.readouterr().err
+    assert "00_toy.json cannot be read" in err and "would drop that notebook" in err
+    assert not (reports / "01_next.html").exists()  # nothing of 01 published either
+    assert "01_next" not in (reports / "index.html").read_text()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--seed", "-1"], "seed must be a non-negative integer, got -1"),
+        (["--only", "02", "-p", "tail_share=0"], "tail_share must be a number in (0, 1)"),
+        (["--only", "02", "-p", "top_k=0"], "top_k must be an integer ≥ 1"),
+        (["--only", "02", "-p", "bootstrap=0"], "bootstrap must be an integer ≥ 1"),
+        (["--only", "02", "-p", "min_tail=-5"], "min_tail must be an integer ≥ 1"),
+        (["--only", "03", "-p", "k=[10, 0]"], "every element of k must be an integer ≥ 1"),
+        (["--only", "06", "-p", "n_boot=0"], "n_boot must be an integer ≥ 1"),
+    ],
+)
+def test_the_dry_run_checks_value_ranges_of_the_real_notebooks(args, message, capsys):
+    assert pipeline.main(["--preset", "smoke", *args, "--dry-run"]) == 1
+    assert message in capsys.readouterr().err
+
+
+def test_a_seed_that_is_no_integer_fails_with_a_sentence(capsys):
+    with pytest.raises(SystemExit):
+        pipeline.main(["--seed", "1.5", "--dry-run"])
+    assert "seed must be a non-negative integer, got '1.5'" in capsys.readouterr().err
+    from influence.study.parameters import check_seed
+
+    with pytest.raises(ValueError, match="seed must be a non-negative integer, got 1.5"):
+        check_seed(1.5)
+
+
+@pytest.mark.parametrize(
+    ("parameters", "message"),
+    [
+        ({"tail_shar": 0.3}, "unknown parameter(s) ['tail_shar']"),
+        ({"tail_share": 0}, "tail_share must be a number in (0, 1)"),
+    ],
+)
+def test_notebook_02_by_hand_refuses_bad_parameters_before_any_work(parameters, message, tmp_path):
+    """`papermill notebooks/02_sparsity_and_tails.ipynb out.ipynb -p tail_shar 0.3` (and
+    `-p tail_share 0`) fail in the first cell after the imports, naming the parameter."""
+    import papermill
+
+    with pytest.raises(papermill.PapermillExecutionError) as err:
+        papermill.execute_notebook(
+            str(ROOT / "notebooks" / "02_sparsity_and_tails.ipynb"),
+            str(tmp_path / "out.ipynb"),
+            parameters=parameters,
+            kernel_name="python3",
+            language="python",
+            progress_bar=False,
+            cwd=str(ROOT / "notebooks"),
+        )
+    assert message in str(err.value)
+    assert err.value.exec_count == 3  # parameters, injected parameters, then notebook_config

@@ -73,3 +73,24 @@ def test_every_section_defines_every_preset_with_the_same_names(name):
     assert keys["smoke"] == keys["default"] == keys["large"], (
         f"section {name!r}: a parameter valid at one preset must be valid at all: {keys}"
     )
+
+
+@pytest.mark.parametrize("name", sorted(presets.SECTIONS))
+def test_every_preset_value_is_in_its_declared_range(name):
+    for preset in presets.PRESET_NAMES:
+        presets.resolve(name, preset)  # a range naming no parameter, or a bad value, raises
+
+
+def test_question_modules_own_their_blocks_and_ranges_fail_naming_the_parameter():
+    from influence.study import abstraction, tails
+
+    assert presets.SECTIONS["02_sparsity_and_tails"] is tails.PRESETS
+    assert presets.SECTIONS["03_abstraction_with_scale"] is abstraction.PRESETS
+    with pytest.raises(ValueError, match=r"tail_share must be a number in \(0, 1\)"):
+        presets.resolve("02_sparsity_and_tails", "smoke", tail_share=0)
+    with pytest.raises(ValueError, match="bootstrap must be an integer ≥ 1"):
+        presets.resolve("02_sparsity_and_tails", "smoke", bootstrap=0)
+    with pytest.raises(ValueError, match="min_tail must be a whole number.*got 2.5"):
+        presets.resolve("02_sparsity_and_tails", "smoke", min_tail=2.5)
+    with pytest.raises(ValueError, match="bm25_fraction must be a number in \\(0, 1\\]"):
+        presets.resolve("03_abstraction_with_scale", "smoke", bm25_fraction=1.5)

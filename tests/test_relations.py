@@ -139,13 +139,3 @@ def test_label_top_k_and_composition(train):
     # other words: 0.25 and 0 in the two queries -> bootstrap means lie in [0, 0.25]
     assert comp.loc[R.OTHER_WORDS, "low"] >= 0 and comp.loc[R.OTHER_WORDS, "high"] <= 0.25
     assert (lab.level == lab.relation.map(R.LEVELS)).all()
-
-
-def test_bootstrap_mean_interval():
-    v = np.arange(100, dtype=float)[:, None]
-    mean, lo, hi = R.bootstrap_mean(v, n_boot=2000, seed=0)
-    # standard error of the mean of 0..99 is 29.01/sqrt(100) = 2.9: 95% CI ~ mean ± 5.7
-    assert mean[0] == 49.5
-    assert 49.5 - 8 < lo[0] < 49.5 - 4 and 49.5 + 4 < hi[0] < 49.5 + 8
-    one = R.bootstrap_mean(np.array([[3.0]]))
-    assert one[1][0] == one[2][0] == 3.0

@@ -95,9 +95,3 @@ def test_paired_share_trend_and_helpers():
     assert t["wilcoxon_p"] == pytest.approx(2 / 2**6)
     d = rp.paired_share_trend(shares, ["distractor"], "xs", "l")
     assert d["direction"] == "falls"
-    assert rp.direction([0.1, 0.2]) == "rises" and rp.direction([0.2, 0.1, 0.3]) == (
-        "is not monotone"
-    )
-    lo, hi = rp.bootstrap_ci(np.full(5, 2.0))
-    assert lo == hi == 2.0
-    assert rp.markdown_table(pd.DataFrame({"a": [1]})) == "| a |\n|---|\n| 1 |"

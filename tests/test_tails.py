@@ -121,15 +121,74 @@ def test_query_table_summary_and_verdicts():
     assert summary.loc["a", "max_per_copy_no_quotes"] == per_copy[("a", "facts")].max()
     assert summary.loc["a", "ks_pvalue_queries"] == 1
     assert summary.loc["b", "powerlaw_preferred_share"] == 0.0  # exponential data
-    memo = pd.DataFrame(
-        [
-            {"model": "a", "query_set": "quotes", "related_share": 1.0},
-            {"model": "a", "query_set": "facts", "related_share": 0.3},
-        ]
+
+
+def _synthetic_table(n, preferred, alpha, top1, n_half, model="l"):
+    """A `query_table`-like frame of n queries with the given per-query values."""
+    return pd.DataFrame(
+        {
+            "model": model,
+            "query_set": ["facts"] * (n - 2) + ["quotes"] * 2,
+            "query": range(n),
+            "alpha": alpha,
+            "powerlaw_preferred": preferred,
+            "top1_share": top1,
+            "n_half": n_half,
+            "max_per_copy": 0.5,
+        }
     )
-    pvh = tails.paper_vs_here(summary, table, memo, 500).set_index("finding")
-    assert set(pvh.verdict) <= {"agrees", "partly", "disagrees"}
-    assert pvh.verdict.iloc[-1] == "agrees"  # 100% of the quotes' top-k contain the quote
-    # Largest model "a": quotes hold the largest per-copy value (1e4) and facts stay above 1,
-    # so "no influence above 1 nat except quotes" is partly reproduced.
-    assert pvh.verdict.iloc[3] == "partly"
+
+
+def _memo(shares, base):
+    return pd.DataFrame(
+        {"model": "l", "query_set": "quotes", "query": range(len(shares)), "share": shares,
+         "base_rate": base}
+    )  # fmt: skip
+
+
+def test_findings_follow_the_numbers_with_negative_controls():
+    n = 40
+    paper_like = tails.findings(
+        _synthetic_table(n, True, 2.5, 0.3, 50), _memo([1.0] * 8, 0.002), 2400, "l"
+    )
+    by = {f.name: f for f in paper_like}
+    for name in ("power law", "exponents", "top 1%", "spread", "quotes memorised"):
+        assert by[name].verdict == "agrees", (name, by[name].reason)
+    assert by["1 nat per copy"].verdict == "not comparable"
+    assert "2,083× larger here" in by["1 nat per copy"].reason  # 5,000,000 / 2,400
+    assert by["quotes memorised"].base_rate == "0.2%"
+    # negative control: the opposite of every claim
+    opposite = {
+        f.name: f
+        for f in tails.findings(
+            _synthetic_table(n, False, 1.2, 0.9, 1), _memo([0.0] * 8, 0.002), 2400, "l"
+        )
+    }
+    for name in ("power law", "exponents", "top 1%", "spread"):
+        assert opposite[name].verdict == "disagrees", (name, opposite[name].reason)
+    # quotes whose top-k hold the saying only at its base rate: no difference, no test
+    null_quotes = tails.findings(
+        _synthetic_table(n, True, 2.5, 0.3, 50), _memo([0.002] * 8, 0.002), 2400, "l"
+    )
+    assert {f.name: f for f in null_quotes}["quotes memorised"].verdict == "inconclusive"
+    # negative control: a coin flip per query is inconclusive, not "partly"
+    coin = [i % 2 == 0 for i in range(n)]
+    half = {f.name: f for f in tails.findings(
+        _synthetic_table(n, coin, 2.5, 0.3, 50), _memo([1.0] * 8, 0.002), 2400, "l")}  # fmt: skip
+    assert half["power law"].verdict == "inconclusive"
+    assert "of 40 queries where it is preferred" in half["power law"].ours
+    with pytest.raises(ValueError, match="no tail fits of model 'xl'"):
+        tails.findings(_synthetic_table(n, True, 2.5, 0.3, 50), _memo([1.0], 0.1), 2400, "xl")
+
+
+def test_memorisation_shares_and_representative_queries():
+    frames = {
+        "quotes": pd.DataFrame({"model": "l", "query": [0, 0, 1, 1], "rank": [1, 2, 1, 2],
+                                "related": [True, True, True, False]}),
+    }  # fmt: skip
+    memo = tails.memorisation_shares(frames, 2, {"quotes": [2, 4]}, 100)
+    assert memo.share.tolist() == [1.0, 0.5] and memo.base_rate.tolist() == [0.02, 0.04]
+    summary = tails.memorisation_summary(memo, ["l"], n_boot=50)
+    assert summary.loc[0, "share"] == 0.75 and summary.loc[0, "base_rate"] == pytest.approx(0.03)
+    reps = tails.representative_queries({"facts": [5, 6], "quotes": [9]}, 3)
+    assert reps == [("facts", 0), ("quotes", 0), ("facts", 1)]

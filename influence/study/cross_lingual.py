@@ -15,7 +15,6 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import torch
 
 from . import relations as R
 from .relations import relation_labels
@@ -173,17 +172,12 @@ def translation_protocol(
         rows["prompt"] += tq[f"prompt_{lang}"].tolist()
         rows["completion"] += tq[f"completion_{lang}"].tolist()
     suite, cfg = st.suite, st.config
-    net = suite.models[model].to(getattr(torch, cfg["dtype"]))
-    try:
-        task = inf.LanguageModelingTask(modules=cfg["modules"])
-        est = inf.EKFAC.load(st.paths[model] / "ekfac.safetensors", net, task)
-        tr = train_dataset(suite, suite.corpus).select(ids.tolist())
-        s = inf.pairwise_scores(
-            net, task, est, query_dataset(suite.tokenizer, rows), tr,
-            batch_size=cfg["batch_size"], progress=False,
-        ).double().numpy()  # fmt: skip
-    finally:
-        net.float()
+    net, task, est = st.model(model), st.task, st.estimator(model)
+    tr = train_dataset(suite, suite.corpus).select(ids.tolist())
+    s = inf.pairwise_scores(
+        net, task, est, query_dataset(suite.tokenizer, rows), tr,
+        batch_size=cfg["batch_size"], progress=False,
+    ).double().numpy()  # fmt: skip
     s = s / st.n_train  # per copy
     pos = {int(t): j for j, t in enumerate(ids)}
     nq = len(tq)

@@ -6,6 +6,8 @@
     scores.per_copy("l", "facts")                      # score / N: nats per added copy
     scores.queries("facts")                            # the (sampled) query rows, pandas
     scores.top_k("l", "facts", k=10)                   # top-k training sequences per query
+    est = scores.estimator("l")                        # the fitted EK-FAC of model "l"
+    scores.self_influence("l")                         # [N] self-influence (cached)
 
 For each model of the suite (at the stage's `sizes`): EK-FAC fitted on the whole training
 corpus with labels sampled from the model (MLP layers tracked, damping 0.1 × mean eigenvalue per
@@ -23,6 +25,7 @@ are missing or do not match is deleted and rebuilt, never used.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import shutil
@@ -287,6 +290,45 @@ class StudyScores:
         out["query_prompt"] = q["prompt"].to_numpy()[qi]
         out["query_completion"] = q["completion"].to_numpy()[qi]
         return out
+
+    # -- the fitted estimator of each model (read from the stage, never refitted) -----------
+    @property
+    def task(self) -> inf.LanguageModelingTask:
+        """The task the stage fitted and scored with (its tracked modules)."""
+        return inf.LanguageModelingTask(modules=self.config["modules"])
+
+    def model(self, model: str) -> torch.nn.Module:
+        """The suite's model `model` in the stage's dtype, in eval mode (a copy when the dtype
+        differs from the suite's, so the suite's model is never changed)."""
+        check_names("model size", [model], self.models)
+        net = self.suite.models[model]
+        dtype = getattr(torch, self.config["dtype"])
+        if next(net.parameters()).dtype != dtype:
+            net = copy.deepcopy(net).to(dtype)
+        return net.eval()
+
+    def estimator(self, model: str) -> inf.EKFAC:
+        """The EK-FAC this stage fitted for `model`, loaded from its cache entry for
+        `self.model(model)` (same task, damping and dtype): use the three together."""
+        check_names("model size", [model], self.models)
+        return inf.EKFAC.load(self.paths[model] / "ekfac.safetensors", self.model(model), self.task)
+
+    def self_influence(self, model: str, *, progress: bool = False) -> torch.Tensor:
+        """[N] self-influence ∇L(z)ᵀ(G + λI)⁻¹∇L(z) of every training sequence under `model`'s
+        fitted EK-FAC (`influence.self_scores`), cached next to the stage's entry."""
+        check_names("model size", [model], self.models)
+        key = {"scores_entry": self.paths[model].name, "kind": "self_influence", "version": 1}
+        entry = cache.entry_dir("self_influence", key)
+        if not cache.verified(entry):
+            net, est = self.model(model), self.estimator(model)
+            train = train_dataset(self.suite, self.suite.corpus)
+            values = inf.self_scores(
+                net, self.task, est, train, batch_size=self.config["batch_size"], progress=progress
+            )
+            with cache.building(entry) as tmp:
+                save_scores(tmp / "self_influence.safetensors", {"self": values}, model=model)
+        data, _ = load_scores(entry / "self_influence.safetensors")
+        return data["self"].clone()
 
 
 def study_scores(

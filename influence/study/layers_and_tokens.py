@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import html
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -166,45 +166,6 @@ def evenness(shares: pd.DataFrame) -> pd.DataFrame:
             }
         )
     return pd.DataFrame(rows).set_index("model")
-
-
-# -- statistics --------------------------------------------------------------------------------
-def bootstrap_mean(
-    values: Iterable[float], n_boot: int = 1000, seed: int = 0, level: float = 0.95
-) -> tuple[float, float, float]:
-    """(mean, lower, upper) percentile-bootstrap interval of the mean; NaNs dropped; all NaN
-    with fewer than 2 values."""
-    x = np.asarray([v for v in values if np.isfinite(v)], dtype=float)
-    if len(x) < 2:
-        return (float(x.mean()) if len(x) else float("nan"), float("nan"), float("nan"))
-    rng = np.random.default_rng(seed)
-    means = x[rng.integers(0, len(x), size=(n_boot, len(x)))].mean(1)
-    a = (1 - level) / 2
-    return float(x.mean()), float(np.quantile(means, a)), float(np.quantile(means, 1 - a))
-
-
-def fmt_ci(m: tuple[float, float, float], digits: int = 2) -> str:
-    mean, lo, hi = m
-    if not np.isfinite(mean):
-        return "n/a"
-    if not np.isfinite(lo):
-        return f"{mean:.{digits}f} (one value, no interval)"
-    return f"{mean:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
-
-
-def direction(values: Sequence[float], tol: float = 0.0) -> str:
-    """'rises', 'falls', 'flat' or 'not monotone' for a sequence (e.g. over model sizes)."""
-    v = [x for x in values if np.isfinite(x)]
-    if len(v) < 2:
-        return "too few points"
-    d = np.diff(v)
-    if np.all(np.abs(d) <= tol):
-        return "flat"
-    if np.all(d >= -tol):
-        return "rises"
-    if np.all(d <= tol):
-        return "falls"
-    return "not monotone"
 
 
 # -- restriction experiment ----------------------------------------------------------------

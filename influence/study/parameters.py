@@ -3,7 +3,8 @@
 A notebook's first code cell calls `notebook_config(section, globals())`. It checks the
 preset, the seed and the device at once, finds the names papermill injected (the cell that
 papermill tags `injected-parameters` starts with `# Parameters`) and refuses any that the
-notebook does not know, then resolves the notebook's preset section with the overrides. A
+notebook does not know, then resolves the notebook's preset section with the overrides, the
+values' types and ranges checked. A
 setting that is a group of values is overridden one value at a time: `-p NAME.key=VALUE` in
 the pipeline, `-p NAME '{"key": VALUE}'` or `-y 'NAME: {key: VALUE}'` with papermill.
 """
@@ -105,8 +106,9 @@ def notebook_config(section: str, namespace: Mapping[str, Any]) -> dict[str, Any
 
     `namespace` is the notebook's `globals()`; `section` names its preset section (a notebook
     without one gets an empty dict and reads its parameters itself). Raises ValueError, in the
-    notebook's first cell, for an unknown preset, device, seed or parameter name, listing the
-    valid ones.
+    notebook's first cell, for an unknown preset, device, seed or parameter name (listing the
+    valid ones), a value of the wrong type, or a value outside its declared range
+    (`presets.resolve`), naming the parameter.
     """
     preset = check_preset(namespace["preset"])
     check_device(namespace["device"])

@@ -5,13 +5,20 @@
 `large`: bigger corpus and models, for a GPU or a long night.
 
 Each section belongs to one component (corpus, suite) or one notebook (named like the
-notebook). A notebook may override single values of its section; unknown names fail at once.
+notebook). A research question's module owns its section: it defines `SECTION` (the
+notebook's name), `PRESETS` (preset -> parameters) and `RANGES` (parameter -> `Range`), and
+`QUESTION_MODULES` below collects them. Sections not yet moved to their module live in
+`SECTIONS` here, their ranges in `RANGES`. A notebook may override single values of its
+section; unknown names, values of the wrong type and values outside their range fail at once.
 """
 
 from __future__ import annotations
 
 import copy
 from typing import Any
+
+from . import abstraction, tails
+from .ranges import Range, check_ranges, count, fraction
 
 PRESET_NAMES = ("smoke", "default", "large")
 
@@ -358,13 +365,6 @@ SECTIONS: dict[str, dict[str, dict[str, Any]]] = {
             "threads": None,
         },
     },
-    # Owned by notebooks/03_abstraction_with_scale (issue 11): top-k sizes for the composition
-    # (the first is the headline), bootstrap resamples, queries shown with their top texts.
-    "03_abstraction_with_scale": {
-        "smoke": {"k": [10, 50], "n_boot": 500, "n_examples": 3, "n_texts": 5},
-        "default": {"k": [10, 50], "n_boot": 1000, "n_examples": 3, "n_texts": 5},
-        "large": {"k": [10, 50], "n_boot": 1000, "n_examples": 3, "n_texts": 5},
-    },
     # Owned by notebooks/04_cross_lingual (issue 11): k of the top-k share, the paper's top-n
     # sequences in the query's language, how many queries per source language the translation
     # protocol rescores.
@@ -411,36 +411,47 @@ SECTIONS: dict[str, dict[str, dict[str, Any]]] = {
             "dtype": "float32",
         },
     },
-    # Owned by notebooks/02_sparsity_and_tails (issue 10). tail_share: the top share of each
-    # query's positive per-copy scores among which powerlaw's KS search picks x_min;
-    # bootstrap: synthetic data sets per goodness-of-fit p-value (Clauset et al. 2009).
-    "02_sparsity_and_tails": {
-        "smoke": {
-            "tail_share": 0.2,
-            "min_tail": 10,
-            "bootstrap": 5,
-            "bootstrap_queries": 8,
-            "top_k": 5,
-            "ccdf_queries": 2,
-        },
-        "default": {
-            "tail_share": 0.1,
-            "min_tail": 20,
-            "bootstrap": 50,
-            "bootstrap_queries": 8,
-            "top_k": 10,
-            "ccdf_queries": 3,
-        },
-        "large": {
-            "tail_share": 0.1,
-            "min_tail": 20,
-            "bootstrap": 100,
-            "bootstrap_queries": 16,
-            "top_k": 10,
-            "ccdf_queries": 3,
-        },
-    },
 }
+
+# The research questions that own their preset block (and its ranges) in their module.
+QUESTION_MODULES = (tails, abstraction)
+
+# section -> parameter -> allowed values, for the sections defined above; a question module
+# declares its own next to its preset block.
+RANGES: dict[str, dict[str, Range]] = {
+    "04_cross_lingual": {
+        "k": count(1),
+        "n_top": count(1),
+        "max_per_language": count(1),
+        "n_boot": count(1, "bootstrap resamples"),
+    },
+    "05_word_order": {"n_boot": count(1, "bootstrap resamples"), "token_facts": count(0)},
+    "06_role_play": {
+        "top_k": count(1, "top sequences per query"),
+        "n_boot": count(1, "bootstrap resamples"),
+        "n_examples": count(0),
+    },
+    "07_layers_and_tokens": {
+        "top_k": count(1, "top sequences per query"),
+        "token_queries": count(0),
+        "token_sequences": count(0),
+        "n_boot": count(1, "bootstrap resamples"),
+    },
+    "08_query_batching_and_filtering": {
+        "ranks": count(1),
+        "n_queries": count(1),
+        "sample_seed": count(0),
+        "top": count(1),
+        "fractions": fraction("a share of the corpus kept by BM25"),
+        "n_boot": count(1, "bootstrap resamples"),
+    },
+    "influence_scores": {"sample_seed": count(0), "fit_seed": count(0), "batch_size": count(1)},
+}
+for _module in QUESTION_MODULES:
+    if _module.SECTION in SECTIONS:
+        raise RuntimeError(f"preset section {_module.SECTION!r} is defined twice")
+    SECTIONS[_module.SECTION] = _module.PRESETS
+    RANGES[_module.SECTION] = _module.RANGES
 
 
 def check_preset(preset: str) -> str:
@@ -456,13 +467,16 @@ def resolve(section: str, preset: str, **overrides: Any) -> dict[str, Any]:
     "take the preset's value"). A setting that is a group of values (a dict, such as notebook
     01's `language_model`) is overridden one value at a time: the dict given (or a string that
     parses to one, as papermill's `-p NAME '{"key": 1}'` passes it) is merged into the
-    preset's. Unknown sections, presets or names, at any depth, and values of the wrong type
-    raise ValueError listing the valid names or the expected type.
+    preset's. Unknown sections, presets or names, at any depth, values of the wrong type and
+    values outside their declared range raise ValueError listing the valid names, the
+    expected type or the range.
     """
     check_preset(preset)
     if section not in SECTIONS:
         raise ValueError(f"unknown preset section {section!r}; valid: {', '.join(SECTIONS)}")
-    return merge_settings(SECTIONS[section][preset], overrides, section)
+    params = merge_settings(SECTIONS[section][preset], overrides, section)
+    check_ranges(params, RANGES.get(section, {}), section)
+    return params
 
 
 def merge_settings(base: dict[str, Any], overrides: dict[str, Any], where: str) -> dict[str, Any]:

@@ -35,6 +35,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from .stats import bootstrap
+
 SAME_WORDS = "same fact, same words"
 OTHER_WORDS = "same fact, other words"
 SHARES_NAME = "shares a name"
@@ -177,24 +179,6 @@ def per_query_shares(
     return counts.div(counts.sum(axis=1), axis=0)
 
 
-def bootstrap_mean(
-    values: np.ndarray, n_boot: int = 1000, seed: int = 0, level: float = 0.95
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Mean over rows of `values` [Q, ...] and its percentile bootstrap interval (rows
-    resampled with replacement): (mean, low, high). One row gives low = high = mean."""
-    v = np.asarray(values, dtype=np.float64)
-    if v.ndim == 0 or len(v) == 0:
-        raise ValueError("values needs at least one row")
-    mean = v.mean(axis=0)
-    if len(v) == 1:
-        return mean, mean.copy(), mean.copy()
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(v), size=(n_boot, len(v)))
-    boots = v[idx].mean(axis=1)
-    a = (1 - level) / 2
-    return mean, np.quantile(boots, a, axis=0), np.quantile(boots, 1 - a, axis=0)
-
-
 def composition(
     labeled: pd.DataFrame,
     by: Sequence[str] = ("model", "query_set"),
@@ -204,7 +188,8 @@ def composition(
     seed: int = 0,
 ) -> pd.DataFrame:
     """Mean share of each category among the queries' top-k rows (`labeled`, from
-    `label_top_k`), per group of `by`, with a bootstrap interval over queries.
+    `label_top_k`), per group of `by`, with a bootstrap interval over queries
+    (`stats.bootstrap`; NaN bounds for a group of one query).
 
     Long frame: *by, category, share, low, high, n_queries. Every query weighs the same
     (its k rows give its shares), so the shares of a group sum to 1."""
@@ -213,15 +198,15 @@ def composition(
     for key, sub in labeled.groupby(by, sort=False) if by else [((), labeled)]:
         key = key if isinstance(key, tuple) else (key,)
         shares = per_query_shares(sub, column, order)
-        mean, lo, hi = bootstrap_mean(shares.to_numpy(), n_boot, seed)
+        ci = bootstrap(shares.to_numpy(), n_boot=n_boot, seed=seed)
         for j, cat in enumerate(shares.columns):
             recs.append(
                 {
                     **dict(zip(by, key, strict=True)),
                     "category": cat,
-                    "share": float(mean[j]),
-                    "low": float(lo[j]),
-                    "high": float(hi[j]),
+                    "share": float(ci.estimate[j]),
+                    "low": float(ci.low[j]),
+                    "high": float(ci.high[j]),
                     "n_queries": len(shares),
                 }
             )

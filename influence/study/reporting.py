@@ -1,63 +1,49 @@
-"""What a notebook hands to the pipeline: headline metrics, stage timings and figures.
+"""What a notebook hands to the pipeline: its findings, headline metrics, figures and timings.
 
-A notebook makes one `Report`::
+A notebook makes one `Report`, right after `notebook_config`::
 
-    report = Report("01_ihvp_accuracy", preset=preset, device=device, seed=seed, params=cfg)
-    with report.stage("fit"):
+    cfg = notebook_config("02_sparsity_and_tails", globals())
+    report = Report("02_sparsity_and_tails", preset=preset, device=device, seed=seed, params=cfg)
+    with report.stage("tail_fits"):
         ...
-    report.metrics["settings"] = {...}
-    report.summarize(question=..., paper=..., here=..., verdict="partly", reason=...)
-    report.paper_vs_here = "paper: ...; here: ..."
-    report.savefig(fig, "headline")
+    report.table(frame, caption="What the table shows.")        # "Table 1." on the page
+    report.figure(fig, "headline", caption="What to look at.")  # "Figure 1.", caption = alt
+    report.conclude(question=..., paper=..., here=..., findings=tails.findings(...),
+                    reference="§5.2.1")
     report.save()
 
-At the `default` preset figures go to `figures/<notebook>/` (committed); at any other preset
-to `artifacts/figures/<preset>/<notebook>/`, so smoke runs and tests never touch committed
-files. `save()` writes `<notebook>.metrics.json` atomically into the pipeline's run folder
-(`INFLUENCE_RUN_DIR`, one per run, so concurrent runs never read each other's metrics) or, in a
-notebook run by hand, `artifacts/runs/<preset>/manual/`; the pipeline reads it and adds
-provenance. `summarize` gives the index its row: the question, the paper's finding, ours (from
-this run's numbers) and a verdict. Environment overrides (used by the tests):
-`INFLUENCE_FIGURES` replaces the committed `figures/` root, `INFLUENCE_ARTIFACTS` the
-artifacts root.
+Creating the report applies the run context (`run_context.RunContext`: the thread count, where
+metrics and figures go; written by the pipeline, or the manual defaults) and the figure style
+(`style.apply`). `conclude` sets the notebook's verdict from its findings (`findings.overall`),
+which the pipeline renders at the top of the page and in the index. At the `default` preset
+figures end up in `figures/<notebook>/` (committed), at any other preset in
+`artifacts/figures/<preset>/<notebook>/`.
 """
 
 from __future__ import annotations
 
+import base64
 import json
-import os
+import re
+import struct
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from influence.io import atomic_path, atomic_write_json
-from influence.study.cache import REPO_ROOT, artifacts_root
-from influence.study.presets import check_preset
 
-COMMITTED_PRESET = "default"
+from . import display as _display
+from . import style
+from .findings import MIXED, Finding, is_verdict, overall
+from .presets import check_preset
+from .run_context import RunContext
+
+__all__ = ["Report"]
+
 FIGURE_FORMATS = ("png", "svg")
-
-
-def figures_root() -> Path:
-    """Root of the committed figures (`figures/`; `INFLUENCE_FIGURES` overrides it)."""
-    return Path(os.environ.get("INFLUENCE_FIGURES", REPO_ROOT / "figures"))
-
-
-def figure_dir(notebook: str, preset: str) -> Path:
-    if preset == COMMITTED_PRESET:
-        return figures_root() / notebook
-    return artifacts_root() / "figures" / preset / notebook
-
-
-VERDICTS = ("agrees", "partly", "disagrees", "not comparable")
-
-
-def metrics_path(notebook: str, preset: str) -> Path:
-    run_dir = os.environ.get("INFLUENCE_RUN_DIR")
-    root = Path(run_dir) if run_dir else artifacts_root() / "runs" / preset / "manual"
-    return root / f"{notebook}.metrics.json"
+MAX_HERE_WORDS = 60
 
 
 def _jsonable(obj: Any) -> Any:
@@ -68,6 +54,8 @@ def _jsonable(obj: Any) -> Any:
         return [_jsonable(v) for v in obj]
     if isinstance(obj, Path):
         return str(obj)
+    if hasattr(obj, "as_dict"):
+        return _jsonable(obj.as_dict())
     if hasattr(obj, "tolist"):  # numpy arrays and scalars, torch tensors
         return _jsonable(obj.tolist())
     if isinstance(obj, float) and obj != obj:  # NaN is not valid JSON
@@ -75,8 +63,32 @@ def _jsonable(obj: Any) -> Any:
     return obj
 
 
+def png_size(path: Path) -> tuple[int, int]:
+    """(width, height) in pixels, from a PNG's header."""
+    with open(path, "rb") as fh:
+        head = fh.read(24)
+    if head[:8] != b"\x89PNG\r\n\x1a\n":
+        raise ValueError(f"{path} is not a PNG file")
+    return struct.unpack(">II", head[16:24])
+
+
+def _display_object(obj: Any) -> None:
+    from IPython.display import display
+
+    display(obj)
+
+
+def _one_sentence(text: str, what: str) -> None:
+    words = len(text.split())
+    if words > MAX_HERE_WORDS or re.search(r"[.!?]\s+[A-Z]", text):
+        raise ValueError(
+            f"{what} must be one sentence of at most {MAX_HERE_WORDS} words (the index shows "
+            f"it in one cell; details belong on the page); got {words} words: {text[:80]!r}…"
+        )
+
+
 class Report:
-    """Collects one notebook run's headline metrics, stage wall times and figures."""
+    """Collects one notebook run's findings, headline metrics, figures and stage times."""
 
     def __init__(
         self,
@@ -92,20 +104,26 @@ class Report:
         self.device = device
         self.seed = seed
         self.params = dict(params or {})
+        self.context = RunContext.current(notebook, self.preset)
+        self.context.apply_threads()
+        style.apply()
         self.metrics: dict[str, Any] = {}
-        self.paper_vs_here: str = ""
+        self.findings: list[Finding] = []
         self.summary: dict[str, str] = {}
         self.stages: dict[str, float] = {}
-        self.figures: dict[str, list[str]] = {}
+        self.figures: dict[str, dict[str, Any]] = {}
+        self.tables = 0
+        # COMPAT(issue 25): a text table of the old notebooks 01, 04-08; remove when converted.
+        self.paper_vs_here: str = ""
         self._started = time.perf_counter()
 
     @property
     def figure_dir(self) -> Path:
-        return figure_dir(self.notebook, self.preset)
+        return self.context.figure_dir
 
     @property
     def metrics_path(self) -> Path:
-        return metrics_path(self.notebook, self.preset)
+        return self.context.metrics_path
 
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
@@ -117,6 +135,139 @@ class Report:
         finally:
             self.stages[name] = self.stages.get(name, 0.0) + time.perf_counter() - start
 
+    def progress(self, message: str) -> None:
+        """One line for the pipeline's console (nothing in the notebook or its report)."""
+        self.context.progress(message)
+
+    # -- figures and tables --------------------------------------------------------------------
+    def _save(self, fig: Any, name: str, formats: Sequence[str]) -> list[Path]:
+        import matplotlib
+
+        if not re.fullmatch(r"[A-Za-z0-9_-]+", name):
+            raise ValueError(f"figure name {name!r}: use letters, digits, '_' and '-' only")
+        out = []
+        for fmt in formats:
+            path = self.figure_dir / f"{name}.{fmt}"
+            kwargs: dict[str, Any] = {"bbox_inches": "tight"}
+            if fmt == "svg":
+                kwargs["metadata"] = {"Date": None}
+            elif fmt == "png":
+                kwargs["dpi"] = style.FIGURE_DPI
+                kwargs["metadata"] = {"Software": None}
+            with matplotlib.rc_context({"svg.hashsalt": "influence"}), atomic_path(path) as tmp:
+                fig.savefig(tmp, format=fmt, **kwargs)
+            out.append(path)
+        return out
+
+    def figure(
+        self,
+        fig: Any,
+        name: str,
+        *,
+        caption: str,
+        formats: Sequence[str] = FIGURE_FORMATS,
+        check: bool = True,
+    ) -> None:
+        """Save `fig` as `<name>.png` (and SVG), number it and show it with its caption.
+
+        The page shows "Figure N. caption" under the image at its natural size (CSS inches),
+        with the caption as alt text; the figure is then closed. A figure with a visible text
+        under `style.MIN_FONT_PT` or wider than `style.MAX_WIDTH_IN` once saved is refused
+        (ValueError naming the text), since the page would show it below 9 pt."""
+        import matplotlib.pyplot as plt
+
+        if not caption or not caption.strip():
+            raise ValueError(f"figure {name!r} needs a caption: say what to look at")
+        if name in self.figures:
+            raise ValueError(f"figure name {name!r} is used twice in this notebook")
+        if check:
+            small = style.small_texts(fig)
+            if small:
+                shown = ", ".join(f"{t[:30]!r} at {s:g} pt" for t, s in small[:4])
+                raise ValueError(
+                    f"figure {name!r} has text below {style.MIN_FONT_PT:g} pt: {shown}; "
+                    "remove the explicit font sizes (style.apply sets readable ones)"
+                )
+        paths = self._save(fig, name, formats)
+        png = next((p for p in paths if p.suffix == ".png"), None)
+        width = None
+        if png is not None:
+            width = round(png_size(png)[0] * style.CSS_PX_PER_INCH / style.FIGURE_DPI)
+            if check and width > style.MAX_WIDTH_IN * style.CSS_PX_PER_INCH:
+                raise ValueError(
+                    f"figure {name!r} is {width / style.CSS_PX_PER_INCH:.1f} in wide as saved; "
+                    f"the page shows at most {style.MAX_WIDTH_IN} in at natural size, so its "
+                    "fonts would shrink below 9 pt: make it narrower"
+                )
+        number = len(self.figures) + 1
+        self.figures[name] = {
+            "files": [p.name for p in paths],
+            "caption": caption.strip(),
+            "number": number,
+            "width": width,
+        }
+        if png is not None:
+            _display_object(_display.raw_html(self._figure_html(png, number, caption, width)))
+        plt.close(fig)
+
+    @staticmethod
+    def _figure_html(png: Path, number: int, caption: str, width: int | None) -> str:
+        import html
+
+        data = base64.b64encode(png.read_bytes()).decode("ascii")
+        size = f' width="{width}"' if width else ""
+        alt = html.escape(f"Figure {number}. {caption.strip()}", quote=True)
+        return (
+            f'<figure class="study-figure" id="figure-{number}">'
+            f'<img src="data:image/png;base64,{data}"{size} alt="{alt}">'
+            f"<figcaption><b>Figure {number}.</b> {html.escape(caption.strip())}</figcaption>"
+            "</figure>"
+        )
+
+    def savefig(self, fig: Any, name: str, formats: tuple[str, ...] = FIGURE_FORMATS) -> Path:
+        """COMPAT(issue 25/26): the old call of notebooks 00, 01, 04-08. It shows the figure
+        numbered, with its name as a provisional caption, without the font checks. Remove
+        when those notebooks call `figure` with a caption."""
+        self.figure(fig, name, caption=f"{name.replace('_', ' ')} (caption to be written)",
+                    formats=formats, check=False)  # fmt: skip
+        return self.figure_dir / f"{name}.png"
+
+    def table(self, frame: Any, *, caption: str, **options: Any) -> None:
+        """Show `frame` as a numbered HTML table ("Table N. caption"); `options` go to
+        `display.table` (headers, digits, percent, formats, html_columns, index, ...)."""
+        if not caption or not caption.strip():
+            raise ValueError("a table needs a caption: say what it shows")
+        self.tables += 1
+        _display_object(_display.table(frame, caption=f"Table {self.tables}. {caption}", **options))
+
+    # -- conclusions ---------------------------------------------------------------------------
+    def conclude(
+        self,
+        *,
+        question: str,
+        paper: str,
+        here: str,
+        findings: Sequence[Finding],
+        reference: str = "",
+    ) -> None:
+        """The notebook's answer: its question, the paper's finding (and where in the paper),
+        ours in one sentence built from this run's numbers, and its findings, from which the
+        verdict and its reason follow (`findings.overall`)."""
+        findings = list(findings)
+        if not all(isinstance(f, Finding) for f in findings):
+            raise TypeError("findings must be a list of influence.study.findings.Finding")
+        _one_sentence(here, "here (our finding)")
+        verdict, reason = overall(findings)
+        self.findings = findings
+        self.summary = {
+            "question": question,
+            "paper": paper,
+            "here": here,
+            "verdict": verdict,
+            "reason": reason,
+            "reference": reference,
+        }
+
     def summarize(
         self,
         *,
@@ -127,10 +278,13 @@ class Report:
         reason: str = "",
         reference: str = "",
     ) -> None:
-        """The notebook's row in the index: its question, the paper's finding (and where in the
-        paper, `reference`), ours in words built from this run's numbers, and a verdict."""
-        if verdict not in VERDICTS:
-            raise ValueError(f"unknown verdict {verdict!r}; valid: {', '.join(VERDICTS)}")
+        """COMPAT(issue 25): the verdict given by hand, for notebooks 00, 01 and 04-08 until
+        they compute findings (`conclude`). Their retired word "partly" becomes "mixed".
+        Remove when those notebooks are converted."""
+        if verdict == "partly":
+            verdict = MIXED
+        if verdict != MIXED and not is_verdict(verdict, notebook=True):
+            raise ValueError(f"unknown verdict {verdict!r}")
         if verdict != "agrees" and not reason:
             raise ValueError(f"a verdict of {verdict!r} needs its reason")
         self.summary = {
@@ -141,38 +295,6 @@ class Report:
             "reason": reason,
             "reference": reference,
         }
-
-    def progress(self, message: str) -> None:
-        """One line for the pipeline's console (nothing in the notebook or its report)."""
-        path = os.environ.get("INFLUENCE_PROGRESS_FILE")
-        if path:
-            with open(path, "a", encoding="utf-8") as fh:
-                fh.write(message.replace("\n", " ") + "\n")
-
-    def savefig(self, fig: Any, name: str, formats: tuple[str, ...] = FIGURE_FORMATS) -> Path:
-        """Save a matplotlib figure as `<figure_dir>/<name>.<fmt>`; returns the PNG path.
-
-        The figure is left open (the notebook may still show it). SVGs carry no date and a
-        fixed hash salt, so re-running a deterministic notebook rewrites identical files.
-        """
-        out = []
-        for fmt in formats:
-            path = self.figure_dir / f"{name}.{fmt}"
-            kwargs: dict[str, Any] = {"bbox_inches": "tight"}
-            if fmt == "svg":
-                kwargs["metadata"] = {"Date": None}
-            elif fmt == "pdf":
-                kwargs["metadata"] = {"CreationDate": None, "ModDate": None}
-            elif fmt == "png":
-                kwargs["dpi"] = 150
-                kwargs["metadata"] = {"Software": None}
-            import matplotlib
-
-            with matplotlib.rc_context({"svg.hashsalt": "influence"}), atomic_path(path) as tmp:
-                fig.savefig(tmp, format=fmt, **kwargs)
-            out.append(path)
-        self.figures[name] = [str(p) for p in out]
-        return out[0]
 
     def as_dict(self) -> dict[str, Any]:
         return _jsonable(
@@ -185,8 +307,10 @@ class Report:
                 "metrics": self.metrics,
                 "paper_vs_here": self.paper_vs_here,
                 "summary": self.summary,
+                "findings": [f.as_dict() for f in self.findings],
                 "stages": self.stages,
                 "figures": self.figures,
+                "threads": self.context.threads,
                 "wall_time_s": time.perf_counter() - self._started,
             }
         )

@@ -16,23 +16,11 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 import torch
-from scipy import stats
+
+from . import stats
 
 CATEGORIES = ("assistant", "fiction", "essay", "distractor", "unrelated", "other")
 TOPIC_MATCH = ("same topic", "other topic", "no topic")
-
-
-def bootstrap_ci(
-    values: np.ndarray, n_boot: int = 1000, level: float = 0.95, seed: int = 0
-) -> tuple[float, float]:
-    """Percentile bootstrap interval of the mean of `values` (over queries); NaN under 2."""
-    values = np.asarray(values, dtype=float)
-    if len(values) < 2:
-        return float("nan"), float("nan")
-    rng = np.random.default_rng(seed)
-    means = values[rng.integers(0, len(values), size=(n_boot, len(values)))].mean(axis=1)
-    a = (1 - level) / 2
-    return float(np.quantile(means, a)), float(np.quantile(means, 1 - a))
 
 
 def train_categories(train: pd.DataFrame) -> pd.Series:
@@ -121,8 +109,8 @@ def share_summary(
         sub = shares.loc[model]
         for col in shares.columns:
             v = sub[col].dropna().to_numpy()
-            lo, hi = bootstrap_ci(v, n_boot=n_boot, seed=seed)
-            r = {"model": model, "value": col, "share": float(v.mean()), "lo": lo, "hi": hi}
+            ci = stats.bootstrap(v, n_boot=n_boot, seed=seed)
+            r = {"model": model, "value": col, "share": ci.estimate, "lo": ci.low, "hi": ci.high}
             r["queries"] = len(v)
             if reference is not None:
                 ref = float(reference.get(col, 0.0))
@@ -155,15 +143,15 @@ def category_means(
     rec = []
     for (c, tm), row in table.iterrows():
         v = row.dropna().to_numpy()
-        lo, hi = bootstrap_ci(v, n_boot=n_boot, seed=seed)
+        ci = stats.bootstrap(v, n_boot=n_boot, seed=seed)
         rec.append(
             {
                 "model": model,
                 "category": c,
                 "topic_match": tm,
-                "mean_per_copy": float(v.mean()),
-                "lo": lo,
-                "hi": hi,
+                "mean_per_copy": ci.estimate,
+                "lo": ci.low,
+                "hi": ci.high,
                 "queries": len(v),
             }
         )
@@ -180,7 +168,7 @@ def paired_share_trend(shares: pd.DataFrame, columns: Sequence[str], small: str,
     b = shares.loc[large][list(columns)].sum(axis=1)
     both = pd.concat([a.rename("small"), b.rename("large")], axis=1).dropna()
     d = (both["large"] - both["small"]).to_numpy()
-    p = float(stats.wilcoxon(d).pvalue) if len(d) >= 2 and np.any(d != 0) else float("nan")
+    p = stats.wilcoxon(d).p
     mean_d = float(d.mean()) if len(d) else float("nan")
     return {
         "columns": list(columns),
@@ -237,25 +225,3 @@ def plot_means(means: pd.DataFrame, models: Sequence[str]):
     axes[0][0].set_ylabel("mean influence per copy (nats)")
     fig.tight_layout()
     return fig
-
-
-def direction(values: Sequence[float]) -> str:
-    """'rises', 'falls' or 'not monotone' for a sequence ordered by model size."""
-    d = np.diff(np.asarray(values, dtype=float))
-    if len(d) and np.all(d > 0):
-        return "rises"
-    if len(d) and np.all(d < 0):
-        return "falls"
-    return "is not monotone"
-
-
-def markdown_table(df: pd.DataFrame) -> str:
-    """A GitHub-flavoured Markdown table of `df`'s columns (cells as str, pipes escaped)."""
-
-    def cell(x) -> str:
-        return str(x).replace("|", "\\|").replace("\n", " ")
-
-    lines = ["| " + " | ".join(cell(c) for c in df.columns) + " |"]
-    lines.append("|" + "---|" * len(df.columns))
-    lines += ["| " + " | ".join(cell(x) for x in row) + " |" for row in df.itertuples(index=False)]
-    return "\n".join(lines)

@@ -1,5 +1,6 @@
-"""Sparsity and heavy tails of influence (paper §5.2.1, Figs. 8–9, Table 1): the analysis
-behind notebooks/02_sparsity_and_tails.
+"""Sparsity and heavy tails of influence (paper §5.2.1, Figs. 8–9, Table 1): the research
+question of notebooks/02_sparsity_and_tails, with its preset block (`PRESETS`, `RANGES`), its
+findings (`findings`) and its figures (`plot_*`).
 
 Per query, over its per-copy influences on all N training sequences:
 - `top_share`: share of the total positive influence held by the top `frac` of the N
@@ -17,10 +18,71 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
+
+from . import stats, style
+from .findings import Finding, judge, not_comparable
+from .ranges import count, share
+
+SECTION = "02_sparsity_and_tails"
+# tail_share: the top share of each query's positive per-copy scores among which powerlaw's KS
+# search picks x_min; min_tail: points always kept in the tail; bootstrap: synthetic data sets
+# per goodness-of-fit p-value (Clauset et al. 2009), for bootstrap_queries representative
+# queries; top_k: top sequences per query of the memorisation contrast's examples and of the
+# hub check; ccdf_queries: queries drawn in the CCDF figure; n_boot: bootstrap resamples of
+# the intervals over queries.
+PRESETS: dict[str, dict[str, Any]] = {
+    "smoke": {
+        "tail_share": 0.2,
+        "min_tail": 10,
+        "bootstrap": 5,
+        "bootstrap_queries": 8,
+        "top_k": 5,
+        "ccdf_queries": 2,
+        "n_boot": 200,
+    },
+    "default": {
+        "tail_share": 0.1,
+        "min_tail": 20,
+        "bootstrap": 50,
+        "bootstrap_queries": 8,
+        "top_k": 10,
+        "ccdf_queries": 3,
+        "n_boot": 1000,
+    },
+    "large": {
+        "tail_share": 0.1,
+        "min_tail": 20,
+        "bootstrap": 100,
+        "bootstrap_queries": 16,
+        "top_k": 10,
+        "ccdf_queries": 3,
+        "n_boot": 1000,
+    },
+}
+RANGES = {
+    "tail_share": share("the top share of the corpus searched for x_min"),
+    "min_tail": count(1, "points always kept in the fitted tail"),
+    "bootstrap": count(1, "synthetic data sets per goodness-of-fit p-value"),
+    "bootstrap_queries": count(0, "queries given a goodness-of-fit p-value"),
+    "top_k": count(1, "top sequences per query"),
+    "ccdf_queries": count(1, "queries drawn in the CCDF figure"),
+    "n_boot": count(1, "bootstrap resamples"),
+}
+# The query sets whose tails are studied, in the order of the figures.
+SETS = ("facts", "paraphrase", "math", "code", "quotes", "role_play")
+# Thresholds of the findings (stated with them on the page).
+MOST = 0.5  # "most queries": a share tested against one half
+MOST_MARGIN = 0.10  # ... and at least 10 points above it
+ALPHA_RANGE = (2.0, 4.3)  # the paper's exponents
+TOP1_RANGE = (0.12, 0.52)  # the paper's share of the top 1%
+SPREAD_MIN = 10  # "many sequences": at least this many hold half of a query's influence
+QUOTE_MARGIN = 0.8  # "every top sequence contains the quote": share − base rate ≥ 0.8
+PAPER_N = 5_000_000  # the paper's pretraining sequences searched per query (about)
 
 TAIL_RESULT_KEYS = (
     "n",
@@ -278,110 +340,283 @@ def summarise(table: pd.DataFrame, order: Iterable[str]) -> pd.DataFrame:
     return pd.DataFrame(recs).set_index("model")
 
 
-def memorisation_contrast(frames: dict[str, pd.DataFrame], k: int) -> pd.DataFrame:
-    """Share of each query's top-k sequences that are `related` (for a quote: contain the
-    saying; for a fact: express the same fact), averaged over queries, per model and set.
+def representative_queries(selected: dict[str, Sequence[int]], n: int) -> list[tuple[str, int]]:
+    """The queries given a bootstrap p-value: the first query of each set in `SETS` order,
+    then the second of each, ... until `n` are chosen (the same ones at every size)."""
+    reps: list[tuple[str, int]] = []
+    depth = max((len(v) for v in selected.values()), default=0)
+    for i in range(depth):
+        for qs in SETS:
+            if qs in selected and i < len(selected[qs]) and len(reps) < n:
+                reps.append((qs, i))
+    return reps
+
+
+def memorisation_shares(
+    frames: dict[str, pd.DataFrame], k: int, related_counts: dict[str, Sequence[int]], n_train: int
+) -> pd.DataFrame:
+    """Per model, query set and query: the share of the query's top-k sequences that are
+    `related` (for a quote: contain the saying; for a fact: state the same fact) and its base
+    rate, the share of the corpus that is related to it (`related_counts[set][query]` / N).
     `frames[set]` are `StudyScores.top_k` frames (any k' ≥ k)."""
     recs = []
     for qs, df in frames.items():
         top = df[df["rank"] <= k]
-        for m, sub in top.groupby("model", sort=False):
-            per_q = sub.groupby("query")["related"].mean()
+        per_q = top.groupby(["model", "query"], sort=False)["related"].mean()
+        for (m, q), v in per_q.items():
             recs.append(
                 {
                     "model": m,
                     "query_set": qs,
-                    "k": k,
-                    "related_share": float(per_q.mean()),
-                    "queries_all_related": float((per_q == 1).mean()),
+                    "query": int(q),
+                    "share": float(v),
+                    "base_rate": related_counts[qs][int(q)] / n_train,
                 }
             )
     return pd.DataFrame(recs)
 
 
-def _verdict(ok: bool, partly: bool) -> str:
-    return "agrees" if ok else ("partly" if partly else "disagrees")
-
-
-def paper_vs_here(
-    summary: pd.DataFrame, table: pd.DataFrame, memo: pd.DataFrame, n_train: int
+def memorisation_summary(
+    memo: pd.DataFrame, order: Sequence[str], n_boot: int = 1000, seed: int = 0
 ) -> pd.DataFrame:
-    """The paper's RQ2 findings against ours (largest model unless stated), with a verdict
-    decided by a stated rule on the measured numbers (never by eye)."""
-    largest = summary.index[-1]
-    s = summary.loc[largest]
-    t = table[(table.model == largest) & table.alpha.notna()]
-    in_range = float(((t.alpha >= 2) & (t.alpha <= 4.3)).mean()) if len(t) else float("nan")
-    top1 = table[table.model == largest].top1_share
-    q_memo = memo[(memo.model == largest) & (memo.query_set == "quotes")].related_share
-    f_memo = memo[(memo.model == largest) & (memo.query_set == "facts")].related_share
-    q_memo = float(q_memo.iloc[0]) if len(q_memo) else float("nan")
-    f_memo = float(f_memo.iloc[0]) if len(f_memo) else float("nan")
-    quotes_max = float(
-        table[(table.model == largest) & (table.query_set == "quotes")].max_per_copy.max()
+    """Per query set and model: the mean related share with its bootstrap interval, the base
+    rate and the enrichment (share / base rate) with the Wilcoxon p of share − base rate."""
+    recs = []
+    for qs, g in memo.groupby("query_set", sort=False):
+        for m in order:
+            sub = g[g.model == m]
+            e = stats.enrichment(sub["share"], sub["base_rate"], n_boot=n_boot, seed=seed)
+            recs.append(
+                {
+                    "query_set": qs,
+                    "model": m,
+                    "queries": len(sub),
+                    "share": e.share.estimate,
+                    "share_low": e.share.low,
+                    "share_high": e.share.high,
+                    "base_rate": e.base_rate,
+                    "enrichment": e.ratio.estimate,
+                    "p": e.test.p,
+                }
+            )
+    return pd.DataFrame(recs)
+
+
+# -- findings ----------------------------------------------------------------------------------
+def _most(name, claim, paper, hits: pd.Series, what: str, extra: str = "") -> Finding:
+    """A "most queries" claim: the share of queries for which `hits` holds, against 1/2."""
+    hits = hits.dropna().astype(bool)
+    share_, test = stats.proportion(int(hits.sum()), len(hits), MOST)
+    return judge(
+        name,
+        claim,
+        paper,
+        effect=share_.scaled(1.0, -MOST),
+        test=test,
+        expected=+1,
+        threshold=MOST_MARGIN,
+        what="share − 50%",
+        fmt=stats.format_points,
+        ours=f"{share_.format(stats.format_share)} of {len(hits)} queries {what}{extra}",
     )
-    rows = [
-        {
-            "finding": "a power law fits the tail best for most queries",
-            "paper": "power law preferred for most queries",
-            "here": f"preferred over lognormal and exponential for "
-            f"{s.powerlaw_preferred_share:.0%} of queries "
-            f"({s.powerlaw_preferred_significant_share:.0%} significantly, p < 0.1; no "
-            f"alternative significantly better for {s.powerlaw_not_worse_share:.0%}); "
-            f"median KS p {s.median_ks_pvalue:.2f} over {int(s.ks_pvalue_queries)} queries",
-            "verdict": _verdict(
-                s.powerlaw_preferred_share > 0.5,
-                s.powerlaw_preferred_share > 0.25 or s.powerlaw_not_worse_share > 0.5,
-            ),
-            "rule": "agrees if > 50% preferred; partly if > 25%, or if for > 50% no "
-            "alternative is significantly better",
-        },
-        {
-            "finding": "exponents about 2 to 4.3",
-            "paper": "α ≈ 2–4.3 (2.1, 2.28, 2.57 for three queries)",
-            "here": f"median α {s.median_alpha:.2f}; {in_range:.0%} of fitted queries in [2, 4.3]",
-            "verdict": _verdict(in_range > 0.5, 2 <= s.median_alpha <= 4.3 or in_range > 0.25),
-            "rule": "agrees if > 50% of α in [2, 4.3]; partly if the median is, or > 25%",
-        },
-        {
-            "finding": "the top 1% of sequences hold 12–52% of the positive influence",
-            "paper": "12–52%",
-            "here": f"median {s.median_top1_share:.0%} (quartiles {top1.quantile(0.25):.0%}–"
-            f"{top1.quantile(0.75):.0%}) of the top 1% = {max(1, math.ceil(0.01 * n_train))} "
-            f"of {n_train} sequences",
-            "verdict": _verdict(
-                0.12 <= s.median_top1_share <= 0.52,
-                top1.quantile(0.25) <= 0.52 and top1.quantile(0.75) >= 0.12,
-            ),
-            "rule": "agrees if the median is in [12%, 52%]; partly if the quartiles overlap it",
-        },
-        {
-            "finding": "no single influence above 1 nat per copy, except memorised quotes",
-            "paper": "max per-copy influence < 1 nat outside memorised quotes",
-            "here": f"largest per-copy influence {s.max_per_copy_no_quotes:.3g} nats without "
-            f"quotes, {quotes_max:.3g} for quotes (N = {n_train}; per copy = score / N)",
-            "verdict": _verdict(
-                s.max_per_copy_no_quotes < 1 <= quotes_max,
-                quotes_max > s.max_per_copy_no_quotes,
-            ),
-            "rule": "agrees if < 1 nat without quotes and ≥ 1 with; partly if quotes are "
-            "still the largest",
-        },
-        {
-            "finding": "influence spread over many sequences (not memorised from a few)",
-            "paper": "learning is spread over many sequences",
-            "here": f"median {s.median_n_half:.0f} sequences hold half of a query's positive "
-            f"influence",
-            "verdict": _verdict(s.median_n_half >= 10, s.median_n_half >= 3),
-            "rule": "agrees if the median number holding half is ≥ 10; partly if ≥ 3",
-        },
-        {
-            "finding": "memorised quotes: every top sequence contains the passage",
-            "paper": "for famous quotes all top sequences contain the quote",
-            "here": f"share of top-k containing the saying {q_memo:.0%} (facts: share stating "
-            f"the same fact {f_memo:.0%})",
-            "verdict": _verdict(q_memo >= 0.9, q_memo > f_memo),
-            "rule": "agrees if ≥ 90% of the top-k contain it; partly if above facts",
-        },
+
+
+def findings(table: pd.DataFrame, memo: pd.DataFrame, n_train: int, model: str) -> list[Finding]:
+    """The paper's RQ2 claims against the model `model` (the largest): `table` from
+    `query_table`, `memo` from `memorisation_shares`. Verdicts: `influence.study.findings`."""
+    t = table[table.model == model]
+    if t.empty:
+        raise ValueError(f"no tail fits of model {model!r}; models: {sorted(set(table.model))}")
+    fitted = t[t.alpha.notna()]
+    lo_a, hi_a = ALPHA_RANGE
+    lo_t, hi_t = TOP1_RANGE
+    top1 = t.top1_share.dropna()
+    out = [
+        _most(
+            "power law",
+            "a power law fits the tail better than the lognormal and the exponential for most "
+            "queries",
+            "most queries",
+            fitted.powerlaw_preferred,
+            "where it is preferred",
+        ),
+        _most(
+            "exponents",
+            f"exponents α between {lo_a:g} and {hi_a:g}",
+            f"α ≈ {lo_a:g}–{hi_a:g} (2.1, 2.28, 2.57 for three queries)",
+            fitted.alpha.between(lo_a, hi_a),
+            f"with α in [{lo_a:g}, {hi_a:g}]",
+            f" (median α {stats.format_number(fitted.alpha.median(), 3)})",
+        ),
+        _most(
+            "top 1%",
+            f"the top 1% of sequences hold {lo_t:.0%}–{hi_t:.0%} of the positive influence",
+            f"{lo_t:.0%}–{hi_t:.0%}",
+            top1.between(lo_t, hi_t),
+            f"in [{lo_t:.0%}, {hi_t:.0%}]",
+            f" (median {stats.format_share(top1.median())}, quartiles "
+            f"{stats.format_share(top1.quantile(0.25))}–{stats.format_share(top1.quantile(0.75))})",
+        ),
     ]
-    return pd.DataFrame(rows)
+    no_quotes = t[t.query_set != "quotes"]
+    quotes = t[t.query_set == "quotes"]
+    biggest = no_quotes.max_per_copy.max()
+    biggest_q = quotes.max_per_copy.max() if len(quotes) else float("nan")
+    out.append(
+        not_comparable(
+            "1 nat per copy",
+            "no single sequence moves a completion's log-probability by more than 1 nat per "
+            "copy, except memorised quotes",
+            "< 1 nat outside memorised quotes",
+            ours=f"largest {stats.format_number(biggest)} nats without quotes, "
+            f"{stats.format_number(biggest_q)} with",
+            reason=f"per-copy influence is score / N, and one copy is 1/{n_train:,} of our "
+            f"corpus against about 1/{PAPER_N:,} of the paper's: the same gradient alignment "
+            f"gives a per-copy value about {PAPER_N / n_train:,.0f}× larger here",
+        )
+    )
+    out.append(
+        _most(
+            "spread",
+            "learning is spread over many sequences, not memorised from a few",
+            "spread over many sequences",
+            no_quotes.n_half >= SPREAD_MIN,
+            f"whose positive influence needs ≥ {SPREAD_MIN} sequences to reach half",
+            f" (median {stats.format_number(no_quotes.n_half.median())} sequences, "
+            "quotes left out)",
+        )
+    )
+    q = memo[(memo.model == model) & (memo.query_set == "quotes")]
+    e = stats.enrichment(q["share"], q["base_rate"])
+    out.append(
+        judge(
+            "quotes memorised",
+            "for memorised quotes, every top sequence contains the quote",
+            "all top sequences contain it",
+            effect=e.share.scaled(1.0, -e.base_rate),
+            test=e.test,
+            expected=+1,
+            threshold=QUOTE_MARGIN,
+            what="share − base rate",
+            fmt=stats.format_points,
+            ours=e.share.format(stats.format_share),
+            base_rate=stats.format_share(e.base_rate),
+        )
+    )
+    return out
+
+
+# -- figures -----------------------------------------------------------------------------------
+def plot_distributions(per_copy: dict[str, np.ndarray], titles: dict[str, str]):
+    """One histogram per query set: the per-copy influence of every training sequence on one
+    query, on a signed log scale (sign · log10(1 + |x| / median |x|))."""
+    import matplotlib.pyplot as plt
+
+    sets = list(per_copy)
+    ncols = 3
+    nrows = math.ceil(len(sets) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(10, 3.0 * nrows), sharey=True, squeeze=False)
+    for ax, qs in zip(axes.ravel(), sets, strict=False):
+        x = per_copy[qs]
+        lin = np.quantile(np.abs(x), 0.5)
+        ax.hist(np.sign(x) * np.log10(1 + np.abs(x) / lin), bins=50,
+                color=style.query_set_color(qs))  # fmt: skip
+        ax.set_yscale("log")
+        ax.set_title(titles[qs])
+        ax.set_xlabel(f"signed log (unit {lin:.1e} nats)")
+    for ax in axes.ravel()[len(sets) :]:
+        ax.set_visible(False)
+    for row in axes:
+        row[0].set_ylabel("training sequences")
+    fig.tight_layout()
+    return fig
+
+
+def plot_ccdf(
+    per_copy: dict[tuple[str, str], np.ndarray],
+    table: pd.DataFrame,
+    queries: Sequence[tuple[str, int]],
+    order: Sequence[str],
+):
+    """The paper's Fig. 8 at our scale: per model size (panels), the CCDF of a few queries'
+    positive per-copy influences (dots) and the fitted power law above x_min (dashed)."""
+    import matplotlib.pyplot as plt
+
+    ncols = min(len(order), 4)
+    nrows = math.ceil(len(order) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(2.5 * ncols, 2.9 * nrows), sharey=True,
+                             squeeze=False)  # fmt: skip
+    for ax, m in zip(axes.ravel(), order, strict=False):
+        for qs, q in queries:
+            x, c = ccdf(per_copy[(m, qs)][q])
+            colour = style.query_set_color(qs)
+            ax.loglog(x, c, ".", ms=3, color=colour, label=f"{qs} #{q}")
+            row = table[(table.model == m) & (table.query_set == qs) & (table["query"] == q)]
+            if len(row) and np.isfinite(row.iloc[0].alpha):
+                r = row.iloc[0]
+                grid = np.geomspace(r.xmin, x.max(), 50)
+                ax.loglog(grid, fitted_ccdf(r.to_dict(), grid), "--", color=colour)
+        ax.set_title(f"model {m}")
+        ax.set_xlabel("per-copy influence (nats)")
+    for ax in axes.ravel()[len(order) :]:
+        ax.set_visible(False)
+    for row in axes:
+        row[0].set_ylabel("P(influence ≥ x)")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 4),
+               bbox_to_anchor=(0.5, -0.02))  # fmt: skip
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    return fig
+
+
+def plot_by_size(table: pd.DataFrame, order: Sequence[str]):
+    """Per model size: the fitted exponents and the top-1% shares of every query (boxes, the
+    paper's ranges shaded), and the largest per-copy influence of each query set (lines)."""
+    import matplotlib.pyplot as plt
+
+    fitted = table[table.alpha.notna()]
+    fig, axes = plt.subplots(1, 3, figsize=(10, 3.4))
+    axes[0].boxplot([fitted[fitted.model == m].alpha.to_numpy() for m in order],
+                    tick_labels=list(order))  # fmt: skip
+    axes[0].axhspan(*ALPHA_RANGE, color=style.GREEN, alpha=0.15, label="paper")
+    axes[0].set_ylabel("exponent α")
+    axes[1].boxplot([table[table.model == m].top1_share.to_numpy() for m in order],
+                    tick_labels=list(order))  # fmt: skip
+    axes[1].axhspan(*TOP1_RANGE, color=style.GREEN, alpha=0.15, label="paper")
+    axes[1].set_ylabel("share held by the top 1%")
+    for qs in SETS:
+        sub = table[table.query_set == qs]
+        if len(sub):
+            best = sub.groupby("model").max_per_copy.max().reindex(list(order))
+            axes[2].plot(list(order), best.to_numpy(), "o-", color=style.query_set_color(qs),
+                         label=qs)  # fmt: skip
+    axes[2].axhline(1.0, color=style.BLACK, ls=":", lw=1)
+    axes[2].set_yscale("log")
+    axes[2].set_ylabel("largest per-copy influence (nats)")
+    axes[2].legend(loc="center left", bbox_to_anchor=(1.0, 0.5))
+    axes[0].legend(loc="upper right")
+    for ax in axes:
+        ax.set_xlabel("model size")
+    fig.tight_layout()
+    return fig
+
+
+def plot_memorisation(summary: pd.DataFrame, order: Sequence[str], k: int):
+    """The related share of the top-k per model size, quotes against facts, with intervals
+    and each set's corpus base rate (dotted)."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.2, 3.4))
+    for qs, g in summary.groupby("query_set", sort=False):
+        g = g.set_index("model").reindex(list(order))
+        colour = style.query_set_color(qs)
+        yerr = np.vstack([g.share - g.share_low, g.share_high - g.share]).clip(min=0)
+        ax.errorbar(list(order), g.share, yerr=np.nan_to_num(yerr), fmt="o-", capsize=3,
+                    color=colour, label=f"{qs}: top-{k}")  # fmt: skip
+        ax.axhline(g.base_rate.mean(), color=colour, ls=":", lw=1, label=f"{qs}: corpus")
+    ax.set_ylim(-0.03, 1.03)
+    ax.set_xlabel("model size")
+    ax.set_ylabel("share related to the query")
+    ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5))
+    fig.tight_layout()
+    return fig

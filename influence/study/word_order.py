@@ -11,13 +11,14 @@ bars per group per size and tokenwise heatmaps (`token_html`).
 from __future__ import annotations
 
 import html
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
-from scipy import stats
+
+from . import stats
 
 GROUPS = (
     "rewording",
@@ -35,29 +36,6 @@ GROUP_LABELS = {
     "flipped": "flipped",
     "flipped_no_prompt": "flipped, no prompt",
 }
-
-
-def bootstrap_ci(
-    values: np.ndarray,
-    stat: Callable[[np.ndarray], float] = np.mean,
-    n_boot: int = 1000,
-    level: float = 0.95,
-    seed: int = 0,
-) -> tuple[float, float]:
-    """Percentile bootstrap interval of `stat` over the rows of `values` (resampled together,
-    so a statistic of several columns, e.g. a ratio of means, keeps its pairing).
-    NaN for fewer than 2 rows."""
-    values = np.asarray(values, dtype=float)
-    if len(values) < 2:
-        return float("nan"), float("nan")
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(values), size=(n_boot, len(values)))
-    boots = np.array([stat(values[i]) for i in idx])
-    boots = boots[np.isfinite(boots)]
-    if len(boots) == 0:
-        return float("nan"), float("nan")
-    a = (1 - level) / 2
-    return float(np.quantile(boots, a)), float(np.quantile(boots, 1 - a))
 
 
 def group_frame(
@@ -114,14 +92,14 @@ def group_summary(frame: pd.DataFrame, n_boot: int = 1000, seed: int = 0) -> pd.
         sub = fm.loc[model]
         for g in sub.columns:
             v = sub[g].dropna().to_numpy()
-            lo, hi = bootstrap_ci(v, n_boot=n_boot, seed=seed)
+            ci = stats.bootstrap(v, n_boot=n_boot, seed=seed)
             rec.append(
                 {
                     "model": model,
                     "group": g,
-                    "mean": float(v.mean()),
-                    "lo": lo,
-                    "hi": hi,
+                    "mean": ci.estimate,
+                    "lo": ci.low,
+                    "hi": ci.high,
                     "facts": len(v),
                     "sequences": int(((frame["model"] == model) & (frame["group"] == g)).sum()),
                 }
@@ -129,9 +107,10 @@ def group_summary(frame: pd.DataFrame, n_boot: int = 1000, seed: int = 0) -> pd.
     return pd.DataFrame(rec)
 
 
-def _ratio_of_means(x: np.ndarray) -> float:
-    den = x[:, 1].mean()
-    return float(x[:, 0].mean() / den) if den != 0 else float("nan")
+def _ratio_of_means(a: np.ndarray, b: np.ndarray, axis: int = -1) -> np.ndarray:
+    den = np.mean(b, axis=axis)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(den != 0, np.mean(a, axis=axis) / den, np.nan)
 
 
 def flipped_ratio(
@@ -151,19 +130,18 @@ def flipped_ratio(
         sub = fm.loc[model][[numerator, denominator]].dropna()
         x = sub.to_numpy()
         wins = int((x[:, 0] > x[:, 1]).sum())
-        p = stats.binomtest(wins, len(x)).pvalue if len(x) else float("nan")
-        lo, hi = bootstrap_ci(x, _ratio_of_means, n_boot=n_boot, seed=seed)
+        ci = stats.bootstrap((x[:, 0], x[:, 1]), _ratio_of_means, n_boot=n_boot, seed=seed)
         rec.append(
             {
                 "model": model,
                 "numerator": float(x[:, 0].mean()),
                 "denominator": float(x[:, 1].mean()),
-                "ratio": _ratio_of_means(x),
-                "lo": lo,
-                "hi": hi,
+                "ratio": ci.estimate,
+                "lo": ci.low,
+                "hi": ci.high,
                 "facts": len(x),
                 "share_numerator_higher": wins / len(x) if len(x) else float("nan"),
-                "sign_test_p": float(p),
+                "sign_test_p": stats.sign_test(x[:, 0] - x[:, 1], over="facts").p,
             }
         )
     return pd.DataFrame(rec)
@@ -182,9 +160,7 @@ def paired_groups(frame: pd.DataFrame, a: str, b: str) -> pd.DataFrame:
     for model in frame["model"].unique():
         sub = fm.loc[model][[a, b]].dropna()
         d = (sub[a] - sub[b]).to_numpy()
-        p = float("nan")
-        if len(d) >= 2 and np.any(d != 0):
-            p = float(stats.wilcoxon(d).pvalue)
+        p = stats.wilcoxon(d, over="facts").p
         rec.append(
             {
                 "model": model,
@@ -211,7 +187,7 @@ def size_trend(gap: pd.DataFrame, small: str, large: str) -> dict:
     mean of each, the direction ("rises"/"falls"/"no change") and the Wilcoxon p-value."""
     sub = gap[[small, large]].dropna()
     d = (sub[large] - sub[small]).to_numpy()
-    p = float(stats.wilcoxon(d).pvalue) if len(d) >= 2 and np.any(d != 0) else float("nan")
+    p = stats.wilcoxon(d, over="facts").p
     mean_d = float(d.mean()) if len(d) else float("nan")
     word = "rises" if mean_d > 0 else "falls" if mean_d < 0 else "no change"
     return {
@@ -223,17 +199,6 @@ def size_trend(gap: pd.DataFrame, small: str, large: str) -> dict:
         "wilcoxon_p": p,
         "facts": len(d),
     }
-
-
-def direction(values: Sequence[float]) -> str:
-    """'rises', 'falls' or 'is not monotone' for a sequence ordered by model size."""
-    v = np.asarray(values, dtype=float)
-    d = np.diff(v)
-    if len(d) and np.all(d > 0):
-        return "rises"
-    if len(d) and np.all(d < 0):
-        return "falls"
-    return "is not monotone"
 
 
 def plot_groups(frame: pd.DataFrame, summary: pd.DataFrame, models: Sequence[str]):
@@ -329,30 +294,12 @@ def tokenwise(
     from .suite import query_dataset, train_dataset
 
     suite = st.suite
-    dtype = getattr(torch, st.config["dtype"])
-    net = suite.models[model].to(dtype).eval()
-    try:
-        task = inf.LanguageModelingTask(modules=st.config["modules"])
-        est = inf.EKFAC.load(st.paths[model] / "ekfac.safetensors", net, task)
-        train = train_dataset(suite, suite.corpus).select(list(train_ids))
-        rows = {"prompt": list(queries["prompt"]), "completion": list(queries["completion"])}
-        qd = query_dataset(suite.tokenizer, rows)
-        out = inf.pairwise_scores(net, task, est, qd, train, by_token=True, progress=progress)
-    finally:
-        suite.models[model].float()  # leave the suite's model as the suite made it
+    net, task, est = st.model(model), st.task, st.estimator(model)
+    train = train_dataset(suite, suite.corpus).select(list(train_ids))
+    rows = {"prompt": list(queries["prompt"]), "completion": list(queries["completion"])}
+    qd = query_dataset(suite.tokenizer, rows)
+    out = inf.pairwise_scores(net, task, est, qd, train, by_token=True, progress=progress)
     return out, train
-
-
-def markdown_table(df: pd.DataFrame) -> str:
-    """A GitHub-flavoured Markdown table of `df`'s columns (cells as str, pipes escaped)."""
-
-    def cell(x: Any) -> str:
-        return str(x).replace("|", "\\|").replace("\n", " ")
-
-    lines = ["| " + " | ".join(cell(c) for c in df.columns) + " |"]
-    lines.append("|" + "---|" * len(df.columns))
-    lines += ["| " + " | ".join(cell(x) for x in row) + " |" for row in df.itertuples(index=False)]
-    return "\n".join(lines)
 
 
 def span_share(contrib: Sequence[tuple[str, float]], text: str, span: str) -> float:
