@@ -57,7 +57,7 @@ ESTIMATORS: dict[str, type[Estimator]] = {
     "Identity": Identity,
 }
 SHARD_BYTES = 256 * 2**20  # default size of a shard
-BLOCK_BYTES = 256 * 2**20  # default memory cap of a search: rows read at once
+BLOCK_BYTES = 64 * 2**20  # default memory cap of a search: rows read at once
 
 
 def _check_estimator(estimator: Any) -> Estimator:
