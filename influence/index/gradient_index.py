@@ -740,7 +740,13 @@ def _build(
                 folder,
                 k,
                 rows,
-                {"key": key, "start": start, "stop": stop, "rows_per_shard": per_shard},
+                {
+                    "key": key,
+                    "start": start,
+                    "stop": stop,
+                    "rows_per_shard": per_shard,
+                    "rank": rank,
+                },
             )
             del rows
     shares = distributed.all_gather_objects(records)
