@@ -507,10 +507,14 @@ def _index_stages(
     row = sum(r * c for r, c in shapes.values())
     per_shard = max(1, min(SHARD_BYTES // (row * store_isz), n_rank))
     eigen = compression is not None and compression.kind == "eigen"
+    # The training side's projections and, whitened, the query side's (float64 and a copy
+    # in the model's dtype).
+    sides = 2 if getattr(compression, "whiten", False) else 1
     projections = (
         0
         if compression is None
-        else sum(
+        else sides
+        * sum(
             (i.out_features * shapes[n][0] + i.in_dim * shapes[n][1]) * (F64 + isz)
             for n, i in infos.items()
         )

@@ -95,7 +95,8 @@ def _brute_projected_scores(model, task, est, data, queries, projections, precon
         q = est.precondition(q)
     total = 0
     for n, p in projections.items():
-        tq = p.p_s.T @ q[n] @ p.p_a
+        u = p.query_side()
+        tq = u.p_s.T @ q[n] @ u.p_a
         if p.scale is not None:
             tq = tq * p.scale
         tn = p.p_s.T @ train[n] @ p.p_a
@@ -127,36 +128,61 @@ def test_eigen_compression_equals_brute_force_truncation(tmp_path, family):
     assert index.bytes_per_example == 8 * 6 * len(index.layers)
 
 
+@pytest.mark.parametrize("whiten", [False, True])
 @pytest.mark.parametrize("cls", ESTIMATORS, ids=lambda c: c.__name__)
-def test_random_compression_equals_brute_force_projection(tmp_path, cls):
-    """Queries preconditioned in full by the estimator, then projected like the training
-    gradients with the stored seeded Gaussian matrices."""
+def test_random_compression_equals_brute_force_projection(tmp_path, cls, whiten):
+    """Queries preconditioned in full by the estimator, then projected with the stored query
+    side's matrices, the training gradients with the training side's."""
     model, task, est, data, queries = lm_setup("gpt2", cls)
-    index = build(tmp_path, model, task, est, data, compression=inf.RandomCompression(4, 3))
-    proj = {n: p for n, p in index._projection().items()}
+    comp = inf.RandomCompression(4, 3, whiten=whiten)
+    index = build(tmp_path, model, task, est, data, compression=comp)
+    proj = index._projection()
+    whitened = whiten and cls is not inf.Identity
+    assert all((p.u_s is not None) == whitened for p in proj.values())
     want = _brute_projected_scores(model, task, est, data, queries, proj, True)
     assert rel(index.scores(model, task, queries), want) < TIGHT
-    again = C.layer_projections(inf.RandomCompression(4, 3), est, index.layers)
+    again = C.layer_projections(comp, est, index.layers)
     assert all(torch.equal(again[n].p_s, proj[n].p_s) for n in proj)  # seeded
     other = C.layer_projections(inf.RandomCompression(4, 3, seed=1), est, index.layers)
     assert not any(torch.equal(other[n].p_s, proj[n].p_s) for n in proj)
 
 
-def test_random_projection_is_unbiased():
-    """E over seeds of ⟨P_Sᵀ X P_A, P_Sᵀ G P_A⟩ = ⟨X, G⟩ (entries of variance 1/k): the mean
-    of 4,000 draws lands within 4 standard errors of the exact inner product."""
+class _Diagonal:
+    """A stand-in fitted Diagonal for one 6 × 5 layer whose curvature spans about 1e-4 to 1e4,
+    nearly separable (a row and a column term, and noise), as K-FAC-like curvature is."""
+
+    def __init__(self, gen):
+        self.damping_ = {"w": 1e-3}
+        rand = lambda *shape: torch.randn(*shape, generator=gen, dtype=torch.float64)  # noqa: E731
+        logs = 3 * rand(6, 1) + 3 * rand(1, 5) + 0.3 * rand(6, 5)
+        self.state_ = {"w::diagonal": logs.exp()}
+
+
+@pytest.mark.parametrize("whiten", [False, True])
+def test_random_projection_is_unbiased(whiten):
+    """E over seeds of ⟨U_Sᵀ X U_A, P_Sᵀ G P_A⟩ = ⟨X, G⟩: the mean of 4,000 draws lands within
+    4 standard errors of the exact inner product; whitening the sides of a preconditioned X
+    against a raw G (second moments about the curvature) shrinks the spread."""
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(6, 5, generator=gen, dtype=torch.float64)
-    g = x + 0.5 * torch.randn(6, 5, generator=gen, dtype=torch.float64)
+    est = _Diagonal(gen)
+    curv = est.state_["w::diagonal"] + est.damping_["w"]
+    g = torch.randn(6, 5, generator=gen, dtype=torch.float64) * curv.sqrt()
+    x = (g + 0.5 * torch.randn(6, 5, generator=gen, dtype=torch.float64) * curv.sqrt()) / curv
     info = {"w": inf.LayerInfo("w", 6, 5, False, False)}
     draws = []
     for seed in range(4000):
-        p = C.layer_projections(inf.RandomCompression(2, 2, seed=seed), None, info)["w"]
-        draws.append(((p.p_s.T @ x @ p.p_a) * (p.p_s.T @ g @ p.p_a)).sum())
+        comp = inf.RandomCompression(2, 2, seed=seed, whiten=whiten)
+        p = C.layer_projections(comp, est, info)["w"]
+        u = p.query_side()
+        draws.append(((u.p_s.T @ x @ u.p_a) * (p.p_s.T @ g @ p.p_a)).sum())
     draws = torch.stack(draws)
     exact = (x * g).sum()
     assert abs(draws.mean() - exact) < 4 * draws.std() / len(draws) ** 0.5
     assert draws.std() > 0.1 * exact.abs()  # a real spread: the test could fail
+    if whiten:
+        assert draws.std() < 2 * exact.abs()
+    else:
+        assert draws.std() > 5 * exact.abs()
 
 
 def test_projection_orders_agree(monkeypatch):

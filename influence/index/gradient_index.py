@@ -330,7 +330,7 @@ class GradientIndex:
                 tensors, _ = load_safetensors(self.path / storage.PROJECTIONS)
                 self._projections = {
                     n: LayerProjection(
-                        tensors[f"{n}::p_s"], tensors[f"{n}::p_a"], tensors.get(f"{n}::scale")
+                        *(tensors.get(f"{n}::{f}") for f in ("p_s", "p_a", "scale", "u_s", "u_a"))
                     )
                     for n in self.layers
                 }
@@ -396,7 +396,7 @@ class GradientIndex:
             ):
                 x = None
                 for n, (a, g) in terms.items():
-                    p = projections[n].to(a)
+                    p = projections[n].query_side().to(a)
                     c = project(a, g, p).mul_(p.scale)
                     if x is None:
                         x = a.new_zeros(len(idx), self.row_size)
@@ -419,7 +419,7 @@ class GradientIndex:
         first = next(iter(pre.values()))
         x = first.new_zeros(len(first), self.row_size)
         for n, p in pre.items():
-            proj = projections[n].to(p)
+            proj = projections[n].query_side().to(p)
             if proj.p_s is not None:
                 p = proj.p_s.T @ p @ proj.p_a
             x[:, offsets[n] : offsets[n] + sizes[n]] = p.reshape(len(p), -1)
@@ -594,9 +594,9 @@ def _save_projections(folder: Path, projections: dict[str, LayerProjection]) -> 
     for n, p in projections.items():
         if p.p_s is None:
             continue
-        tensors[f"{n}::p_s"], tensors[f"{n}::p_a"] = p.p_s, p.p_a
-        if p.scale is not None:
-            tensors[f"{n}::scale"] = p.scale
+        for f in ("p_s", "p_a", "scale", "u_s", "u_a"):
+            if getattr(p, f) is not None:
+                tensors[f"{n}::{f}"] = getattr(p, f)
     if tensors:
         atomic_save_safetensors(tensors, folder / storage.PROJECTIONS)
 
