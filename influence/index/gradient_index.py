@@ -28,10 +28,9 @@ from ..ekfac import EKFAC
 from ..estimator import Estimator
 from ..gradients import iter_layer_terms, num_examples, resolve_device
 from ..identity import Identity
-from ..io import atomic_save_safetensors, load_safetensors, weights_fingerprint
-from ..kfac import KFAC
+from ..io import atomic_path, atomic_save_safetensors, load_safetensors, weights_fingerprint
+from ..kfac import KFAC, Workspace, eigenbasis_gradients
 from ..layers import LayerInfo, layer_infos
-from ..scores import preconditioned_queries
 from ..tables import topk_table
 from ..tasks import Task
 from . import storage
@@ -147,6 +146,7 @@ class GradientIndex:
         self.compression: Compression = compression_from_config(manifest["compression"])
         self.dtype: torch.dtype = storage.DTYPES[manifest["dtype"]]
         self._projections: dict[str, LayerProjection] | None = None
+        self._faiss: dict[Path, Any] = {}  # FAISS indexes opened so far, by file
 
     def __repr__(self) -> str:
         e = self.manifest["estimator"]
@@ -373,57 +373,90 @@ class GradientIndex:
         its scores are its inner products with the stored rows (zeros for layers the task does
         not track: they add nothing)."""
         checks.check_score_args(batch_size=batch_size, device=device, progress=progress)
+        checks.check_model(model)
+        with checks.restore_model_on_error(model):
+            return self._query_vectors(model, task, queries, batch_size, device, progress)
+
+    def _query_vectors(self, model, task, queries, batch_size, device, progress) -> torch.Tensor:
         model = distributed.unwrap_model(model)
         layers = self._query_layers(model, task)
-        projections = self._projection()
         offsets = {n: v["offset"] for n, v in self.layout.items()}
         sizes = {n: math.prod(v["stored"]) for n, v in self.layout.items()}
         dev = resolve_device(model, device)
-        if isinstance(self.compression, EigenCompression):
-            # Coefficients of the query's gradient on the kept eigenvectors, divided by Λ + λ:
-            # EK-FAC's preconditioning, diagonal in that basis.
-            parts, indices = [], []
-            for idx, _, terms, _, _ in iter_layer_terms(
-                model,
-                task,
-                queries,
-                layers=layers,
-                measurement=True,
-                batch_size=batch_size,
-                device=dev,
-                progress=progress,
-                desc="queries",
-            ):
-                x = None
-                for n, (a, g) in terms.items():
-                    p = projections[n].query_side().to(a)
-                    c = project(a, g, p).mul_(p.scale)
-                    if x is None:
-                        x = a.new_zeros(len(idx), self.row_size)
-                    x[:, offsets[n] : offsets[n] + sizes[n]] = c.reshape(len(idx), -1)
-                parts.append(x)
-                indices.append(idx)
-            if not parts:
-                raise ValueError("query data is empty")
-            order = torch.argsort(torch.cat(indices))
-            return torch.cat(parts)[order.to(parts[0].device)]
-        pre = preconditioned_queries(
+        layer_vectors = self._query_map(model)
+        parts, indices = [], []
+        for idx, _, terms, _, _ in iter_layer_terms(
             model,
             task,
-            self._estimator(model),
             queries,
+            layers=layers,
+            measurement=True,
             batch_size=batch_size,
             device=dev,
             progress=progress,
-        )
-        first = next(iter(pre.values()))
-        x = first.new_zeros(len(first), self.row_size)
-        for n, p in pre.items():
-            proj = projections[n].query_side().to(p)
-            if proj.p_s is not None:
-                p = proj.p_s.T @ p @ proj.p_a
-            x[:, offsets[n] : offsets[n] + sizes[n]] = p.reshape(len(p), -1)
+            desc="queries",
+        ):
+            a0 = next(iter(terms.values()))[0]
+            x = a0.new_zeros(len(idx), self.row_size)
+            for n, c in layer_vectors(terms).items():
+                x[:, offsets[n] : offsets[n] + sizes[n]] = c.reshape(len(idx), -1)
+            parts.append(x)
+            indices.append(idx)
+            del terms, a0
+        if not parts:
+            raise ValueError("query data is empty")
+        order = torch.argsort(torch.cat(indices))
+        x = torch.cat(parts)[order.to(parts[0].device)]
+        checks.check_finite_queries({"all layers": x})
         return x
+
+    def _query_map(self, model: nn.Module):
+        """A function from one batch's query terms {layer: (ā, g)} to {layer: its stored form
+        of the preconditioned query gradients, [B, ...]}."""
+        projections = self._projection()
+        if isinstance(self.compression, EigenCompression):
+            # Coefficients on the kept eigenvectors, divided by Λ + λ: EK-FAC's
+            # preconditioning, diagonal in that basis. No estimator is loaded.
+            def eigen(terms):
+                out = {}
+                for n, (a, g) in terms.items():
+                    p = projections[n].to(a)
+                    out[n] = project(a, g, p).mul_(p.scale)
+                return out
+
+            return eigen
+        est = self._estimator(model)
+        if isinstance(self.compression, RandomCompression) and isinstance(est, KFAC):
+            # U_Sᵀ (Q_S Y Q_Aᵀ) U_A = (Q_Sᵀ U_S)ᵀ Y (Q_Aᵀ U_A), Y the preconditioned gradient in
+            # the eigenbasis: the rotation back out of it, the query side's largest product,
+            # is never made.
+            sides = {}
+            for n, p in projections.items():
+                u = p.query_side()
+                qs, qa = est.state_[f"{n}::eigvecs_S"], est.state_[f"{n}::eigvecs_A"]
+                sides[n] = (qs.T @ u.p_s, qa.T @ u.p_a)
+
+            def eigenbasis(terms):
+                out, workspace = {}, Workspace()
+                for n, (a, g) in terms.items():
+                    qa, qs = est._bases(n, a)
+                    y = eigenbasis_gradients(a, g, qa, qs, workspace, n)
+                    y = y * est._inverse_eigenvalues(n, a)
+                    v_s, v_a = (v.to(a) for v in sides[n])
+                    out[n] = v_s.T @ y @ v_a
+                return out
+
+            return eigenbasis
+
+        # As pairwise_scores preconditions its queries, then (random compression) projected.
+        def dense(terms):
+            out = {}
+            for n, x in est.precondition_terms(terms).items():
+                u = projections[n].query_side().to(x)
+                out[n] = x if u.p_s is None else u.p_s.T @ x @ u.p_a
+            return out
+
+        return dense
 
     def _blocks(self, like: torch.Tensor, memory_cap: int):
         for start, rows in storage.iter_blocks(
@@ -484,7 +517,7 @@ class GradientIndex:
         [Q, N] matrix); `search="faiss"` asks an inverted-file FAISS index (built on first
         use and stored beside the shards, see `faiss_index`) probing `nprobe` of its lists:
         approximate, much faster on large indexes (needs `pip install faiss-cpu`); `nlist`
-        picks the FAISS index (default 4·√N lists)."""
+        picks the FAISS index (default √N lists)."""
         k = checks.positive_int("k", k)
         checks.boolean("largest", largest)
         memory_cap = checks.positive_int("memory_cap", memory_cap)
@@ -524,10 +557,13 @@ class GradientIndex:
 
     # -- approximate search -----------------------------------------------------------------
     def faiss_index(self, nlist: int | None = None, *, seed: int = 0):
-        """An inverted-file FAISS index (`IndexIVFFlat`, inner product) of the stored rows,
-        with `nlist` lists (default 4·√N) trained by k-means on a seeded sample; built once
-        and saved beside the shards (keyed by their checksums). It holds every row in
-        float32 in memory, unlike exact search."""
+        """An inverted-file FAISS index of the stored rows for inner-product search, with
+        `nlist` lists (default √N) trained by k-means on a seeded sample of
+        max(40·nlist, 10,000) rows: `IndexIVFFlat` (float32 rows) for a float32 or float64
+        index, `IndexIVFScalarQuantizer` (float16 rows) for a 16-bit one. Built once, saved
+        beside the shards under a name keyed by their checksums, and kept open. It holds every
+        row in memory (the index's size, or twice it for float32 from float64), unlike exact
+        search."""
         try:
             import faiss
         except ImportError:  # pragma: no cover - the extra is installed in the tests
@@ -536,30 +572,37 @@ class GradientIndex:
                 "pip install 'influence[index]')"
             ) from None
         n = self.num_examples
-        nlist = checks.positive_int("nlist", nlist, allow_none=True) or max(1, round(4 * n**0.5))
+        nlist = checks.positive_int("nlist", nlist, allow_none=True) or max(1, round(n**0.5))
         nlist = min(nlist, n)
         content = hashlib.sha256("".join(s["sha256"] for s in self.shards).encode()).hexdigest()
         path = self.path / f"faiss-ivf{nlist}-seed{seed}-{content[:16]}.index"
+        if path in self._faiss:
+            return self._faiss[path]
         if path.exists():
-            return faiss.read_index(str(path))
+            self._faiss[path] = faiss.read_index(str(path))
+            return self._faiss[path]
         gen = torch.Generator().manual_seed(seed)
-        sample_size = min(n, max(64 * nlist, 10_000))
-        wanted = torch.randperm(n, generator=gen)[:sample_size].sort().values
+        wanted = torch.randperm(n, generator=gen)[: min(n, max(40 * nlist, 10_000))].sort().values
         like = torch.empty(0, dtype=torch.float32)
         sample = []
         for start, rows in self._blocks(like, BLOCK_BYTES):
             pick = wanted[(wanted >= start) & (wanted < start + len(rows))] - start
             sample.append(rows[pick].clone())
-        quantizer = faiss.IndexFlatIP(self.row_size)
-        ivf = faiss.IndexIVFFlat(quantizer, self.row_size, nlist, faiss.METRIC_INNER_PRODUCT)
+        d, ip = self.row_size, faiss.METRIC_INNER_PRODUCT
+        quantizer = faiss.IndexFlatIP(d)
+        if self.dtype in (torch.float16, torch.bfloat16):
+            fp16 = faiss.ScalarQuantizer.QT_fp16
+            ivf = faiss.IndexIVFScalarQuantizer(quantizer, d, nlist, fp16, ip)
+        else:
+            ivf = faiss.IndexIVFFlat(quantizer, d, nlist, ip)
         ivf.cp.seed = seed
         ivf.train(torch.cat(sample).numpy())
+        del sample
         for _, rows in self._blocks(like, BLOCK_BYTES):
             ivf.add(rows.numpy())
-        from ..io import atomic_path
-
         with atomic_path(path) as tmp:
             faiss.write_index(ivf, str(tmp))
+        self._faiss[path] = ivf
         return ivf
 
     def _faiss_search(self, x: torch.Tensor, k: int, nlist: int | None, nprobe: int):
