@@ -13,16 +13,18 @@ Per size, in its own process (so that peaks are per size), each stage timed once
 CPU time (`time.process_time`, both threads):
 1. epoch: one plain forward+backward pass (weight gradients) over the accuracy subset, and
    the EK-FAC fit on the first `--fit` sequences (the estimator every index is built with);
-2. `pairwise_scores` of the queries over the first S/2 and S sequences (S = `--subset`):
-   its time is linear in N (the two sizes show it), so the pass over all N is extrapolated
-   from them, unless `--exact-all` scores all N; the scores of the S sequences are the exact
-   EK-FAC reference of every accuracy figure;
+2. `pairwise_scores` of the queries over the first S/4, S/2 and S sequences (S =
+   `--subset`): its time is linear in N (a line through the three fits each within the
+   printed share), so the pass over all N is extrapolated by that line, unless `--exact-all`
+   scores all N; the scores of the S sequences are the exact EK-FAC reference of every
+   accuracy figure;
 3. the table: for each compression an index of the S sequences, its Pearson correlation
    with the exact scores (per query, over the S sequences, averaged over queries), its top-10
    recall (the share of each query's exact top 10 it puts in its own top 10), bytes per
    example and its build and query times there;
 4. the headline compression (`--headline`; default: the table's smallest index with curvature
-   whose top-10 recall reaches 0.9, or else its most accurate): an index of all N sequences,
+   whose top-10 recall reaches 0.9, or else its most accurate, among those of at most
+   `--max-index-gib` at N): an index of all N sequences,
    its build time over
    the pairwise pass (target ≤ 2×), 32 queries through it over the pairwise pass (target
    ≥ 100×), exact top-10 search, and FAISS (inverted lists, `--nprobe`) with its top-10
@@ -205,8 +207,8 @@ def run_size(args) -> None:
         f"{args.fit}: {t_fit.wall:.1f} s (cpu {t_fit.cpu:.1f} s)"
     )
 
-    # -- pairwise_scores: two subset sizes, linear in N ------------------------------------
-    sizes = sorted({max(1, s // 2), s} | ({n} if args.exact_all else set()))
+    # -- pairwise_scores: three subset sizes, linear in N ----------------------------------
+    sizes = sorted({max(1, s // 4), max(2, s // 2), s} | ({n} if args.exact_all else set()))
     timed = {}
     for m in sizes:
         part = {k: v[:m] for k, v in train.items()}
@@ -221,16 +223,27 @@ def run_size(args) -> None:
             f"pairwise_scores over {m}: {t.wall:.1f} s (cpu {t.cpu:.1f} s), "
             f"{t.wall / m * 1e3:.2f} ms per sequence"
         )
-    (m1, t1), (m2, t2) = list(timed.items())[:2]
-    slope_w, slope_c = (t2.wall - t1.wall) / (m2 - m1), (t2.cpu - t1.cpu) / (m2 - m1)
-    pairwise_n = timed[n] if n in timed else None
-    pw_wall = pairwise_n.wall if pairwise_n else t2.wall + slope_w * (n - m2)
-    pw_cpu = pairwise_n.cpu if pairwise_n else t2.cpu + slope_c * (n - m2)
-    how = "measured" if pairwise_n else f"extrapolated linearly from {m1} and {m2}"
+    subsets = [m for m in timed if m <= s]
+    fits = {}
+    for what in ("wall", "cpu"):
+        x = torch.tensor(subsets, dtype=torch.float64)
+        y = torch.tensor([getattr(timed[m], what) for m in subsets], dtype=torch.float64)
+        slope, intercept = (
+            torch.linalg.lstsq(torch.stack([x, torch.ones_like(x)], 1), y[:, None])
+            .solution.flatten()
+            .tolist()
+        )
+        worst = float(((slope * x + intercept - y).abs() / y).max())
+        fits[what] = (slope, intercept, worst)
+    pairwise_n = timed.get(n)
+    pw_wall = pairwise_n.wall if pairwise_n else fits["wall"][0] * n + fits["wall"][1]
+    pw_cpu = pairwise_n.cpu if pairwise_n else fits["cpu"][0] * n + fits["cpu"][1]
+    how = "measured" if pairwise_n else f"extrapolated by a line through {subsets}"
     print(
-        f"pairwise_scores over all {n}: {pw_wall:.0f} s (cpu {pw_cpu:.0f} s), {how}; "
-        f"per-sequence time at {m1} and {m2}: {t1.wall / m1 * 1e3:.2f} and "
-        f"{t2.wall / m2 * 1e3:.2f} ms (marginal {slope_w * 1e3:.2f} ms)"
+        f"pairwise_scores over all {n}: {pw_wall:.0f} s (cpu {pw_cpu:.0f} s), {how}: "
+        f"{fits['wall'][0] * 1e3:.2f} ms per sequence + {fits['wall'][1]:.1f} s (cpu "
+        f"{fits['cpu'][0] * 1e3:.2f} ms + {fits['cpu'][1]:.1f} s); the line is within "
+        f"{fits['wall'][2]:.0%} (cpu {fits['cpu'][2]:.0%}) of every subset's time"
     )
     if pick is not None:
         related = torch.stack([(pick[:s] == f).any(1) for f in asked])
@@ -278,12 +291,14 @@ def run_size(args) -> None:
     if headline == "auto":
         # The smallest index whose top-10 recall reaches 0.9 (of those with curvature), or
         # else the most accurate.
-        curved = {k: v for k, v in measured.items() if not k.startswith("dot")}
+        fits_disk = lambda k: measured[k][1] * n <= args.max_index_gib * 2**30  # noqa: E731
+        curved = {k: v for k, v in measured.items() if not k.startswith("dot") and fits_disk(k)}
         good = [k for k, (r, _) in curved.items() if r >= 0.9]
         headline = (
             min(good, key=lambda k: curved[k][1]) if good else max(curved, key=lambda k: curved[k])
         )
         why = "the smallest with top-10 recall >= 0.9" if good else "none reached 0.9: the best"
+        why += f" of those within {args.max_index_gib:g} GiB at N = {n}"
         print(f"headline compression: {headline} ({why})")
     name, comp, use_dot, dtype = parse(headline)
     plan = inf.memory_plan(
@@ -412,18 +427,20 @@ def main() -> None:
         "--table",
         nargs="+",
         default=[
-            "eigen:16",
-            "eigen:32",
+            "eigen:16:16",
+            "eigen:32:16",
             "eigen:64:16",
-            "random:32",
-            "white:16",
+            "random:32:16",
+            "white:16:16",
             "white:32",
+            "white:32:16",
             "white:64:16",
-            "dot:32",
+            "dot:32:16",
         ],
     )
     ap.add_argument("--headline", default="auto", help="a compression, or 'auto'")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--max-index-gib", type=float, default=6.0, help="headline 'auto' limit")
     ap.add_argument("--nlist", type=int, default=None)
     ap.add_argument("--nprobe", type=int, nargs="+", default=[4, 16, 64])
     ap.add_argument("--repeats", type=int, default=2)

@@ -487,7 +487,6 @@ def _index_stages(
     model_bytes: int,
     infos: dict[str, LayerInfo],
     score_cost: _PassCost,
-    query_stage: Stage,
     *,
     compression: Compression,
     factors: int,
@@ -546,16 +545,25 @@ def _index_stages(
         },
     )
     q_vectors = num_queries * row * isz
+    bq = min(batch, num_queries)
+    query_pass = score_cost.peak(bq) + score_cost.term_bytes(bq) + q_vectors
     if eigen:
-        bq = min(batch, num_queries)
-        widest = max(infos, key=lambda n: layer_temp(n, bq))
-        query_pass = score_cost.peak(bq) + score_cost.term_bytes(bq) + layer_temp(widest, bq)
+        # Tokens projected on the kept eigenvectors; no estimator is loaded.
+        query_pass += max(layer_temp(n, bq) for n in infos)
         loaded = projections
+    elif compression is None:
+        # The batch's preconditioned gradients of every layer (estimator.precondition_terms:
+        # per layer its eigenbasis gradients and two [B, out, in'] temporaries).
+        dense = sum(bq * i.numel * isz for i in infos.values())
+        widest = max(i.numel for i in infos.values())
+        query_pass += dense + 2 * bq * widest * isz + _workspace_bytes(infos, bq, t, isz)
+        loaded = factors
     else:
-        # preconditioned_queries as in pairwise_scores (its own stage: the pass and the
-        # stored dense queries), then the stored queries beside their vectors.
-        stored = query_stage.parts["stored queries"]
-        query_pass = max(query_stage.bytes - model_bytes - factors, stored + q_vectors)
+        # One layer at a time in the eigenbasis (the workspace's buffers, scaled in place, or
+        # a layer's gradients and their rotation) and projected there: no dense
+        # preconditioned queries.
+        widest = max(i.numel for i in infos.values())
+        query_pass += max(_workspace_bytes(infos, bq, t, isz), 2 * bq * widest * isz)
         loaded = factors + projections
     block = max(1, min(memory_cap // (row * store_isz), n_rank))
     # The vectors, a block read, its copy in the queries' dtype, its [Q, rows] product, and
@@ -661,17 +669,13 @@ def memory_plan(
         planned = _stages(model_bytes, infos, cost, score_cost, **kw)
         if index is False:
             return planned
-        # The index's queries are preconditioned in full (no rank), as pairwise_scores does.
-        full = {
-            s.name: s for s in _stages(model_bytes, infos, cost, score_cost, **{**kw, "rank": None})
-        }
+        stored = next(st for st in planned if st.name == "stored factors")
         return planned + _index_stages(
             model_bytes,
             infos,
             score_cost,
-            full["queries"],
             compression=None if index is True else index,
-            factors=full["stored factors"].parts["factors (float64)"],
+            factors=stored.parts["factors (float64)"],
             batch=b,
             n_rank=n_rank,
             num_train=num_train,

@@ -46,6 +46,10 @@ CHILD = textwrap.dedent(
     if case == "eigen":
         width, n, q, bs, seq, vocab = 512, 96, 16, 16, 64, 8192
         compression, dtype, cap = inf.EigenCompression(32, 32), torch.float16, 2**20
+    elif case == "random":  # queries in the eigenbasis, one layer at a time
+        width, n, q, bs, seq, vocab = 512, 96, 16, 16, 64, 8192
+        compression = inf.RandomCompression(32, 32, whiten=True)
+        dtype, cap = torch.float32, 2**20
     else:  # uncompressed: the stored rows and the dense queries dominate
         width, n, q, bs, seq, vocab = 256, 48, 8, 8, 32, 2048
         compression, dtype, cap = None, torch.float32, 64 * 2**20
@@ -95,7 +99,7 @@ def measurements() -> dict[str, dict]:
             env=env,
             cwd=ROOT,
         )
-        for case in ("eigen", "none")
+        for case in ("eigen", "random", "none")
     }
     out = {}
     for case, proc in procs.items():
@@ -105,7 +109,7 @@ def measurements() -> dict[str, dict]:
     return out
 
 
-@pytest.mark.parametrize("case", ["eigen", "none"])
+@pytest.mark.parametrize("case", ["eigen", "random", "none"])
 @pytest.mark.parametrize("stage", ["index: build", "index: search"])
 def test_index_plan_within_25_percent_of_measured_peaks(measurements, case, stage):
     meas = measurements[case]["measured"][stage]

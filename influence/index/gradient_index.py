@@ -440,8 +440,9 @@ class GradientIndex:
                 out, workspace = {}, Workspace()
                 for n, (a, g) in terms.items():
                     qa, qs = est._bases(n, a)
+                    # In place: the eigenbasis gradients are a workspace buffer, used up here.
                     y = eigenbasis_gradients(a, g, qa, qs, workspace, n)
-                    y = y * est._inverse_eigenvalues(n, a)
+                    y.mul_(est._inverse_eigenvalues(n, a))
                     v_s, v_a = (v.to(a) for v in sides[n])
                     out[n] = v_s.T @ y @ v_a
                 return out
