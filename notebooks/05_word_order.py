@@ -62,7 +62,7 @@ with report.stage("scores"):
     st = study_scores(suite, preset, progress=False)
 models = st.models
 small, large = models[0], models[-1]
-train = st.train_frame()
+cands = st.candidate_frame("word_order")  # hypothetical sequences, never trained on
 queries = st.queries("word_order")
 print(f"{len(queries)} word-order facts; models {models}; {st.n_train} training sequences")
 
@@ -74,7 +74,7 @@ print(f"{len(queries)} word-order facts; models {models}; {st.n_train} training 
 
 # %%
 frame = pd.concat(
-    [wo.group_frame(st.per_copy(m, "word_order"), queries, train, m) for m in models],
+    [wo.group_frame(st.candidate_per_copy(m, "word_order"), queries, cands, m) for m in models],
     ignore_index=True,
 )
 q0 = queries.iloc[0]
@@ -149,7 +149,9 @@ with report.stage("tokenwise"):
         for qi, q in shown.iterrows():
             seqs = frame[(frame.model == m) & (frame["query"] == qi) & (frame.template_id == 0)]
             seqs = seqs.set_index("group").loc[cfg["token_groups"]]
-            bt, sub = wo.tokenwise(st, m, shown.loc[[qi]], seqs.train_id.tolist())
+            bt, sub = wo.tokenwise(
+                st, m, shown.loc[[qi]], seqs.train_id.tolist(), candidates="word_order"
+            )
             for j, (g, s) in enumerate(seqs.iterrows()):
                 contrib = wo.token_contributions(
                     bt[0, j], sub[j]["input_ids"].tolist(), sub[j]["labels"].tolist()
