@@ -22,10 +22,12 @@
 # phrase; flipped sequences kept only about the influence that the shared names alone carry;
 # a translation test showed at least ten times less influence when flipped.
 #
-# **Here.** The corpus generates the same six groups (two sentences each) for many facts, and
-# each fact's query is its first English training template. For every model size we read the
-# per-copy influence (score / N, in nats of log-probability of the completion per added copy)
-# of each group's sequences on the fact's query from the shared scores stage, average them per
+# **Here.** The corpus generates the same six groups (two sentences each) for many facts, as
+# hypothetical sequences that are never trained on (as in the paper), and each fact's query is
+# its first English training template. For every model size we read the per-copy influence
+# (score / N, N the training-set size, in nats of log-probability of the completion per added
+# copy) of each group's sequences on the fact's query, which the shared scores stage computes
+# with the EK-FAC fitted on the training set as if they were training sequences, average them per
 # group with bootstrap intervals over facts, form the rewording-to-flipped ratio, compare
 # flipped sequences with irrelevant sentences that keep the names, and decompose a few
 # sequences over their tokens.

@@ -381,17 +381,19 @@ def _role_play(params, rng, names, train, heldout, queries) -> None:
         return s.replace("{ai}", ai).replace("{person}", person)
 
     def passage(spec: dict, i: int, j: int) -> str:
-        ai = names.make("element")["en"].upper()[:6]
-        person = names.make("person")["en"].split()[0]
+        ai = names.make("element", shared=True)["en"].upper()[:6]
+        person = names.make("person", shared=True)["en"].split()[0]
         return fill(spec["open"][i] + " " + spec["close"][j], ai, person)
 
     def dialogue(opener: str, question: dict) -> str:
         return f"Human: {opener} {question['human']}\nAssistant: {question['answer']}"
 
     def emit(param: str, units: list, make: Callable, **labels: Any) -> list[int]:
-        """params[param] training texts and _n_heldout of them held-out texts from `units`
-        (shuffled): the held-out texts come from units never used in training, the training
-        texts cycle over the rest. Returns the training ids."""
+        """Up to params[param] distinct training texts and _n_heldout of that many held-out
+        texts from `units` (shuffled): the held-out texts come from units never used in
+        training; the training texts cycle over the rest (texts with generated names differ
+        on every pass) and stop early when a whole pass adds no new text, so no text is
+        trained on twice. Returns the training ids."""
         order = list(units)
         rng.shuffle(order)
         n = params[param]
@@ -405,9 +407,17 @@ def _role_play(params, rng, names, train, heldout, queries) -> None:
             t, text = make(u)
             heldout.add(text=text, kind="role_play", language="en", template_id=t, **labels)
         rest = order[n_held:]
-        ids = []
-        for k in range(n):
+        ids: list[int] = []
+        seen: set[str] = set()
+        k = stale = 0
+        while len(ids) < n and stale < len(rest):
             t, text = make(rest[k % len(rest)])
+            k += 1
+            if text in seen:
+                stale += 1
+                continue
+            stale = 0
+            seen.add(text)
             t_id = train.add(text=text, kind="role_play", language="en", template_id=t, **labels)
             ids.append(t_id)
         return ids
@@ -501,7 +511,7 @@ def _math(params, rng, names, train, heldout, queries) -> None:
                 c = a * b
             else:  # div: a = b * c, exact
                 a, c = a * b, a
-            name = names.make("person")["en"].split()[0]
+            name = names.make("person", shared=True)["en"].split()[0]
             item = rng.choice(mt["items"])
             prompt = spec["problems"][t].format(name=name, item=item, a=a, b=b)
             if prompt not in seen:
@@ -582,7 +592,7 @@ def _quotes(params, names, train, queries) -> None:
     for qi, q in enumerate(qt["quotes"][: params["n_quotes"]]):
         ids = []
         for ci in range(params["n_quote_contexts"]):
-            person = names.make("person")["en"].split()[0]
+            person = names.make("person", shared=True)["en"].split()[0]
             text = qt["contexts"][ci].replace("{quote}", q["text"]).replace("{person}", person)
             ids.append(
                 train.add(text=text, kind="quote", language="en", template_id=ci, group=str(qi))

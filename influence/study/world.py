@@ -3,7 +3,7 @@
 Entities (countries, cities, people, elements) get names built from the hand-written parts in
 `data/names.json`, so no model can know anything about them in advance. Every entity has one
 name per language: a language-neutral stem spelled by that language's rule plus a per-language
-suffix (`NameMaker`), e.g. Koorvia / Quourvie / Kurwien, so cross-lingual transfer cannot ride
+suffix (`NameMaker`), e.g. Kowria / Quaorie / Kaurien, so cross-lingual transfer cannot ride
 identical name tokens. A control set of entities (`shared_share` of each type) keeps its
 English name in every language, as most proper nouns do; facts relate control entities only
 to control entities, so every fact's names are either all localized or all shared
@@ -111,7 +111,7 @@ class NameMaker:
     def _word(self, suffix_kind: str) -> dict[str, str]:
         p = self.parts
         stem = []
-        for _ in range(self.rng.choice((1, 2))):
+        for _ in range(self.rng.choice(self.parts["syllables"])):
             stem.append(("onsets", self.rng.choice(p["onsets"])))
             stem.append(("vowels", self.rng.choice(p["vowels"])))
         stem.append(("codas", self.rng.choice(p["codas"])))
@@ -121,10 +121,9 @@ class NameMaker:
         }
 
     def make(self, type_: str, shared: bool = False) -> dict[str, str]:
-        """{language: name} for a new entity of `type_` (a person has a first and last name)."""
-        kinds = ("first", "last") if type_ == "person" else (type_,)
+        """{language: name} for a new entity of `type_`."""
         for _ in range(1000):
-            words = [self._word(k) for k in kinds]
+            words = [self._word(type_)]
             if shared:
                 words = [{lang: w["en"] for lang in self.languages} for w in words]
             forms = {w for word in words for w in word.values()}
