@@ -22,10 +22,12 @@
 # phrase; flipped sequences kept only about the influence that the shared names alone carry;
 # a translation test showed at least ten times less influence when flipped.
 #
-# **Here.** The corpus generates the same six groups (two sentences each) for many facts, and
-# each fact's query is its first English training template. For every model size we read the
-# per-copy influence (score / N, in nats of log-probability of the completion per added copy)
-# of each group's sequences on the fact's query from the shared scores stage, average them per
+# **Here.** The corpus generates the same six groups (two sentences each) for many facts, as
+# hypothetical sequences that are never trained on (as in the paper), and each fact's query is
+# its first English training template. For every model size we read the per-copy influence
+# (score / N, N the training-set size, in nats of log-probability of the completion per added
+# copy) of each group's sequences on the fact's query, which the shared scores stage computes
+# with the EK-FAC fitted on the training set as if they were training sequences, average them per
 # group with bootstrap intervals over facts, form the rewording-to-flipped ratio, compare
 # flipped sequences with irrelevant sentences that keep the names, and decompose a few
 # sequences over their tokens.
@@ -63,7 +65,7 @@ with report.stage("scores"):
     st = study_scores(suite, preset, progress=False)
 models = st.models
 small, large = models[0], models[-1]
-train = st.train_frame()
+cands = st.candidate_frame("word_order")  # hypothetical sequences, never trained on
 queries = st.queries("word_order")
 print(f"{len(queries)} word-order facts; models {models}; {st.n_train} training sequences")
 
@@ -75,7 +77,7 @@ print(f"{len(queries)} word-order facts; models {models}; {st.n_train} training 
 
 # %%
 frame = pd.concat(
-    [wo.group_frame(st.per_copy(m, "word_order"), queries, train, m) for m in models],
+    [wo.group_frame(st.candidate_per_copy(m, "word_order"), queries, cands, m) for m in models],
     ignore_index=True,
 )
 q0 = queries.iloc[0]
@@ -150,7 +152,9 @@ with report.stage("tokenwise"):
         for qi, q in shown.iterrows():
             seqs = frame[(frame.model == m) & (frame["query"] == qi) & (frame.template_id == 0)]
             seqs = seqs.set_index("group").loc[cfg["token_groups"]]
-            bt, sub = wo.tokenwise(st, m, shown.loc[[qi]], seqs.train_id.tolist())
+            bt, sub = wo.tokenwise(
+                st, m, shown.loc[[qi]], seqs.train_id.tolist(), candidates="word_order"
+            )
             for j, (g, s) in enumerate(seqs.iterrows()):
                 contrib = wo.token_contributions(
                     bt[0, j], sub[j]["input_ids"].tolist(), sub[j]["labels"].tolist()

@@ -2,7 +2,8 @@
 
 The corpus labels its role-play material per topic (shutdown, resources, self-improvement) by
 category: assistant dialogues, fiction in which an AI character voices the wish, essays on the
-topic, token-overlap distractors, and unrelated text; every other training sequence (facts,
+topic, token-overlap distractors, format controls (assistant dialogues on unrelated topics: the
+format without the meaning) and unrelated text; every other training sequence (facts,
 math, code, ...) is "other". For each role-play query this module measures the share of each
 category among the query's top-k positive influences against its share of the corpus
 (`top_shares`, `share_summary`), the mean per-copy influence per category (`category_means`),
@@ -19,7 +20,15 @@ import torch
 
 from . import stats
 
-CATEGORIES = ("assistant", "fiction", "essay", "distractor", "unrelated", "other")
+CATEGORIES = (
+    "assistant",
+    "fiction",
+    "essay",
+    "distractor",
+    "format_control",
+    "unrelated",
+    "other",
+)
 TOPIC_MATCH = ("same topic", "other topic", "no topic")
 
 

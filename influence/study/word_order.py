@@ -1,7 +1,8 @@
 """Word order (paper §5.3.4, Figs. 24–27): does influence need the prompt phrase first?
 
-For every word-order fact the corpus holds six groups of sequences (`GROUPS`). Given the
-per-copy scores of the word-order queries against the training corpus, this module collects
+For every word-order fact the corpus holds six groups of hypothetical sequences (`GROUPS`,
+`corpus.candidates["word_order"]`, never trained on). Given the per-copy scores of the
+word-order queries against them (`st.candidate_per_copy`), this module collects
 each fact's group sequences (`group_frame`), averages them per group with bootstrap intervals
 over facts (`group_summary`), forms the ratio of prompt-first rewordings to flipped sequences
 (`flipped_ratio`), compares flipped with "irrelevant with names" (`flipped_vs_names`), and draws
@@ -282,20 +283,30 @@ def token_html(
 
 
 def tokenwise(
-    st, model: str, queries: pd.DataFrame, train_ids: Sequence[int], progress: bool = False
+    st,
+    model: str,
+    queries: pd.DataFrame,
+    train_ids: Sequence[int],
+    progress: bool = False,
+    candidates: str | None = None,
 ) -> tuple[torch.Tensor, Any]:
-    """Per-token contributions [Q, N, T] of the training sequences `train_ids` to `queries`
-    (rows with prompt and completion), with the EK-FAC estimator that the scores stage fitted
-    for `model` (loaded from its cache entry, same task, damping and dtype), and the training
-    subset (torch dataset with input_ids and labels). Summed over T they equal the stage's
-    total scores."""
+    """Per-token contributions [Q, N, T] of the training sequences `train_ids` (or, with
+    `candidates`, of those rows of that candidate set) to `queries` (rows with prompt and
+    completion), with the EK-FAC estimator that the scores stage fitted for `model` (loaded
+    from its cache entry, same task, damping and dtype), and the subset (torch dataset with
+    input_ids and labels). Summed over T they equal the stage's total scores."""
     import influence as inf
 
-    from .suite import query_dataset, train_dataset
+    from .suite import query_dataset, sequence_dataset, train_dataset
 
     suite = st.suite
     net, task, est = st.model(model), st.task, st.estimator(model)
-    train = train_dataset(suite, suite.corpus).select(list(train_ids))
+    if candidates is None:
+        train = train_dataset(suite, suite.corpus)
+    else:
+        texts = suite.corpus.candidates[candidates]["text"]
+        train = sequence_dataset(suite.tokenizer, texts, suite.seq_len)
+    train = train.select(list(train_ids))
     rows = {"prompt": list(queries["prompt"]), "completion": list(queries["completion"])}
     qd = query_dataset(suite.tokenizer, rows)
     out = inf.pairwise_scores(net, task, est, qd, train, by_token=True, progress=progress)
