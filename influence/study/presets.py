@@ -17,7 +17,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from . import abstraction, tails
+from . import abstraction, cross_lingual, tails, word_order
 from .ranges import Range, check_ranges, count, fraction
 
 PRESET_NAMES = ("smoke", "default", "large")
@@ -250,26 +250,6 @@ SECTIONS: dict[str, dict[str, dict[str, Any]]] = {
         "default": {"n_examples": 2, "scaling_seeds": 2},
         "large": {"n_examples": 2, "scaling_seeds": 2},
     },
-    # Owned by notebooks/05_word_order (issue 12). n_boot: bootstrap resamples over facts;
-    # token_facts: facts whose sequences of token_groups (first template each) are shown
-    # tokenwise for the smallest and the largest model.
-    "05_word_order": {
-        "smoke": {
-            "n_boot": 200,
-            "token_facts": 1,
-            "token_groups": ["rewording", "flipped", "irrelevant_with_names"],
-        },
-        "default": {
-            "n_boot": 1000,
-            "token_facts": 2,
-            "token_groups": ["rewording", "flipped", "irrelevant_with_names"],
-        },
-        "large": {
-            "n_boot": 1000,
-            "token_facts": 2,
-            "token_groups": ["rewording", "flipped", "irrelevant_with_names"],
-        },
-    },
     # Owned by notebooks/06_role_play (issue 12). top_k: positive influences per query whose
     # categories are counted; n_boot: bootstrap resamples over queries; n_examples: queries
     # whose top sequences are printed for the smallest and the largest model.
@@ -473,14 +453,6 @@ SECTIONS: dict[str, dict[str, dict[str, Any]]] = {
             "threads": None,
         },
     },
-    # Owned by notebooks/04_cross_lingual (issue 11): k of the top-k share, the paper's top-n
-    # sequences in the query's language, how many queries per source language the translation
-    # protocol rescores.
-    "04_cross_lingual": {
-        "smoke": {"k": 10, "n_top": 10, "max_per_language": 4, "n_boot": 500},
-        "default": {"k": 10, "n_top": 10, "max_per_language": 12, "n_boot": 1000},
-        "large": {"k": 10, "n_top": 10, "max_per_language": 32, "n_boot": 1000},
-    },
     # Owned by influence/study/influence_scores.py (issue 10): the scores every notebook from
     # 02 on reads. sizes/query_sets None = all of the suite's / corpus's; max_queries caps the
     # large sets (drawn without replacement with sample_seed).
@@ -522,18 +494,11 @@ SECTIONS: dict[str, dict[str, dict[str, Any]]] = {
 }
 
 # The research questions that own their preset block (and its ranges) in their module.
-QUESTION_MODULES = (tails, abstraction)
+QUESTION_MODULES = (tails, abstraction, cross_lingual, word_order)
 
 # section -> parameter -> allowed values, for the sections defined above; a question module
 # declares its own next to its preset block.
 RANGES: dict[str, dict[str, Range]] = {
-    "04_cross_lingual": {
-        "k": count(1),
-        "n_top": count(1),
-        "max_per_language": count(1),
-        "n_boot": count(1, "bootstrap resamples"),
-    },
-    "05_word_order": {"n_boot": count(1, "bootstrap resamples"), "token_facts": count(0)},
     "06_role_play": {
         "top_k": count(1, "top sequences per query"),
         "n_boot": count(1, "bootstrap resamples"),
