@@ -117,15 +117,16 @@ if len(pairs):
         caption=f"Median influence of a translation on the original query's top-{cfg['n_top']} "
         "same-language sequences, as a share of the original's (numbers: percent), per query "
         "language (rows), translation language (columns) and model size (panels, small to "
-        "large); top row: "
-        "names spelled per language, bottom row: the control set with the same names in "
-        "every language.",
+        "large); rows of panels: "
+        + ", then ".join(X.NAME_LABELS[n] for n in X.NAME_SETS if n in set(pairs["names"]))
+        + ".",
     )
     report.table(
         pairs[["names", "pair", "queries", *order]].replace({"names": X.NAME_LABELS}),
         caption="Median translated / original influence per language pair and model size "
         "[95% bootstrap CI over queries].",
         headers={"pair": "query → translation"},
+        stacked=True,
     )
 
 # %%
@@ -177,8 +178,9 @@ report.table(
         "top_share": f"share of top-{cfg['k']}",
         "enrichment": "enrichment (×)",
         "median_best_rank": "median best rank",
-    },  # fmt: skip
+    },
     percent=["base_rate"],
+    stacked=True,
 )
 acc_table = acc.assign(names=acc["names"].map(X.NAME_LABELS)).pivot_table(
     index=["names", "asked"], columns="model", values="accuracy", sort=False

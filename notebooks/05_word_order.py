@@ -148,6 +148,7 @@ report.table(
     "facts above 1 and the sign test's p.",
     headers={"median": "ratio, median [95% CI]", "above_1": "facts above 1"},
     percent=["above_1"],
+    stacked=True,
 )
 trends = wo.trend_table(values, params, **boot)
 report.table(
@@ -156,6 +157,7 @@ report.table(
     "every size, the change of the log10 ratio across the suite (mean per-fact slope × "
     "decades of parameters) [95% CI] and the Wilcoxon p of the per-fact slopes.",
     headers={"change": "change across the suite (log10)"},
+    stacked=True,
 )
 
 # %% [markdown]
@@ -193,6 +195,7 @@ if shown:
         },  # fmt: skip
         percent=["answer_share"],
         html_columns=["tokens"],
+        stacked=True,
     )
 
 # %%
