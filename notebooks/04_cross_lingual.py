@@ -201,6 +201,8 @@ own_rise = by_name["other-language statements rise"].extra["trend"]["means"]
 
 def medians(names, models):
     sub = summary[summary.names == names].set_index("model")["median"] if len(summary) else {}
+    if not len(sub):
+        return "none rescored"
     return " → ".join(X.ratio_text(sub.get(m, np.nan)) for m in models)
 
 
@@ -240,7 +242,17 @@ print(headline(found))
 # ## Reading the results
 
 # %%
-n_shared = summary[summary.names == "shared"]["queries"] if len(summary) else pd.Series([0])
+shared_q = summary[summary.names == "shared"]["queries"] if len(summary) else pd.Series([])
+n_shared = int(shared_q.max()) if len(shared_q) else 0
+own_shared = own[own.names == "shared"].groupby("model")["top_share"].mean().reindex(order)
+shared_line = (
+    f"gives {medians('shared', order)} ({n_shared} queries at most, so its intervals are "
+    "wide): the difference from the facts with names spelled per language is what identical "
+    "name tokens carry"
+    if n_shared
+    else "has no query rescored by the protocol at this preset (none among the stage's scored "
+    "facts queries)"
+)
 acc_x = acc[acc.asked == "in another language"]
 acc_all = acc_x.assign(hits=acc_x.accuracy * acc_x.n).groupby("model")[["hits", "n"]].sum()
 acc_all = (acc_all.hits / acc_all.n).reindex(order)
@@ -251,10 +263,9 @@ Markdown(
   ({small} → {large}). Over all sizes, per
   query: {by_name["translations rise with size"].reason}. At {small}:
   {by_name["near zero at the smallest size"].reason}.
-* **Shared names.** The control set, whose names are the same tokens in every language, gives
-  {medians("shared", order)}: the difference from the row above is what identical name tokens
-  carry. It holds few facts ({int(n_shared.max()) if len(n_shared) else 0} queries at most), so
-  its intervals are wide.
+* **Shared names.** The control set, whose names are the same tokens in every language,
+  {shared_line}. Its one-language facts asked in another language find their own statements as
+  {" → ".join(stats.format_share(v) for v in own_shared)} of their top {cfg["k"]}.
 * **One-language facts.** Asked in another language, their own statements make up
   {" → ".join(stats.format_share(v) for v in own_rise.values())} of the top {cfg["k"]}
   (corpus base rate {by_name["other-language statements rise"].base_rate}):

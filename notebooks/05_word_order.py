@@ -186,14 +186,16 @@ if shown:
         caption=f"Tokenwise influence of the first candidate of each shown group for "
         f"fact(s) {', '.join(map(str, shown))}; the per-copy total is the stage's score (the "
         f"token terms add up to it within {stats.format_number(max_gap, 1)}, relative), and "
-        "the share of the sequence's |influence| that sits on the answer's name.",
+        "the share of the sequence's |influence| that sits on the answer's name, beside the "
+        "answer's share of the sequence's tokens.",
         headers={
             "per_copy": "per-copy influence (nats)",
             "answer_share": "on the answer",
+            "answer_tokens": "answer's share of tokens",
             "fact_id": "fact",
             "tokens": "tokens",
         },  # fmt: skip
-        percent=["answer_share"],
+        percent=["answer_share", "answer_tokens"],
         html_columns=["tokens"],
         stacked=True,
     )

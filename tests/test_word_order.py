@@ -3,6 +3,9 @@ answers."""
 
 from __future__ import annotations
 
+import html
+import re
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -181,3 +184,35 @@ def test_span_share():
     text = "The cap Paris."
     assert wo.span_share(toks, text, "Paris") == pytest.approx(6 / 10)
     assert np.isnan(wo.span_share(toks, text, "Rome"))
+
+
+def test_token_table_adds_up_to_the_stage_scores(tmp_path, monkeypatch):
+    """On a tiny model: each drawn candidate's token terms add up to the stage's candidate
+    score, every token is drawn, and the answer's shares are shares."""
+    from influence.study.influence_scores import study_scores
+    from influence.study.suite import load_suite
+
+    monkeypatch.setenv("INFLUENCE_ARTIFACTS", str(tmp_path))
+    tiny = [{"name": "t", "hidden": 16, "layers": 1, "intermediate": 32, "heads": 1}]
+    train_cfg = {"epochs": 1, "batch_size": 32, "lr": 3e-3, "warmup_frac": 0.1,
+                 "min_lr_ratio": 0.1, "weight_decay": 0.0, "log_every": 2,
+                 "threads": 1}  # fmt: skip
+    suite = load_suite("smoke", sizes=tiny, train=train_cfg, progress=False)
+    st = study_scores(suite, "smoke", progress=False, query_sets=["word_order"],
+                      dtype="float64")  # fmt: skip
+    queries, cands = st.queries("word_order"), st.candidate_frame("word_order")
+    frame = wo.group_frame(st.candidate_per_copy("t", "word_order"), queries, cands, "t")
+    fact = int(queries["fact_id"].iloc[1])
+    groups = ["rewording", "flipped"]
+    t, gap = wo.token_table(st, "t", frame, queries, [fact], groups)
+    assert gap < 1e-9  # float64: the token terms sum to the stage's scores
+    assert t["group"].tolist() == [wo.GROUP_LABELS[g] for g in groups]
+    assert (t["fact_id"] == fact).all()
+    assert t["answer_share"].between(0, 1).all() and t["answer_tokens"].between(0, 1).all()
+    first = frame[(frame["query"] == 1) & (frame["group"] == "rewording")]
+    text = first[first["template_id"] == 0]["text"].iloc[0]
+    plain = html.unescape(re.sub(r"<[^>]+>", "", t["tokens"].iloc[0])).replace("·", " ")
+    assert text in plain  # every token drawn, in order
+    assert "⏹" in t["tokens"].iloc[0]  # the end of sequence is drawn
+    with pytest.raises(ValueError, match="valid groups"):
+        wo.token_table(st, "t", frame, queries, [fact], ["flip"])

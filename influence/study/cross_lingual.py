@@ -489,6 +489,7 @@ def plot_median_ratio(summary: pd.DataFrame, params: Mapping[str, int]):
     ax.axhline(1.0, color=style.LIGHT_GREY, lw=1)
     ax.set_xscale("log")
     ax.set_yscale("log")
+    ax.set_ylim(top=max(ax.get_ylim()[1], 1.5))  # the 100% line stays in view
     ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels overlap on a short range
     ax.set_xlabel("parameters")
     ax.set_ylabel("translated / original (median)")

@@ -391,7 +391,8 @@ def token_table(
     """The first-template candidates of `groups` for each of `facts`, drawn tokenwise
     (`influence.render_token_html`, one colour scale for the model's rows): one row each with
     model, fact_id, group, per_copy (the stage's), answer_share (share of the sequence's
-    |influence| on the answer's name) and tokens (HTML). Also returns the largest gap between
+    |influence| on the answer's name), answer_tokens (the answer's share of its predicted
+    tokens: the base rate of answer_share) and tokens (HTML). Also returns the largest gap between
     a row's token terms summed and the stage's score, relative to the largest score shown."""
     import influence as inf
 
@@ -411,12 +412,15 @@ def token_table(
             gaps.append((abs(total - r.per_copy), abs(r.per_copy)))
             contrib = token_contributions(terms.numpy(), ids, data[j]["labels"].tolist())
             decoded = [(tok.decode([t]), v) for t, v in contrib]
+            answer = queries["object"].iloc[qi]
             tokens = [tok.decode([t]) for t in ids[:length]]
             drawn.append((tokens, terms[: length - 1] / st.n_train))  # per copy, as the total
             recs.append(
                 {"model": model, "fact_id": int(fact), "group": GROUP_LABELS[g],
                  "per_copy": r.per_copy,
-                 "answer_share": span_share(decoded, r.text, queries["object"].iloc[qi])}
+                 "answer_share": span_share(decoded, r.text, answer),
+                 # the base rate: the answer's share of the tokens, as if all weighed the same
+                 "answer_tokens": span_share([(t, 1.0) for t, _ in decoded], r.text, answer)}
             )  # fmt: skip
     scale = max((float(v.abs().max()) for _, v in drawn), default=0.0) or 1.0
     eos = [tok.eos_token] if tok.eos_token else []
