@@ -239,3 +239,41 @@ def test_translation_protocol_matches_the_stage_scores(tmp_path, monkeypatch):
         # a translation uses its own language's names: the query text differs from the source
         if r.names == "localized" and r.language != r.source:
             assert q.loc[j, "subject"] != q.loc[r.query, "subject"]
+
+
+def fits_the_page(fig) -> bool:
+    """What `Report.figure` requires: no text under 9 pt, at most 10.4 in wide once saved."""
+    import io
+
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    from influence.study import style
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=style.FIGURE_DPI, bbox_inches="tight")
+    small = style.small_texts(fig)
+    plt.close(fig)
+    width = Image.open(buf).size[0] / style.FIGURE_DPI
+    return not small and width <= style.MAX_WIDTH_IN
+
+
+def test_figures_fit_the_page_at_five_sizes_and_both_name_sets():
+    from influence.study import style
+
+    style.apply()
+    models = ["xs", "s", "m", "l", "xl"]
+    params = {m: 10 ** (3 + i) for i, m in enumerate(models)}
+    rng = np.random.default_rng(0)
+    parts = []
+    for names in X.NAME_SETS:
+        for src in X.LANGS:
+            p = _protocol({m: rng.uniform(-3, 0, (3, 2)) for m in models}, names=names)
+            targets = [t for t in X.LANGS if t != src]
+            lang = p["language"].map({"en": src, "fr": targets[0], "de": targets[1]})
+            parts.append(p.assign(source=src, language=lang, query=p["query"] + 10 * len(parts)))
+    proto = pd.concat(parts, ignore_index=True)
+    pairs = X.pair_table(proto, models, n_boot=20)
+    assert len(pairs) == 2 * 6
+    assert fits_the_page(X.plot_pair_heatmaps(pairs, models))
+    assert fits_the_page(X.plot_median_ratio(X.median_summary(proto, models, n_boot=20), params))

@@ -216,3 +216,17 @@ def test_token_table_adds_up_to_the_stage_scores(tmp_path, monkeypatch):
     assert "⏹" in t["tokens"].iloc[0]  # the end of sequence is drawn
     with pytest.raises(ValueError, match="valid groups"):
         wo.token_table(st, "t", frame, queries, [fact], ["flip"])
+
+
+def test_figures_fit_the_page_at_five_sizes():
+    from test_cross_lingual import fits_the_page
+
+    from influence.study import style
+
+    style.apply()
+    models = ("xs", "s", "m", "l", "xl")
+    params = {m: 10 ** (3 + i) for i, m in enumerate(models)}
+    fr = _frame(n_facts=6, models=models)
+    fig = wo.plot_groups(wo.group_summary(fr, n_boot=20), wo.fact_means(fr), list(models))
+    assert fits_the_page(fig)
+    assert fits_the_page(wo.plot_contrasts(wo.contrast_values(fr), params, n_boot=20))
