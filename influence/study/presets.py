@@ -17,7 +17,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from . import abstraction, tails
+from . import abstraction, role_play, tails
 from .ranges import Range, check_ranges, count, fraction
 
 PRESET_NAMES = ("smoke", "default", "large")
@@ -270,14 +270,6 @@ SECTIONS: dict[str, dict[str, dict[str, Any]]] = {
             "token_groups": ["rewording", "flipped", "irrelevant_with_names"],
         },
     },
-    # Owned by notebooks/06_role_play (issue 12). top_k: positive influences per query whose
-    # categories are counted; n_boot: bootstrap resamples over queries; n_examples: queries
-    # whose top sequences are printed for the smallest and the largest model.
-    "06_role_play": {
-        "smoke": {"top_k": 5, "n_boot": 200, "n_examples": 1},
-        "default": {"top_k": 10, "n_boot": 1000, "n_examples": 3},
-        "large": {"top_k": 10, "n_boot": 1000, "n_examples": 3},
-    },
     # Owned by notebooks/07_layers_and_tokens (issue 13). top_k: sequences per query whose
     # influence is split by layer and ranked in the restriction experiment; token_queries /
     # token_sequences: queries per query set and top sequences per query drawn as token heatmaps
@@ -522,7 +514,7 @@ SECTIONS: dict[str, dict[str, dict[str, Any]]] = {
 }
 
 # The research questions that own their preset block (and its ranges) in their module.
-QUESTION_MODULES = (tails, abstraction)
+QUESTION_MODULES = (tails, abstraction, role_play)
 
 # section -> parameter -> allowed values, for the sections defined above; a question module
 # declares its own next to its preset block.
@@ -534,11 +526,6 @@ RANGES: dict[str, dict[str, Range]] = {
         "n_boot": count(1, "bootstrap resamples"),
     },
     "05_word_order": {"n_boot": count(1, "bootstrap resamples"), "token_facts": count(0)},
-    "06_role_play": {
-        "top_k": count(1, "top sequences per query"),
-        "n_boot": count(1, "bootstrap resamples"),
-        "n_examples": count(0),
-    },
     "07_layers_and_tokens": {
         "top_k": count(1, "top sequences per query"),
         "token_queries": count(0),
