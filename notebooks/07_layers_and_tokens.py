@@ -119,6 +119,7 @@ report.table(
     lt.centroid_table(centroid, models, **boot),
     caption="Mean relative depth of the influence per query type and model size [95% CI over "
     "queries] (0.5 = the middle of the network).",
+    stacked=True,
 )
 report.table(
     lt.contrast_table(blocks, models, **boot),
@@ -132,6 +133,7 @@ report.table(
         "middle": "math and code: middle − outer blocks",
         "middle_p": "p (middle)",
     },
+    stacked=True,
 )
 
 # %% [markdown]

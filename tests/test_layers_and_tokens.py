@@ -379,3 +379,12 @@ def test_query_token_share_known_values():
     # positive terms 1 (pos 0, token 5), 2 (pos 1, token 1: a), 1 (pos 3, token 3: c)
     assert share["share"] == pytest.approx(3 / 4)
     assert share["base_rate"] == pytest.approx(2 / 4)
+
+
+def test_the_module_owns_its_preset_block_and_ranges():
+    from influence.study import presets
+
+    assert presets.SECTIONS[lt.SECTION] is lt.PRESETS
+    assert presets.RANGES[lt.SECTION] is lt.RANGES
+    with pytest.raises(ValueError, match="token_sequences must be an integer ≥ 1"):
+        presets.resolve(lt.SECTION, "smoke", token_sequences=0)

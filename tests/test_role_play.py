@@ -274,3 +274,12 @@ def test_figures_have_a_colour_per_label():
     means = pd.DataFrame([{"model": m, "label": lab, "mean": 1.0, "low": 0.5, "high": 1.5}
                           for m in PARAMS for lab in rp.LABELS])  # fmt: skip
     assert not style.small_texts(rp.plot_means(means, PARAMS))
+
+
+def test_the_module_owns_its_preset_block_and_ranges():
+    from influence.study import presets
+
+    assert presets.SECTIONS[rp.SECTION] is rp.PRESETS
+    assert presets.RANGES[rp.SECTION] is rp.RANGES
+    with pytest.raises(ValueError, match=r"bm25_fraction must be a number in \(0, 1\]"):
+        presets.resolve(rp.SECTION, "smoke", bm25_fraction=0)
