@@ -84,9 +84,6 @@ SHARES_WITH_QUERY = {
 }
 MEANING = (FICTION, ESSAY)  # the paper's 52B top sequences: the wish in other text
 TOKENS = (DISTRACTOR,)  # the paper's 810M top sequences: shared tokens, other meaning
-# the corpus's role-play categories (`corpus.ROLE_PLAY_CATEGORIES`, not imported: corpus reads
-# the presets, which collect this module)
-_CORPUS_CATEGORIES = {ASSISTANT, FICTION, ESSAY, DISTRACTOR, "format_control", "unrelated"}
 DIALOGUE_CATEGORIES = (ASSISTANT, "format_control")  # the "Human: … Assistant: …" format
 
 
@@ -94,15 +91,16 @@ DIALOGUE_CATEGORIES = (ASSISTANT, "format_control")  # the "Human: … Assistant
 def relation_labels(query_row: Mapping[str, Any], train: pd.DataFrame) -> np.ndarray:
     """The label (`LABELS`, module doc) of every training row for one role-play query (a row of
     `st.queries("role_play")`; `train` as `st.train_frame()`)."""
+    from .corpus import ROLE_PLAY_CATEGORIES  # the corpus reads the presets, which collect
+    # this module: imported when used
+
     if query_row["kind"] != "role_play":
         raise ValueError(f"not a role-play query: kind {query_row['kind']!r}")
     rp = train["kind"].to_numpy() == "role_play"
     cat = train["category"].to_numpy()
-    bad = sorted(set(cat[rp]) - _CORPUS_CATEGORIES)
+    bad = sorted(set(cat[rp]) - set(ROLE_PLAY_CATEGORIES))
     if bad:
-        raise ValueError(
-            f"unknown role-play categories {bad}; expected {sorted(_CORPUS_CATEGORIES)}"
-        )
+        raise ValueError(f"unknown role-play categories {bad}; expected {ROLE_PLAY_CATEGORIES}")
     same_topic = R.relation_labels(query_row, train)
     refined = np.select(
         [rp & np.isin(cat, R.ROLE_PLAY_CATEGORIES[:4]), rp & (cat == "format_control"),
