@@ -13,7 +13,8 @@ A fact query is right when greedy decoding reproduces the whole object name
     cross_lingual_accuracy     facts stated in one language only, asked in another (with that
                                language's names); split by name forms (localized / shared)
     role_play_completion       held-out assistant prompts whose answer closes training
-                               dialogues: share completed exactly
+                               dialogues: share completed exactly (`role_play_completion`
+                               gives it per query group)
     heldout_loss               mean token loss on the held-out loss set (`corpus.heldout`)
 """
 
@@ -39,16 +40,26 @@ def _mean(ok: np.ndarray, mask: np.ndarray | None = None) -> float:
     return float(ok.mean()) if len(ok) else float("nan")
 
 
+def role_play_completion(model, tokenizer, queries) -> dict[str, tuple[int, int]]:
+    """Per role-play query group ("seen_completion": the answer closes training dialogues;
+    "new_completion": a held-out answer): (queries completed exactly by greedy decoding,
+    queries). `queries`: role-play query rows (`corpus.queries["role_play"]` or
+    `StudyScores.queries("role_play")`)."""
+    ok = completion_scores(model, tokenizer, queries)["correct"]
+    group = np.asarray(queries["group"])
+    return {g: (int(ok[group == g].sum()), int((group == g).sum())) for g in sorted(set(group))}
+
+
 def capability(model, tokenizer, corpus) -> dict[str, float]:
     """The capability measures (module doc) of one model on `corpus`."""
     q = corpus.queries
     ok = {
         qs: completion_scores(model, tokenizer, q[qs])["correct"]
-        for qs in ("facts", "paraphrase", "cross_lingual", "role_play")
+        for qs in ("facts", "paraphrase", "cross_lingual")
     }
     para = np.asarray(q["paraphrase"]["group"])
     names = np.asarray(q["cross_lingual"]["names"])
-    seen_rp = np.asarray(q["role_play"]["group"]) == "seen_completion"
+    done, n = role_play_completion(model, tokenizer, q["role_play"]).get("seen_completion", (0, 0))
     held = [encode_text(tokenizer, t) for t in corpus.heldout["text"]]
     return {
         "heldout_loss": heldout_loss(model, held, tokenizer.pad_token_id),
@@ -58,7 +69,7 @@ def capability(model, tokenizer, corpus) -> dict[str, float]:
         "cross_lingual_accuracy": _mean(ok["cross_lingual"]),
         "cross_lingual_localized": _mean(ok["cross_lingual"], names == LOCALIZED),
         "cross_lingual_shared": _mean(ok["cross_lingual"], names == SHARED),
-        "role_play_completion": _mean(ok["role_play"], seen_rp),
+        "role_play_completion": done / n if n else float("nan"),
     }
 
 

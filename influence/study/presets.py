@@ -17,7 +17,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from . import abstraction, cross_lingual, tails, word_order
+from . import abstraction, cross_lingual, layers_and_tokens, role_play, tails, word_order
 from .ranges import Range, check_ranges, count, fraction
 
 PRESET_NAMES = ("smoke", "default", "large")
@@ -250,23 +250,6 @@ SECTIONS: dict[str, dict[str, dict[str, Any]]] = {
         "default": {"n_examples": 2, "scaling_seeds": 2},
         "large": {"n_examples": 2, "scaling_seeds": 2},
     },
-    # Owned by notebooks/06_role_play (issue 12). top_k: positive influences per query whose
-    # categories are counted; n_boot: bootstrap resamples over queries; n_examples: queries
-    # whose top sequences are printed for the smallest and the largest model.
-    "06_role_play": {
-        "smoke": {"top_k": 5, "n_boot": 200, "n_examples": 1},
-        "default": {"top_k": 10, "n_boot": 1000, "n_examples": 3},
-        "large": {"top_k": 10, "n_boot": 1000, "n_examples": 3},
-    },
-    # Owned by notebooks/07_layers_and_tokens (issue 13). top_k: sequences per query whose
-    # influence is split by layer and ranked in the restriction experiment; token_queries /
-    # token_sequences: queries per query set and top sequences per query drawn as token heatmaps
-    # (largest model); n_boot: bootstrap resamples over queries.
-    "07_layers_and_tokens": {
-        "smoke": {"top_k": 5, "token_queries": 3, "token_sequences": 3, "n_boot": 200},
-        "default": {"top_k": 10, "token_queries": 3, "token_sequences": 3, "n_boot": 1000},
-        "large": {"top_k": 20, "token_queries": 4, "token_sequences": 3, "n_boot": 1000},
-    },
     # Owned by notebooks/08_query_batching_and_filtering (issue 13). ranks: query-batching ranks
     # compared with full rank; n_queries: queries drawn (sample_seed) from all scored query sets
     # for the rank sweep, per size (the sweep costs one training pass per size); sweep_sizes: the
@@ -494,22 +477,11 @@ SECTIONS: dict[str, dict[str, dict[str, Any]]] = {
 }
 
 # The research questions that own their preset block (and its ranges) in their module.
-QUESTION_MODULES = (tails, abstraction, cross_lingual, word_order)
+QUESTION_MODULES = (tails, abstraction, cross_lingual, word_order, role_play, layers_and_tokens)
 
 # section -> parameter -> allowed values, for the sections defined above; a question module
 # declares its own next to its preset block.
 RANGES: dict[str, dict[str, Range]] = {
-    "06_role_play": {
-        "top_k": count(1, "top sequences per query"),
-        "n_boot": count(1, "bootstrap resamples"),
-        "n_examples": count(0),
-    },
-    "07_layers_and_tokens": {
-        "top_k": count(1, "top sequences per query"),
-        "token_queries": count(0),
-        "token_sequences": count(0),
-        "n_boot": count(1, "bootstrap resamples"),
-    },
     "08_query_batching_and_filtering": {
         "ranks": count(1),
         "n_queries": count(1),
