@@ -24,8 +24,12 @@ import torch
 POSITIVE = (33, 102, 172)  # blue: helpful
 NEGATIVE = (178, 24, 43)  # red: harmful
 # What whitespace and the end of the row look like (every token stays visible).
-GLYPHS = {" ": "·", "\t": "⇥", "\n": "⏎", "\r": "␍"}
-END = "⏹"
+# Glyphs that DejaVu Sans (the fallback of most systems) has; the end of the sequence is a
+# boxed word rather than a symbol, since symbols such as U+23F9 render as an empty box where
+# no installed font has them.
+GLYPHS = {" ": "·", "\t": "⇥", "\n": "⏎", "\r": "\\r"}
+END = "EOS"
+END_STYLE = "border:1px solid #666;font-size:75%;padding:0 2px;margin:0 1px"
 
 
 def _colour(value: float, scale: float) -> str:
@@ -59,8 +63,8 @@ def render_token_html(
     position t is drawn on token t + `offset` (1 for causal language models, 0 for a seq2seq
     decoder's targets or other per-token scores). `scale`: the |value| drawn at full colour
     (default: the largest |value|; give one scale to compare several sequences). Tokens in
-    `eos_tokens` (e.g. `[tokenizer.eos_token]`) are drawn as "⏹", whitespace as "·", "⇥" and
-    "⏎" (a line break follows), each span's tooltip giving the token and its value.
+    `eos_tokens` (e.g. `[tokenizer.eos_token]`) are drawn as a boxed "EOS", whitespace as "·",
+    "⇥" and "⏎" (a line break follows), each span's tooltip giving the token and its value.
     """
     vals = torch.as_tensor(values, dtype=torch.float64).reshape(-1).tolist()
     tokens = [str(t) for t in tokens]
@@ -86,7 +90,8 @@ def render_token_html(
         cells.append((None, vals[len(tokens) - offset]))
     spans = []
     for token, value in cells:
-        if token is None or token in eos_tokens:
+        end = token is None or token in eos_tokens
+        if end:
             text, breaks = END, False
             raw = "end of sequence" if token is None else token
         else:
@@ -95,7 +100,8 @@ def render_token_html(
         background = "transparent" if value is None else _colour(value, scale)
         spans.append(
             f'<span title="{html.escape(label, quote=True)}" style="background:{background};'
-            f'border-radius:2px;padding:1px 0">{text}</span>' + ("<br>" if breaks else "")
+            f'border-radius:2px;padding:1px 0{";" + END_STYLE if end else ""}">{text}</span>'
+            + ("<br>" if breaks else "")
         )
     body = (
         '<div style="font-family:monospace;line-height:1.9;white-space:pre-wrap;'

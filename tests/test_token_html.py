@@ -34,8 +34,8 @@ def test_every_token_is_drawn_escaped_in_order_with_glyphs():
         "&lt;script&gt;alert(1)&lt;/script&gt;",
         "⏎",
         "⇥x",
-        "⏹",  # the end-of-sequence token
-        "⏹",  # the last position's term: it predicts past the row
+        "EOS",  # the end-of-sequence token
+        "EOS",  # the last position's term: it predicts past the row
     ]
     assert "<script>" not in html and "&lt;script&gt;" in html
     assert "⏎</span><br>" in html  # a newline token breaks the line
