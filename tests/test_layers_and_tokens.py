@@ -353,7 +353,7 @@ def test_token_attribution_on_a_tiny_language_model():
     assert pieces[0] == "<bos>" and all("Ġ" not in p for p in pieces)
     assert "".join(pieces[1:-1]) == TEXTS[int(rows.top[0][0])]
     page = lt.token_heatmaps(rows, tok, "m")
-    assert page.count("<li>") == 4 and "⏹" in page and "Ġ" not in page
+    assert page.count("<li>") == 4 and ">EOS<" in page and "Ġ" not in page
     # the share of positive token influence on positions predicting a query token
     stop = lt.content_stopword_ids(tok)
     share = lt.query_token_share(rows, tok, stop)

@@ -213,7 +213,7 @@ def test_token_table_adds_up_to_the_stage_scores(tmp_path, monkeypatch):
     text = first[first["template_id"] == 0]["text"].iloc[0]
     plain = html.unescape(re.sub(r"<[^>]+>", "", t["tokens"].iloc[0])).replace("·", " ")
     assert text in plain  # every token drawn, in order
-    assert "⏹" in t["tokens"].iloc[0]  # the end of sequence is drawn
+    assert ">EOS<" in t["tokens"].iloc[0]  # the end of sequence is drawn
     with pytest.raises(ValueError, match="valid groups"):
         wo.token_table(st, "t", frame, queries, [fact], ["flip"])
 
