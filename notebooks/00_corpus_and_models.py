@@ -52,6 +52,7 @@ from influence.study.parameters import notebook_config
 from influence.study.reporting import Report
 from influence.study.suite import completion_scores, load_suite, train_suite
 from influence.study.tokenizer import encode_text, name_overlap, stats
+from influence.study.word_order import markdown_table
 
 cfg = notebook_config("00_corpus_and_models", globals())
 report = Report("00_corpus_and_models", preset=preset, device=device, seed=seed, params=cfg)
@@ -177,16 +178,22 @@ print(overlap.groupby("shared")[["first_token", "jaccard"]].mean().round(3))
 # %% [markdown]
 # ## The model suite
 #
-# Five sizes spanning about 100× in parameters (embeddings included). One recipe, in which
-# size is the only variable: the same corpus, the same sequences in the same order, the same
-# token budget (a fixed number of epochs, chosen once for every size, Pythia-style, rather
-# than stopping each size at its own held-out minimum: a per-size stopping point would make
-# the number of tokens seen a second variable that changes with size), AdamW with linear
-# warm-up then cosine decay. The held-out loss is checkpointed during training, so
-# over-training would show as a curve that turns up. Each size is trained with two seeds
-# (initialisation and data order); the rest of the study uses the models of seed `seed`, the
-# other seed only feeds the scaling table below. Training runs one thread per model (so it
-# is deterministic) and two models at a time, each in its own process.
+# Five sizes spanning about 100× in parameters (embeddings included; the input and output
+# embeddings are tied, as in GPT-2, so that the small sizes are not mostly embedding). One
+# recipe, in which size is the only variable: the same corpus, the same sequences in the same
+# order, the same token budget, AdamW with linear warm-up then cosine decay. The peak learning
+# rate follows one rule, 0.72 / width, so narrower models take larger steps (Pythia and μP
+# also lower it as models grow). **One token budget for every size** (a fixed number of
+# epochs, chosen once, Pythia-style) rather than stopping each size at its own held-out
+# minimum: a per-size stopping point would make the number of tokens seen a second variable
+# that changes with size. The held-out loss is checkpointed during training, so over-training
+# would show as a curve that turns up. Each size is trained with two seeds (initialisation and
+# data order); the rest of the study uses the models of seed `seed`, the other seed only feeds
+# the scaling table below. Training runs one thread per model (so it is deterministic) and two
+# models at a time, each in its own process; the table gives each model's wall and CPU seconds
+# (wall times are inflated when the machine is shared). The `large` preset (a world of 1,500
+# facts, sizes of 172k to 77M parameters, vocabulary 2048) is meant for a CUDA device
+# (`DEVICE=cuda`): it trains one model at a time with the device's default threads.
 
 # %%
 models = pd.DataFrame([i for s in suites.values() for i in s.info])
@@ -354,7 +361,7 @@ print(other_df.pivot(index="set", columns="model", values="logprob")[order].roun
 
 # %%
 log_table = design_log.table()
-Markdown(log_table.to_markdown(index=False)) if len(log_table) else print("no attempts recorded")
+Markdown(markdown_table(log_table))
 
 # %%
 # NBVAL_CHECK_OUTPUT
@@ -452,9 +459,16 @@ def direction(values, up="rises", down="falls"):
     return f"{overall} from the smallest to the largest model, not with every size"
 
 
-loc, shr = mean["cross_lingual_localized"], mean["cross_lingual_shared"]
+failed = [name for name, c in checks.items() if not c["ok"]]
+verdict_line = (
+    "all met"
+    if not failed
+    else "not met: " + "; ".join(failed) + " (what was tried: the design log above)"
+)
 Markdown(
     f"""
+* **Acceptance** (issue 23, mean over the {len(train_seeds)} seeds):
+  {len(checks) - len(failed)} of {len(checks)} criteria met; {verdict_line}.
 * **Loss**: every size sees the same {int(models.tokens_seen.iloc[0]):,} tokens; the held-out
   loss (mean over seeds) {direction(list(mean.heldout_loss))}
   ({", ".join(f"{m} {mean.loc[m, 'heldout_loss']:.2f}" for m in order)} nats per token). It
