@@ -12,22 +12,24 @@
 # ---
 
 # %% [markdown]
-# # 07 — Layerwise and tokenwise attribution (RQ: where influence sits)
+# # 07 — Which layers and which tokens carry a training sequence's influence?
 #
 # Grosse et al. (2023, §5.3.2, App. B, Figs. 4, 17–21, 31–32) split each influence score into
 # a sum over layers and over the tokens of the training sequence. Over 50 queries and their
-# top 500 sequences, influence was **spread roughly evenly over the layers**; by query type,
-# **facts and memorised quotes sat in the upper layers, math, code and translation in the
-# middle**. Ranking the training data by the scores of the **middle third of the layers only
-# found the most thematic sequences**, the lower and upper thirds sequences that overlap the
-# query in tokens. Token heatmaps showed which predicted tokens carry the influence.
+# top 500 sequences, influence was spread roughly evenly over the layers; by query type, facts
+# and memorised quotes sat in the upper layers, math, code and translation in the middle.
+# Ranking the training data by the scores of the middle third of the layers only found the
+# most thematic sequences, the lower and upper thirds sequences that overlap the query in
+# tokens. Token heatmaps showed which predicted tokens carry the influence.
 #
-# Here: the study's EK-FAC scores (MLP layers of every block, the paper's choice) of every
-# model size, split by layer. For each query type and size, the share of each layer in the
-# influence of the query's top-k sequences (and, since the models differ in depth, of the
-# lower, middle and upper third of the blocks); the restriction experiment with the relation
-# labels of notebook 03 (`influence.study.relations`) and the token overlap with the query;
-# and token heatmaps from tokenwise scores computed for the shown sequences only.
+# Here: the study's EK-FAC scores (the MLP layers of every block, the paper's choice) of every
+# model size, split by layer and summed per transformer block. For each query, the share of
+# each block in the influence of its top-k sequences, relative to an even split (the models
+# differ in depth); the restriction experiment ranks the training data by one block's scores at
+# a time and labels the top-k with notebook 03's relations (`influence.study.relations`) and
+# by token overlap with the query, and a third of the network is the mean over its blocks (so
+# a third with more blocks does not win by having them); token heatmaps from tokenwise scores
+# computed for the shown sequences only (`influence.render_token_html`).
 
 # %% tags=["parameters"]
 preset = "smoke"
@@ -39,454 +41,233 @@ token_sequences = None
 n_boot = None
 
 # %%
-import matplotlib.pyplot as plt
-import numpy as np
 import pandas as pd
-from IPython.display import HTML, Markdown, display
-from scipy import stats
 
-import influence as inf
-from influence.study import compat
+from influence.study import display, stats
 from influence.study import layers_and_tokens as lt
-from influence.study import relations as rel
-from influence.study import stats as study_stats
+from influence.study.findings import headline
 from influence.study.influence_scores import study_scores
 from influence.study.parameters import notebook_config
 from influence.study.reporting import Report
-from influence.study.suite import load_suite, query_dataset, train_dataset
+from influence.study.suite import load_suite
 
 cfg = notebook_config("07_layers_and_tokens", globals())
 report = Report("07_layers_and_tokens", preset=preset, device=device, seed=seed, params=cfg)
-pd.set_option("display.width", 120)
-K, NB = cfg["top_k"], cfg["n_boot"]
-print(f"preset={preset} device={device} seed={seed} params={cfg}")
+k, boot = cfg["top_k"], {"n_boot": cfg["n_boot"], "seed": seed}
 
 # %%
 with report.stage("scores"):
     suite = load_suite(preset, seed, device=device, progress=False)
     st = study_scores(suite, preset, progress=False)
+models = st.models
+large = models[-1]
 sets = [q for q in lt.QUERY_TYPES if q in st.query_sets]
-depths = {m: lt.layer_depths(st.layers[m]) for m in st.models}
-print("models:", st.models, "| training sequences:", st.n_train)
-print("query sets:", {q: st.counts()[q]["scored"] for q in sets})
-for m in st.models:
-    d = depths[m]
-    print(
-        m,
-        f"{d.n_blocks.iloc[0]} blocks, {len(d)} tracked layers,",
-        d.third.value_counts().to_dict(),
-    )
+counts = st.counts()
+report.table(
+    lt.depth_table(st),
+    caption="The model sizes: transformer blocks, tracked layers (the MLP layers of every "
+    "block) and blocks per third of the network. Queries per type: "
+    + ", ".join(f"{lt.TYPE_NAMES[q]} {counts[q]['scored']}" for q in sets)
+    + ".",
+    headers={"layers": "tracked layers", **{t: f"{t} third" for t in lt.THIRDS}},
+)
 
 # %% [markdown]
-# ## Where influence sits: layer shares by query type
+# ## Where influence sits: block shares by query type
 #
-# For each query, its top-k training sequences by the total score; a layer's share is its
-# part of their summed influence (shares of a query sum to 1; a layer can be negative).
-# Heatmap: mean share over the queries of a type. Relative depth of block b of n is
-# (b + ½)/n; its thirds make models of different depth comparable.
+# For each query, its top-k training sequences by the total score; a block's share is its part
+# of their summed influence (the shares of a query sum to 1; a block can be negative), shown
+# relative to an even split: share × blocks, 1 = even.
 
 # %%
-with report.stage("layer_shares"):
-    shares = lt.layer_share_table(st, K, sets)
-    thirds = lt.third_share_table(shares)
-    centroid = lt.depth_centroid(shares)
-    even = lt.evenness(shares)
-no_share = shares.groupby(["model", "query_set", "query"])["share"].apply(lambda s: s.isna().all())
-print(f"queries whose top-{K} total is not positive (no share): {int(no_share.sum())}")
-print(even.round(3))
-
-# %%
-fig, axes = plt.subplots(1, len(st.models), figsize=(3.2 * len(st.models), 4.2), squeeze=False)
-for ax, m in zip(axes[0], st.models, strict=True):
-    piv = (
-        shares[shares.model == m]
-        .groupby(["layer", "query_set"], sort=False)["share"]
-        .mean()
-        .unstack("query_set")
-        .reindex(index=st.layers[m], columns=sets)
-    )
-    vmax = float(np.nanmax(np.abs(piv.to_numpy())))
-    im = ax.imshow(piv.to_numpy()[::-1], cmap="RdBu", vmin=-vmax, vmax=vmax, aspect="auto")
-    ax.set_xticks(range(len(sets)), sets, rotation=60, ha="right", fontsize=7)
-    names = [n.replace("model.layers.", "").replace(".mlp.", " ") for n in piv.index[::-1]]
-    ax.set_yticks(range(len(names)), names, fontsize=6)
-    ax.set_title(f"{m}: layer share (top {K})", fontsize=9)
-    fig.colorbar(im, ax=ax, fraction=0.05)
-fig.tight_layout()
-report.savefig(fig, "layer_heatmap")
-plt.show()
-
-# %%
-third_mean = thirds.groupby(["model", "query_set"])[list(lt.THIRDS)].mean()
-fig, axes = plt.subplots(1, len(st.models), figsize=(3.2 * len(st.models), 2.8), squeeze=False)
-for ax, m in zip(axes[0], st.models, strict=True):
-    piv = third_mean.loc[m].reindex(sets).T.reindex(list(lt.THIRDS)[::-1])
-    im = ax.imshow(piv.to_numpy(dtype=float), cmap="RdBu", vmin=-1, vmax=1, aspect="auto")
-    for (i, j), v in np.ndenumerate(piv.to_numpy(dtype=float)):
-        if np.isfinite(v):
-            colour = "white" if abs(v) > 0.6 else "black"
-            ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=6, color=colour)
-    ax.set_xticks(range(len(sets)), sets, rotation=60, ha="right", fontsize=7)
-    ax.set_yticks(range(3), list(piv.index), fontsize=8)
-    ax.set_title(f"{m} ({depths[m].n_blocks.iloc[0]} blocks)", fontsize=9)
-fig.suptitle(
-    f"Share of the top-{K} influence by relative depth (empty = no such third)", fontsize=9
+with report.stage("block_shares"):
+    shares = lt.layer_share_table(st, k, sets)
+    blocks = lt.block_share_table(shares)
+fig = lt.plot_block_shares(blocks, models, sets)
+report.figure(
+    fig,
+    "headline",
+    caption=f"Mean share of each block in the influence of a query's top-{k} sequences, "
+    "relative to an even split (white = even, red = more, blue = less), per query type and "
+    "model size; the top row is the last block.",
 )
-fig.tight_layout()
-report.savefig(fig, "headline")
-plt.show()
+
+# %%
+even = lt.evenness(blocks)
+report.table(
+    lt.evenness_table(even),
+    caption=f"How evenly influence is spread: per model, the median over queries of the "
+    f"largest block's share relative to an even split, and the share of queries whose largest "
+    f"block holds at most {lt.EVEN_FACTOR:g}× an even share.",
+    headers={
+        "largest_median": "largest block (× even), median",
+        "even_share": f"queries with largest block ≤ {lt.EVEN_FACTOR:g}× even",
+    },
+    percent=["even_share"],
+)
 
 # %% [markdown]
-# Where a type's influence sits, as one number: the share-weighted mean relative depth of a
-# query's layers (negative layer shares counted as 0), per type at each size, with a
-# bootstrap interval over queries.
+# Where a query type's influence sits, as one number: the share-weighted mean relative depth of
+# its blocks (block b of n at (b + ½)/n; negative shares counted as 0), and the paper's two
+# groups compared within each query: for facts and quotes the upper third's blocks against the
+# other blocks, for math and code the middle third's against the outer ones (mean shares
+# relative to an even split, so thirds of unequal size compare fairly).
 
 # %%
-cent = (
-    centroid.groupby(["model", "query_set"])["centroid"]
-    .apply(lambda s: study_stats.bootstrap(s.to_numpy(), n_boot=NB, seed=seed).format())
-    .unstack("query_set")
-    .reindex(columns=sets)
+centroid = lt.depth_centroid(blocks)
+report.table(
+    lt.centroid_table(centroid, models, **boot),
+    caption="Mean relative depth of the influence per query type and model size [95% CI over "
+    "queries] (0.5 = the middle of the network).",
+    stacked=True,
 )
-print(cent.to_string())
-
-big = st.models[-1]
-upper_types = [q for q in ("facts", "quotes") if q in sets]
-middle_types = [q for q in ("math", "code", "cross_lingual") if q in sets]
-cb = centroid[centroid.model == big]
-a = cb[cb.query_set.isin(upper_types)]["centroid"].dropna()
-b = cb[cb.query_set.isin(middle_types)]["centroid"].dropna()
-if len(a) >= 3 and len(b) >= 3 and depths[big].n_blocks.iloc[0] >= 3:
-    mw = stats.mannwhitneyu(a, b, alternative="greater")
-    placement = {
-        "facts_quotes": float(a.mean()),
-        "math_code_translation": float(b.mean()),
-        "p_greater": float(mw.pvalue),
-        "n": [len(a), len(b)],
-    }
-else:
-    placement = {
-        "facts_quotes": float(a.mean()) if len(a) else None,
-        "math_code_translation": float(b.mean()) if len(b) else None,
-        "p_greater": None,
-        "n": [len(a), len(b)],
-    }
-print(
-    f"{big}: mean depth of facts+quotes {placement['facts_quotes']}, "
-    f"math+code+translation {placement['math_code_translation']}, "
-    f"one-sided Mann-Whitney p = {placement['p_greater']}"
+report.table(
+    lt.contrast_table(blocks, models, **boot),
+    caption="Block share (× an even split) of the third the paper names for each group minus "
+    "that of the other blocks, mean over queries [95% CI] with the Wilcoxon p: for facts, "
+    "paraphrased facts and quotes the upper third, for math and code the middle third against "
+    "the outer ones; n/a where a model has no such third.",
+    headers={
+        "upper": "facts and quotes: upper − other blocks",
+        "upper_p": "p (upper)",
+        "middle": "math and code: middle − outer blocks",
+        "middle_p": "p (middle)",
+    },
+    stacked=True,
 )
 
 # %% [markdown]
 # ## The restriction experiment
 #
-# Rank the training sequences by the scores of one third of the layers only and label the
-# top-k against the query with notebook 03's relations, grouped in the levels that compare
-# across query kinds: the very text seen in training, the same meaning in other words
-# (same fact in another template or language, same operation, function kind, role-play
-# topic), surface (shares a name or the relation's template words, role-play distractors),
-# unrelated. Token overlap: Jaccard index of the content tokens (special tokens, punctuation
-# and English function words removed) of the query and the sequence.
+# Rank the training sequences by the scores of one block only and label the top-k against the
+# query with notebook 03's relations, at the level that compares across query kinds: "same
+# meaning" is the same fact in other words (another template or language), the same
+# operation, function kind or role-play topic. Token overlap: the Jaccard index of the content
+# tokens (special tokens, punctuation and English function words removed) of the query and the
+# sequence. A third's value is the mean over its blocks.
 
 # %%
 with report.stage("restriction"):
-    tok = suite.tokenizer
-    stop = lt.content_stopword_ids(tok)
-    train_ds = train_dataset(suite, suite.corpus)
-    train_sets = lt.token_sets(train_ds[:]["input_ids"], train_ds[:]["attention_mask"], stop)
-    tf = st.train_frame()
-    qframes = {qs: st.queries(qs) for qs in sets}
-    qsets = {}
-    for qs, qf in qframes.items():
-        qd = query_dataset(tok, {"prompt": list(qf.prompt), "completion": list(qf.completion)})
-        qsets[qs] = lt.token_sets(qd[:]["input_ids"], qd[:]["attention_mask"], stop)
-
-    def classify(model, qs, idx):
-        qf = qframes[qs]
-        out = [rel.relation_labels(qf.iloc[i], tf.iloc[row.numpy()]) for i, row in enumerate(idx)]
-        return np.vectorize(rel.LEVELS.get)(np.asarray(out))
-
-    def overlap(qs, idx):
-        return np.array(
-            [
-                [lt.jaccard(qsets[qs][i], train_sets[j]) for j in row.tolist()]
-                for i, row in enumerate(idx)
-            ]
-        )
-
-    restr = lt.restriction_table(st, K, classify, overlap, sets)
-levels = list(rel.LEVEL_ORDER)
-comp = lt.composition(restr).reindex(columns=levels, fill_value=0.0)
-ov = restr.groupby(["model", "ranking"])["overlap"].mean().rename("token overlap")
-print(comp.join(ov).round(3).to_string())
-
-# %%
-rankings = ["all layers", *lt.THIRDS]
-fig, axes = plt.subplots(
-    1, len(st.models), figsize=(3.2 * len(st.models), 3.2), squeeze=False, sharey=True
+    restr = lt.restriction_table(st, k, suite.tokenizer, sets)
+    per_query = lt.restriction_per_query(restr)
+fig = lt.plot_restriction(per_query, models, k)
+report.figure(
+    fig,
+    "restriction",
+    caption=f"The top-{k} ranked by one block's scores at a time, against the block's relative "
+    "depth (dashed: the thirds): left, the share that is the same meaning as the query; right, "
+    "its token overlap with the query. Mean over all queries, one line per model size.",
 )
-colors = {
-    "seen text": "#4c72b0",
-    "same meaning": "#55a868",
-    "surface": "#dd8452",
-    "unrelated": "#bbbbbb",
-}
-for ax, m in zip(axes[0], st.models, strict=True):
-    c = comp.loc[m].reindex([r for r in rankings if r in comp.loc[m].index])
-    bottom = np.zeros(len(c))
-    for lev in levels:
-        ax.bar(range(len(c)), c[lev], bottom=bottom, color=colors[lev], label=lev)
-        bottom += c[lev].to_numpy()
-    ax.set_xticks(range(len(c)), list(c.index), rotation=45, ha="right", fontsize=8)
-    ax.set_title(m, fontsize=9)
-axes[0][0].set_ylabel(f"share of the top {K}")
-axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1, 1))
-fig.tight_layout()
-report.savefig(fig, "restriction")
-plt.show()
-
-# %% [markdown]
-# Paired per query, at each size that has all three thirds: is the middle third's top-k more
-# thematic ("same meaning" share) and less token-overlapping than the outer thirds' (mean of
-# lower and upper)? Wilcoxon signed-rank over queries (two-sided).
-
-# %%
-sem = lt.per_query_share(restr, "same meaning").unstack("ranking")
-ovq = (
-    restr.groupby(["model", "ranking", "query_set", "query"], sort=False)["overlap"]
-    .mean()
-    .unstack("ranking")
+report.table(
+    lt.restriction_summary(per_query, models),
+    caption=f"Same-meaning share and token overlap of the top-{k}, ranked by all layers or by "
+    "one block (a third: the mean over its blocks), mean over all queries.",
+    headers={"same_meaning": "same-meaning share", "overlap": "token overlap (Jaccard)"},
+    percent=["same_meaning"],
+    collapse_after=30,
 )
-paired = []
-for m in st.models:
-    if not all(t in sem.loc[m].columns and sem.loc[m][t].notna().any() for t in lt.THIRDS):
-        paired.append({"model": m, "queries": 0})
-        continue
-    rec = {"model": m}
-    for name, tab in (("same meaning", sem.loc[m]), ("token overlap", ovq.loc[m])):
-        d = (tab["middle"] - (tab["lower"] + tab["upper"]) / 2).dropna()
-        rec["queries"] = len(d)
-        rec[f"{name}: middle − outer"] = float(d.mean())
-        nz = d[d != 0]
-        rec[f"{name}: p"] = float(stats.wilcoxon(nz).pvalue) if len(nz) >= 6 else float("nan")
-    paired.append(rec)
-paired = pd.DataFrame(paired).set_index("model")
-print(paired.round(4).to_string())
 
 # %% [markdown]
 # ## Token heatmaps
 #
 # For the first queries of each type, the top sequences by the total score at the largest
 # model, with tokenwise scores computed for those sequences only
-# (`influence.pairwise_scores(..., by_token=True)` with the EK-FAC saved by the scores stage).
-# Each position's term belongs to the token it predicts (MATH.md); a token's background is
-# its contribution on one diverging scale per query (blue helpful, red harmful; hover for the
-# value). The per-token terms must sum to the sequence's score: the check compares their sum
-# with the score computed without the split, and with the stored stage score.
+# (`influence.pairwise_scores(..., by_token=True)` with the EK-FAC of the scores stage). Each
+# position's term belongs to the token it predicts (MATH.md); a token's background is its
+# contribution on one scale per query (blue raises the query's log-probability, red lowers
+# it; hover for the value; a square marks the end of the sequence). The per-token terms sum to the
+# sequence's score; the table compares their sum with the score computed without the split
+# and with the stored stage score.
 
 # %%
 with report.stage("tokens"):
-    task, model, est = st.task, st.model(big), st.estimator(big)
-    n_q, n_s = cfg["token_queries"], cfg["token_sequences"]
-    token_rows, checks, blocks = [], [], []
-    for qs in sets:
-        qf = qframes[qs].iloc[:n_q]
-        total = st.scores(big, qs)[: len(qf)]
-        top = lt.top_k_indices(total, n_s)
-        cols = sorted(set(top.flatten().tolist()))
-        qd = query_dataset(tok, {"prompt": list(qf.prompt), "completion": list(qf.completion)})
-        sub = train_ds.select(cols)
-        by_tok = inf.pairwise_scores(model, task, est, qd, sub, by_token=True, progress=False)
-        plain = inf.pairwise_scores(model, task, est, qd, sub, progress=False)
-        stage = total[:, cols]
-        c1, c2 = lt.token_check(by_tok, plain), lt.token_check(by_tok, stage)
-        checks.append(
-            {
-                "query_set": qs,
-                "queries": len(qf),
-                "sequences": len(cols),
-                "Σ tokens vs score: max rel diff": c1["max_rel_diff"],
-                "Σ tokens vs stage score: max rel diff": c2["max_rel_diff"],
-            }
-        )
-        html = [f"<h4>{qs}</h4>"]
-        for i in range(len(qf)):
-            vals = [by_tok[i, cols.index(j)] for j in top[i].tolist()]
-            scale = max(float(v.abs().max()) for v in vals) or 1.0
-            html.append(
-                f"<p><b>query</b> <code>{lt.html.escape(qf.prompt.iloc[i])}</code> → "
-                f"<code>{lt.html.escape(qf.completion.iloc[i])}</code><br>{lt.colour_legend(scale)}</p><ol>"
-            )
-            for r, j in enumerate(top[i].tolist()):
-                ids = sub[cols.index(j)]["input_ids"]
-                n_real = int(sub[cols.index(j)]["attention_mask"].sum())
-                v = by_tok[i, cols.index(j), :n_real]
-                pieces = lt.token_pieces(tok, ids[:n_real].tolist(), n_real)
-                html.append(
-                    f"<li>score {float(total[i, j]):.4g} "
-                    f"(Σ tokens {float(by_tok[i, cols.index(j)].sum()):.4g}): "
-                    f"{lt.token_html(pieces, v.tolist(), scale)}</li>"
-                )
-                token_rows.append({"query_set": qs, "query": i, "rank": r + 1, "train_id": j})
-            html.append("</ol>")
-        blocks.append("".join(html))
-checks = pd.DataFrame(checks).set_index("query_set")
-print(checks.to_string(float_format=lambda x: f"{x:.1e}"))
-
-# %%
-display(HTML("".join(blocks)))
-
-# %% [markdown]
-# ## Paper vs here
-
-# %%
-ev_big = even.loc[big]
-ratio_range = f"{even['max_over_uniform'].min():.1f}–{even['max_over_uniform'].max():.1f}"
-comp_big = comp.loc[big]
-has_mid = "middle" in comp_big.index
-row_mid = paired.loc[big] if "same meaning: middle − outer" in paired.columns else None
-mid_txt = (
-    "no middle third at the largest size"
-    if row_mid is None or not np.isfinite(row_mid.get("same meaning: middle − outer", np.nan))
-    else (
-        f"same-meaning share middle − outer {row_mid['same meaning: middle − outer']:+.3f} "
-        f"(p {row_mid['same meaning: p']:.2g}), token overlap middle − outer "
-        f"{row_mid['token overlap: middle − outer']:+.3f} (p {row_mid['token overlap: p']:.2g}), "
-        f"{int(row_mid['queries'])} queries"
-    )
-)
-even_ok = bool(even["max_over_uniform"].max() < 2.0)
-plc_ok = placement["p_greater"] is not None and placement["p_greater"] < 0.05
-mid_ok = (
-    row_mid is not None
-    and np.isfinite(row_mid.get("same meaning: middle − outer", np.nan))
-    and row_mid["same meaning: middle − outer"] > 0
-    and row_mid["same meaning: p"] < 0.05
-    and row_mid["token overlap: middle − outer"] < 0
-)
-tok_ok = bool(checks["Σ tokens vs score: max rel diff"].max() < 1e-4)
-plc_txt = (
-    f"mean relative depth facts+quotes {placement['facts_quotes']:.2f} vs math+code+translation "
-    f"{placement['math_code_translation']:.2f} "
-    f"(one-sided Mann–Whitney p {placement['p_greater']:.2g}, "
-    f"n = {placement['n'][0]}/{placement['n'][1]})"
-    if placement["p_greater"] is not None
-    else "too few queries or blocks to compare"
-)
-rows = [
-    (
-        "spread over layers",
-        "roughly even",
-        f"largest mean layer share / (1/L): {ratio_range} over sizes",
-        "agrees" if even_ok else "inconclusive",
-        "" if even_ok else "some layer holds more than twice an even share",
-    ),
-    (
-        "facts, quotes upper; math, code, translation middle",
-        "yes",
-        plc_txt,
-        "agrees"
-        if plc_ok
-        else ("not comparable" if placement["p_greater"] is None else "disagrees"),
-        ""
-        if plc_ok
-        else (
-            f"{big} has fewer than 3 blocks or fewer than 3 queries per group"
-            if placement["p_greater"] is None
-            else "facts and quotes do not sit significantly higher at the largest size"
-        ),
-    ),
-    (
-        "middle third most thematic, outer thirds token overlap",
-        "yes",
-        mid_txt,
-        "agrees"
-        if mid_ok
-        else ("not comparable" if row_mid is None or not has_mid else "disagrees"),
-        ""
-        if mid_ok
-        else (
-            f"{big} has no middle third (fewer than 3 blocks)"
-            if row_mid is None or not has_mid
-            else "the middle third's top-k is not significantly more thematic and less overlapping"
-        ),
-    ),
-    (
-        "token contributions sum to the score",
-        "by construction",
-        f"max relative difference {checks['Σ tokens vs score: max rel diff'].max():.1e}",
-        "agrees" if tok_ok else "disagrees",
-        "" if tok_ok else "tokenwise sum off",
-    ),
-]
-table_md = (
-    "| finding | paper (§5.3.2, App. B) | here | verdict | reason |\n|---|---|---|---|---|\n"
-    + "\n".join(f"| {a} | {b} | {c} | {d} | {e} |" for a, b, c, d, e in rows)
-)
-Markdown(
-    table_md
-    + f"""
-
-Largest model **{big}** ({depths[big].n_blocks.iloc[0]} blocks, {len(st.layers[big])} tracked
-layers). Its largest mean layer share is {ev_big["max_mean_share"]:.2f} against an even
-{ev_big["uniform"]:.2f}. Restriction experiment at {big}: {mid_txt}.
-"""
-)
-
-# %%
-verdict_word = compat.overall_verdict([r[3] for r in rows[:3]])
-reason = "; ".join(f"{r[0]}: {r[4]}" for r in rows[:3] if r[3] != "agrees")
-here = (
-    f"At {big}: largest layer share {ev_big['max_over_uniform']:.1f}× an even share; "
-    f"{plc_txt}; restriction: {mid_txt}."
-)
-paper_vs_here = " | ".join(f"{r[0]}: paper {r[1]}; here {r[2]} ({r[3]})" for r in rows)
-report.summarize(
-    question="Which layers and which tokens carry a training sequence's influence, and does "
-    "restricting to the middle layers find more thematic sequences?",
-    paper="Influence is spread roughly evenly over layers; facts and quotes sit higher, math, "
-    "code and translation in the middle; the middle third finds the most thematic sequences.",
-    here=here,
-    verdict=verdict_word,
-    reason=reason,
-    reference="§5.3.2, App. B, Figs. 4, 17–21, 31–32",
-)
-report.metrics["layer_shares"] = {
-    m: {
-        qs: shares[(shares.model == m) & (shares.query_set == qs)]
-        .groupby("layer", sort=False)["share"]
-        .mean()
-        .reindex(st.layers[m])
-        .to_dict()
+    stop = lt.content_stopword_ids(suite.tokenizer)
+    tokens = {
+        qs: lt.token_attribution(st, large, qs, cfg["token_queries"], cfg["token_sequences"])
         for qs in sets
     }
-    for m in st.models
-}
-report.metrics["third_shares"] = {
-    m: third_mean.loc[m]
-    .reindex(sets)
-    .astype(float)
-    .round(6)
-    .replace({np.nan: None})
-    .to_dict("index")
-    for m in st.models
-}
-report.metrics["evenness"] = even.reset_index().to_dict(orient="records")
-report.metrics["depth_placement"] = placement
-report.metrics["restriction_composition"] = {
-    m: comp.loc[m].join(ov.loc[m]).to_dict("index") for m in st.models
-}
-report.metrics["restriction_paired"] = (
-    paired.reset_index().replace({np.nan: None}).to_dict("records")
+    token_shares = pd.concat(
+        [lt.query_token_share(rows, suite.tokenizer, stop) for rows in tokens.values()],
+        ignore_index=True,
+    )
+token_table = token_shares.groupby("query_set", sort=False)[["share", "base_rate"]].mean()
+token_table["queries"] = token_shares.groupby("query_set", sort=False).size()
+token_table["vs_score"] = [tokens[q].check["vs_score"] for q in token_table.index]
+token_table["vs_stage"] = [tokens[q].check["vs_stage"] for q in token_table.index]
+report.table(
+    token_table.rename(index=lt.TYPE_NAMES).rename_axis("query type"),
+    caption=f"At {large}, over the top {cfg['token_sequences']} sequences of the first "
+    f"{cfg['token_queries']} queries of each type: the share of their positive token influence "
+    "on positions that predict one of the query's content tokens, beside the share of such "
+    "positions (the base rate); and the largest relative difference between the summed token "
+    "terms and the score.",
+    headers={
+        "share": "share of positive influence on query tokens",
+        "base_rate": "base rate (share of positions)",
+        "vs_score": "Σ tokens vs score",
+        "vs_stage": "Σ tokens vs stage score",
+    },
+    percent=["share", "base_rate"],
+    formats={c: lambda x: stats.format_number(x, 2) for c in ("vs_score", "vs_stage")},
+    index=True,
 )
-report.metrics["token_sum_check"] = checks.reset_index().to_dict("records")
-report.paper_vs_here = paper_vs_here
+
+# %%
+display.raw_html(
+    "".join(
+        f"<details><summary>{lt.TYPE_NAMES[qs]}: the top {cfg['token_sequences']} sequences "
+        f"of {len(rows.queries)} queries at {large}</summary>"
+        f"{lt.token_heatmaps(rows, suite.tokenizer, large)}</details>"
+        for qs, rows in tokens.items()
+    )
+)
+
+# %%
+found = lt.findings(blocks, per_query, token_shares, large, **boot)
+by_name = {f.name: f for f in found}
+spread = lt.evenness_table(even).set_index("model").loc[large]
+middle = by_name["middle third thematic"]
+middle_txt = (
+    f", ranking by its middle blocks moves the same-meaning share by "
+    f"{stats.format_points(middle.estimate)} against its outer blocks"
+    if middle.verdict != "not comparable"
+    else ""
+)
+report.conclude(
+    question="Which layers and which tokens carry a training sequence's influence, and does "
+    "ranking by the middle layers find more thematic sequences?",
+    paper="Influence is spread roughly evenly over layers; facts and quotes sit in upper "
+    "layers, math, code and translation in middle ones; the middle third finds the most "
+    "thematic sequences, the outer thirds token overlap.",
+    here=f"At {large} ({int(spread.blocks)} blocks) {stats.format_share(spread.even_share)} of "
+    f"queries have no block above {lt.EVEN_FACTOR:g}× an even share{middle_txt}, and "
+    f"{stats.format_share(token_shares.share.mean())} of the positive token influence sits on "
+    "positions predicting a query token, against "
+    f"{stats.format_share(token_shares.base_rate.mean())} of positions.",
+    findings=found,
+    reference="§5.3.2, App. B, Figs. 4, 17–21, 31–32",
+)
+mean_blocks = blocks.groupby(["model", "query_set", "block"])["even"].mean().round(5)
+report.metrics.update(
+    {
+        "depths": lt.depth_table(st).to_dict(orient="records"),
+        "block_share_even": {
+            m: {qs: mean_blocks.loc[m, qs].to_dict() for qs in sets} for m in models
+        },
+        "evenness": lt.evenness_table(even).to_dict(orient="records"),
+        "depth_centroid": centroid.groupby(["model", "query_set"])["centroid"]
+        .mean()
+        .round(5)
+        .unstack()
+        .to_dict(orient="index"),
+        "restriction": lt.restriction_summary(per_query, models).round(5).to_dict(orient="records"),
+        "token_shares": token_table.round(6).reset_index().to_dict(orient="records"),
+    }
+)
 report.save()
 
 # %%
 # NBVAL_CHECK_OUTPUT
-print("models:", st.models)
-print("query types:", sets)
-print("tracked layers:", {m: len(st.layers[m]) for m in st.models})
-print("token heatmap rows:", len(token_rows))
-print("token sums check below 1e-4:", tok_ok)
+print("models:", models, "| top-k:", k)
+print("blocks:", dict(zip(models, lt.depth_table(st)["blocks"], strict=True)))
+print(headline(found))

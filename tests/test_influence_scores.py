@@ -9,7 +9,7 @@ import torch
 import influence as inf
 from influence.study import influence_scores as IS
 from influence.study.corpus import QUERY_SETS
-from influence.study.suite import load_suite, query_dataset, train_dataset
+from influence.study.suite import load_suite, query_dataset, sequence_dataset, train_dataset
 
 TINY = [{"name": "t", "hidden": 16, "layers": 1, "intermediate": 32, "heads": 1}]
 TRAIN = {
@@ -23,7 +23,7 @@ TRAIN = {
     "threads": 1,
 }
 STAGE = {
-    "query_sets": ["facts", "quotes"],
+    "query_sets": ["facts", "quotes", "word_order"],
     "max_queries": {"facts": 3},
     "dtype": "float64",
 }
@@ -47,9 +47,11 @@ def env(built, monkeypatch):
 
 def test_scores_match_the_library_and_layers_sum_to_total(env):
     suite, sc = env
+    n_facts = len(suite.corpus.queries["facts"])
     assert sc.counts() == {
-        "facts": {"scored": 3, "available": 52},
+        "facts": {"scored": 3, "available": n_facts},
         "quotes": {"scored": 3, "available": 3},
+        "word_order": {"scored": 3, "available": 3},
     }
     assert not sc.timings.loc["t", "cached"]
     assert (sc.timings[["fit_s", "score_s", "fit_cpu_s", "score_cpu_s"]] > 0).all(axis=None)
@@ -71,6 +73,42 @@ def test_scores_match_the_library_and_layers_sum_to_total(env):
     one = sc.layers["t"][:1]
     torch.testing.assert_close(sc.scores("t", "facts", layers=one), layers[one[0]])
     torch.testing.assert_close(sc.per_copy("t", "facts"), s / len(suite.corpus.train))
+
+
+def test_candidates_are_scored_as_if_they_were_training_sequences(env):
+    suite, sc = env
+    assert sc.candidate_sets == ["word_order"]
+    cands = suite.corpus.candidates["word_order"]
+    s = sc.candidate_scores("t", "word_order")
+    assert s.shape == (3, len(cands)) and s.dtype == torch.float64
+    model = suite.models["t"].double()
+    task = inf.LanguageModelingTask(modules="mlp")
+    train = train_dataset(suite, suite.corpus)
+    est = inf.EKFAC().fit(model, task, train, progress=False, seed=0)  # the real training set
+    q = query_dataset(suite.tokenizer, sc.queries("word_order"))
+    cand = sequence_dataset(suite.tokenizer, cands["text"], suite.seq_len)
+    # A candidate's score is the score it would get as one more training sequence: score the
+    # training set with the candidates appended, and read the appended columns.
+    both = {
+        k: torch.cat([train[:][k], cand[:][k]]) for k in ("input_ids", "attention_mask", "labels")
+    }
+    ref = inf.pairwise_scores(model, task, est, q, both, progress=False)
+    suite.models["t"].float()
+    n = len(suite.corpus.train)
+    torch.testing.assert_close(s, ref[:, n:], rtol=1e-9, atol=1e-9 * ref.abs().max().item())
+    torch.testing.assert_close(
+        sc.scores("t", "word_order"), ref[:, :n], rtol=1e-9, atol=1e-9 * ref.abs().max().item()
+    )
+    layers = sc.layers["t"]
+    torch.testing.assert_close(
+        sum(sc.candidate_scores("t", "word_order", layers=[n_]) for n_ in layers), s
+    )
+    torch.testing.assert_close(sc.candidate_per_copy("t", "word_order"), s / n)
+    frame = sc.candidate_frame("word_order")
+    assert frame["id"].tolist() == list(range(len(cands))) and set(frame["kind"]) == {"word_order"}
+    assert (frame["fact_id"].isin(sc.queries("word_order")["fact_id"])).all()
+    with pytest.raises(ValueError, match="valid candidate sets: word_order"):
+        sc.candidate_scores("t", "poems")
 
 
 def test_query_sampling_is_seeded_and_sorted(env):
@@ -167,7 +205,7 @@ def test_unknown_names_fail_at_once_listing_valid_ones(env):
         IS.study_scores(suite, "smoke", progress=False, max_queries={"poem": 2})
     with pytest.raises(ValueError, match="valid model sizes: t"):
         sc.scores("xl", "facts")
-    with pytest.raises(ValueError, match="valid query sets: facts, quotes"):
+    with pytest.raises(ValueError, match="valid query sets: facts, quotes, word_order"):
         sc.top_k("t", "math")
     with pytest.raises(ValueError, match="unknown layer"):
         sc.scores("t", "facts", layers=["nope"])

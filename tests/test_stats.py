@@ -142,3 +142,20 @@ def test_enrichment_against_base_rate():
     assert "of the top-k against 1% of the corpus" in e.describe()
     labels = pd.Series(["a", "a", "b", "c"])
     assert stats.base_rates(labels, ["a", "b", "d"]).to_dict() == {"a": 0.5, "b": 0.25, "d": 0.0}
+
+
+def test_log_ratio_of_values_of_any_sign():
+    # both positive: log10(a / b); the gap form is the same number
+    np.testing.assert_allclose(stats.log_ratio([10.0, 1.0, 0.5], [1.0, 10.0, 0.5]), [1, -1, 0])
+    clip = stats.LOG_RATIO_CLIP
+    # nothing left of b (a ≤ 0 < b) and nothing to compare with (b ≤ 0 < a): the clip
+    assert stats.log_ratio(0.0, 2.0) == -clip and stats.log_ratio(-1.0, 2.0) == -clip
+    assert stats.log_ratio(2.0, 0.0) == clip and stats.log_ratio(2.0, -5.0) == clip
+    assert stats.log_ratio(1e6, 1.0) == clip and stats.log_ratio(1.0, 1e6) == -clip
+    # monotone for negative values too: a = −1 is above b = −3
+    assert stats.log_ratio(-1.0, -3.0) == pytest.approx(np.log10(3))
+    assert np.isnan(stats.log_ratio(0.0, 0.0)) and np.isnan(stats.log_ratio(np.nan, 1.0))
+    # increasing in a for every b
+    a = np.linspace(-5, 5, 101)
+    for b in (-2.0, 0.5, 3.0):
+        assert np.all(np.diff(stats.log_ratio(a, b)) >= 0)

@@ -8,11 +8,16 @@
     scores.top_k("l", "facts", k=10)                   # top-k training sequences per query
     est = scores.estimator("l")                        # the fitted EK-FAC of model "l"
     scores.self_influence("l")                         # [N] self-influence (cached)
+    scores.candidate_scores("l", "word_order")         # [Q, C] against hypothetical sequences
 
 For each model of the suite (at the stage's `sizes`): EK-FAC fitted on the whole training
 corpus with labels sampled from the model (MLP layers tracked, damping 0.1 × mean eigenvalue per
 layer: the paper's choices), then pairwise scores of every query set against every training
-sequence, total and per tracked layer. The query measurement is −log p(completion | prompt)
+sequence, total and per tracked layer. Candidate sets (`corpus.candidates`, e.g. the word-order
+groups, never trained on) are scored against their query set (`CANDIDATE_QUERIES`) the same
+way, with the EK-FAC fitted on the real training set, as if each were one more training
+sequence; their per-copy value divides by the real training-set size N too. The query
+measurement is −log p(completion | prompt)
 (`docs/MATH.md`), so a positive score means the sequence helps the model produce the
 completion; score / N is the predicted change in log p(completion) in nats when one copy of the
 sequence is added to the N training sequences (the "per copy" value compared with the paper).
@@ -43,11 +48,11 @@ import influence as inf
 from influence.io import load_scores, save_scores
 
 from . import cache
-from .corpus import QUERY_SETS
+from .corpus import CANDIDATE_QUERIES, QUERY_SETS
 from .presets import resolve
-from .suite import Suite, query_dataset, train_dataset
+from .suite import Suite, query_dataset, sequence_dataset, train_dataset
 
-SCORES_VERSION = 1
+SCORES_VERSION = 2
 SECTION = "influence_scores"
 LABEL_COLUMNS = (
     "kind",
@@ -61,6 +66,7 @@ LABEL_COLUMNS = (
     "topic",
     "subject",
     "object",
+    "names",
 )
 _FILES = ("scores.safetensors", "ekfac.safetensors")
 
@@ -109,6 +115,11 @@ def stage_config(suite: Suite, preset: str, **overrides: Any) -> dict:
     return cfg
 
 
+def candidate_sets(selected: dict[str, list[int]]) -> list[str]:
+    """The candidate sets scored: those whose query set is among the selected ones."""
+    return [c for c, qs in CANDIDATE_QUERIES.items() if qs in selected]
+
+
 def entry_key(suite: Suite, name: str, cfg: dict, selected: dict[str, list[int]]) -> dict:
     return {
         "model": suite.paths[name].name if name in suite.paths else name,
@@ -122,6 +133,7 @@ def entry_key(suite: Suite, name: str, cfg: dict, selected: dict[str, list[int]]
             "dtype": cfg["dtype"],
         },
         "queries": selected,
+        "candidates": candidate_sets(selected),
         "version": SCORES_VERSION,
     }
 
@@ -172,13 +184,31 @@ def _build(suite, name, cfg, selected, entry, progress) -> None:
         progress=progress,
     )
     score_s, score_cpu = time.perf_counter() - t0, time.process_time() - c0
-    suite.models[name].float()  # leave the suite's model as the suite made it
     total = sum(layers.values())  # block-diagonal: the total is the sum over layers
     tensors = {}
     for qs, (a, b) in offsets.items():
         tensors[f"{qs}/total"] = total[a:b].contiguous()
         for layer, s in layers.items():
             tensors[f"{qs}/layer/{layer}"] = s[a:b].contiguous()
+    t0, c0 = time.perf_counter(), time.process_time()
+    for c in candidate_sets(selected):
+        a, b = offsets[CANDIDATE_QUERIES[c]]
+        texts = suite.corpus.candidates[c]["text"]
+        by_layer = inf.pairwise_scores(
+            model,
+            task,
+            est,
+            queries.select(range(a, b)),
+            sequence_dataset(suite.tokenizer, texts, suite.seq_len),
+            by_layer=True,
+            batch_size=cfg["batch_size"],
+            progress=progress,
+        )
+        tensors[f"candidates/{c}/total"] = sum(by_layer.values()).contiguous()
+        for layer, s in by_layer.items():
+            tensors[f"candidates/{c}/layer/{layer}"] = s.contiguous()
+    cand_s, cand_cpu = time.perf_counter() - t0, time.process_time() - c0
+    suite.models[name].float()  # leave the suite's model as the suite made it
     with cache.building(entry) as tmp:
         save_scores(tmp / "scores.safetensors", tensors, model=name)
         est.save(tmp / "ekfac.safetensors")
@@ -193,6 +223,8 @@ def _build(suite, name, cfg, selected, entry, progress) -> None:
             # above include waiting for the cores; these do not.
             "fit_cpu_seconds": fit_cpu,
             "score_cpu_seconds": score_cpu,
+            "candidate_seconds": cand_s,
+            "candidate_cpu_seconds": cand_cpu,
             "files": {
                 f: {"size": (tmp / f).stat().st_size, "sha256": _sha256(tmp / f)} for f in _FILES
             },
@@ -258,6 +290,33 @@ class StudyScores:
         df.insert(0, "row", self.selected[query_set])
         df.index.name = "query"
         return df
+
+    @property
+    def candidate_sets(self) -> list[str]:
+        return candidate_sets(self.selected)
+
+    def candidate_scores(self, model: str, name: str, layers: Sequence[str] | None = None):
+        """[Q, C] total scores of the candidate set `name` (rows: the scored queries of its
+        query set, `CANDIDATE_QUERIES[name]`; columns: `candidate_frame(name)` rows), or the
+        sum over `layers` only."""
+        check_names("model size", [model], self.models)
+        check_names("candidate set", [name], self.candidate_sets)
+        t = self._tensors[model]
+        if layers is None:
+            return t[f"candidates/{name}/total"]
+        check_names("layer", list(layers), self.layers[model])
+        return sum(t[f"candidates/{name}/layer/{n}"] for n in layers)
+
+    def candidate_per_copy(self, model: str, name: str, layers: Sequence[str] | None = None):
+        """Candidate scores / N, N the real training-set size: the predicted change of
+        log p(completion) in nats if one copy of the candidate were added to training."""
+        return self.candidate_scores(model, name, layers) / self.n_train
+
+    def candidate_frame(self, name: str) -> pd.DataFrame:
+        """The candidate sequences of set `name`: id (= column of the scores), text, labels."""
+        check_names("candidate set", [name], self.candidate_sets)
+        cols = ["id", "text", *LABEL_COLUMNS]
+        return self.suite.corpus.candidates[name].select_columns(cols).to_pandas()
 
     def train_frame(self) -> pd.DataFrame:
         cols = ["id", "text", *LABEL_COLUMNS]
@@ -363,6 +422,8 @@ def study_scores(
                 "score_s": manifest["score_seconds"],
                 "fit_cpu_s": manifest.get("fit_cpu_seconds", float("nan")),
                 "score_cpu_s": manifest.get("score_cpu_seconds", float("nan")),
+                "candidate_s": manifest.get("candidate_seconds", float("nan")),
+                "candidate_cpu_s": manifest.get("candidate_cpu_seconds", float("nan")),
                 "wall_s": time.perf_counter() - t0,
             }
         )

@@ -17,23 +17,33 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from . import abstraction, tails
+from . import abstraction, cross_lingual, layers_and_tokens, role_play, tails, word_order
 from .ranges import Range, check_ranges, count, fraction
 
 PRESET_NAMES = ("smoke", "default", "large")
 
 # section -> preset -> parameters
 SECTIONS: dict[str, dict[str, dict[str, Any]]] = {
-    # Owned by influence/study/corpus.py (issue 5).
+    # Owned by influence/study/corpus.py (issues 5, 23). World: entity counts, the share of
+    # facts stated in one language only and of entities whose names are shared across
+    # languages (the control set); n_templates training templates per relation and language;
+    # heldout_share of the units held out for the held-out loss set; n_assistant dialogues per
+    # topic, n_role_play passages per other role-play category (and per topic), n_format_control
+    # assistant dialogues on unrelated topics.
     "corpus": {
         "smoke": {
             "n_countries": 6,
-            "n_people": 8,
+            "n_people": 10,
             "n_elements": 4,
-            "mono_share": 0.4,
+            "mono_share": 0.2,
+            "shared_share": 0.2,
+            "n_templates": 3,
+            "heldout_share": 0.1,
             "n_word_order_facts": 3,
+            "n_assistant": 6,
             "n_role_play": 2,
-            "n_role_play_queries": 3,
+            "n_format_control": 4,
+            "n_role_play_queries": 4,
             "n_math": 12,
             "n_math_queries": 3,
             "n_code": 10,
@@ -42,142 +52,203 @@ SECTIONS: dict[str, dict[str, dict[str, Any]]] = {
             "n_quote_contexts": 2,
         },
         "default": {
-            "n_countries": 60,
-            "n_people": 90,
-            "n_elements": 50,
-            "mono_share": 0.4,
+            "n_countries": 80,
+            "n_people": 145,
+            "n_elements": 95,
+            "mono_share": 0.3,
+            "shared_share": 0.1,
+            "n_templates": 9,
+            "heldout_share": 0.05,
             "n_word_order_facts": 24,
-            "n_role_play": 12,
+            "n_assistant": 150,
+            "n_role_play": 300,
+            "n_format_control": 360,
             "n_role_play_queries": 12,
-            "n_math": 120,
-            "n_math_queries": 12,
-            "n_code": 80,
-            "n_code_queries": 15,
+            "n_math": 4000,
+            "n_math_queries": 24,
+            "n_code": 440,
+            "n_code_queries": 24,
             "n_quotes": 8,
             "n_quote_contexts": 5,
         },
         "large": {
-            "n_countries": 150,
-            "n_people": 250,
-            "n_elements": 120,
-            "mono_share": 0.4,
+            "n_countries": 300,
+            "n_people": 550,
+            "n_elements": 350,
+            "mono_share": 0.3,
+            "shared_share": 0.1,
+            "n_templates": 9,
+            "heldout_share": 0.05,
             "n_word_order_facts": 60,
-            "n_role_play": 30,
+            "n_assistant": 150,
+            "n_role_play": 200,
+            "n_format_control": 360,
             "n_role_play_queries": 12,
-            "n_math": 600,
-            "n_math_queries": 30,
-            "n_code": 95,
+            "n_math": 4000,
+            "n_math_queries": 60,
+            "n_code": 450,
             "n_code_queries": 25,
             "n_quotes": 8,
             "n_quote_contexts": 5,
         },
     },
-    # Owned by influence/study/suite.py (issue 5).
+    # Owned by influence/study/suite.py (issues 5, 23). sizes: small to large (each must have
+    # more parameters than the one before); train: one recipe and one token budget (epochs of
+    # the corpus) for every size; eval_points: held-out loss checkpoints per run; threads: per
+    # model; workers: models trained at a time, each in its own process.
     "suite": {
         "smoke": {
             "vocab_size": 512,
             "context": 96,
+            "tie_embeddings": True,
             "sizes": [
-                {"name": "xs", "hidden": 16, "layers": 1, "intermediate": 48, "heads": 1},
-                {"name": "s", "hidden": 32, "layers": 1, "intermediate": 96, "heads": 1},
-                {"name": "m", "hidden": 48, "layers": 2, "intermediate": 128, "heads": 2},
-                {"name": "l", "hidden": 64, "layers": 2, "intermediate": 192, "heads": 2},
+                {"name": "xs", "hidden": 8, "layers": 1, "intermediate": 24, "heads": 1},
+                {"name": "s", "hidden": 16, "layers": 1, "intermediate": 48, "heads": 1},
+                {"name": "m", "hidden": 24, "layers": 1, "intermediate": 64, "heads": 1},
+                {"name": "l", "hidden": 32, "layers": 2, "intermediate": 96, "heads": 2},
+                {"name": "xl", "hidden": 48, "layers": 2, "intermediate": 128, "heads": 2},
             ],
             "train": {
-                "epochs": 10,
+                "epochs": 8,
                 "batch_size": 32,
                 "lr": 1e-2,
                 "warmup_frac": 0.05,
                 "min_lr_ratio": 0.1,
                 "weight_decay": 0.01,
                 "log_every": 5,
+                "eval_points": 4,
                 "threads": 1,
+                "workers": 2,
             },
         },
         "default": {
             "vocab_size": 1024,
             "context": 96,
+            "tie_embeddings": True,
+            # peak learning rate 0.72 / hidden for every size (larger for narrower models)
             "sizes": [
-                {"name": "xs", "hidden": 24, "layers": 1, "intermediate": 64, "heads": 1},
-                {"name": "s", "hidden": 48, "layers": 2, "intermediate": 128, "heads": 2},
-                {"name": "m", "hidden": 128, "layers": 3, "intermediate": 352, "heads": 4},
-                {"name": "l", "hidden": 192, "layers": 4, "intermediate": 512, "heads": 6},
+                {
+                    "name": "xs",
+                    "hidden": 24,
+                    "layers": 2,
+                    "intermediate": 96,
+                    "heads": 2,
+                    "lr": 3e-2,
+                },
+                {
+                    "name": "s",
+                    "hidden": 48,
+                    "layers": 2,
+                    "intermediate": 144,
+                    "heads": 2,
+                    "lr": 1.5e-2,
+                },
+                {
+                    "name": "m",
+                    "hidden": 96,
+                    "layers": 3,
+                    "intermediate": 288,
+                    "heads": 4,
+                    "lr": 7.5e-3,
+                },
+                {
+                    "name": "l",
+                    "hidden": 160,
+                    "layers": 4,
+                    "intermediate": 480,
+                    "heads": 4,
+                    "lr": 4.5e-3,
+                },
+                {
+                    "name": "xl",
+                    "hidden": 256,
+                    "layers": 5,
+                    "intermediate": 768,
+                    "heads": 4,
+                    "lr": 2.8e-3,
+                },
             ],
             "train": {
-                "epochs": 12,
+                "epochs": 4,
                 "batch_size": 32,
                 "lr": 2e-3,
                 "warmup_frac": 0.05,
                 "min_lr_ratio": 0.1,
                 "weight_decay": 0.01,
                 "log_every": 20,
+                "eval_points": 24,
                 "threads": 1,
+                "workers": 2,
             },
         },
         "large": {
             "vocab_size": 2048,
             "context": 128,
+            "tie_embeddings": True,
+            # peak learning rate 0.72 / hidden, as at the default preset
             "sizes": [
-                {"name": "xs", "hidden": 64, "layers": 2, "intermediate": 192, "heads": 2},
-                {"name": "s", "hidden": 128, "layers": 3, "intermediate": 384, "heads": 4},
-                {"name": "m", "hidden": 256, "layers": 4, "intermediate": 768, "heads": 8},
-                {"name": "l", "hidden": 512, "layers": 6, "intermediate": 1536, "heads": 8},
-                {"name": "xl", "hidden": 768, "layers": 8, "intermediate": 2048, "heads": 12},
+                {
+                    "name": "xs",
+                    "hidden": 48,
+                    "layers": 2,
+                    "intermediate": 192,
+                    "heads": 2,
+                    "lr": 1.5e-2,
+                },
+                {
+                    "name": "s",
+                    "hidden": 96,
+                    "layers": 3,
+                    "intermediate": 384,
+                    "heads": 4,
+                    "lr": 7.5e-3,
+                },
+                {
+                    "name": "m",
+                    "hidden": 192,
+                    "layers": 4,
+                    "intermediate": 768,
+                    "heads": 4,
+                    "lr": 3.75e-3,
+                },
+                {
+                    "name": "l",
+                    "hidden": 384,
+                    "layers": 6,
+                    "intermediate": 1536,
+                    "heads": 6,
+                    "lr": 1.9e-3,
+                },
+                {
+                    "name": "xl",
+                    "hidden": 768,
+                    "layers": 8,
+                    "intermediate": 3072,
+                    "heads": 12,
+                    "lr": 9.4e-4,
+                },
             ],
             "train": {
-                "epochs": 60,
+                "epochs": 4,
                 "batch_size": 64,
                 "lr": 1e-3,
                 "warmup_frac": 0.05,
                 "min_lr_ratio": 0.1,
                 "weight_decay": 0.01,
                 "log_every": 50,
+                "eval_points": 32,
                 "threads": None,
+                "workers": 1,
             },
         },
     },
-    # Owned by notebooks/00_corpus_and_models.
+    # Owned by notebooks/00_corpus_and_models. n_examples: training texts shown per kind and
+    # language; scaling_seeds: training seeds per size for the scaling table (seed, seed + 1,
+    # ...; the rest of the study uses the models of `seed` only).
     "00_corpus_and_models": {
-        "smoke": {"n_examples": 1},
-        "default": {"n_examples": 2},
-        "large": {"n_examples": 2},
-    },
-    # Owned by notebooks/05_word_order (issue 12). n_boot: bootstrap resamples over facts;
-    # token_facts: facts whose sequences of token_groups (first template each) are shown
-    # tokenwise for the smallest and the largest model.
-    "05_word_order": {
-        "smoke": {
-            "n_boot": 200,
-            "token_facts": 1,
-            "token_groups": ["rewording", "flipped", "irrelevant_with_names"],
-        },
-        "default": {
-            "n_boot": 1000,
-            "token_facts": 2,
-            "token_groups": ["rewording", "flipped", "irrelevant_with_names"],
-        },
-        "large": {
-            "n_boot": 1000,
-            "token_facts": 2,
-            "token_groups": ["rewording", "flipped", "irrelevant_with_names"],
-        },
-    },
-    # Owned by notebooks/06_role_play (issue 12). top_k: positive influences per query whose
-    # categories are counted; n_boot: bootstrap resamples over queries; n_examples: queries
-    # whose top sequences are printed for the smallest and the largest model.
-    "06_role_play": {
-        "smoke": {"top_k": 5, "n_boot": 200, "n_examples": 1},
-        "default": {"top_k": 10, "n_boot": 1000, "n_examples": 3},
-        "large": {"top_k": 10, "n_boot": 1000, "n_examples": 3},
-    },
-    # Owned by notebooks/07_layers_and_tokens (issue 13). top_k: sequences per query whose
-    # influence is split by layer and ranked in the restriction experiment; token_queries /
-    # token_sequences: queries per query set and top sequences per query drawn as token heatmaps
-    # (largest model); n_boot: bootstrap resamples over queries.
-    "07_layers_and_tokens": {
-        "smoke": {"top_k": 5, "token_queries": 3, "token_sequences": 3, "n_boot": 200},
-        "default": {"top_k": 10, "token_queries": 3, "token_sequences": 3, "n_boot": 1000},
-        "large": {"top_k": 20, "token_queries": 4, "token_sequences": 3, "n_boot": 1000},
+        "smoke": {"n_examples": 1, "scaling_seeds": 2},
+        "default": {"n_examples": 2, "scaling_seeds": 2},
+        "large": {"n_examples": 2, "scaling_seeds": 2},
     },
     # Owned by notebooks/08_query_batching_and_filtering (issue 13). ranks: query-batching ranks
     # compared with full rank; n_queries: queries drawn (sample_seed) from all scored query sets
@@ -365,14 +436,6 @@ SECTIONS: dict[str, dict[str, dict[str, Any]]] = {
             "threads": None,
         },
     },
-    # Owned by notebooks/04_cross_lingual (issue 11): k of the top-k share, the paper's top-n
-    # sequences in the query's language, how many queries per source language the translation
-    # protocol rescores.
-    "04_cross_lingual": {
-        "smoke": {"k": 10, "n_top": 10, "max_per_language": 4, "n_boot": 500},
-        "default": {"k": 10, "n_top": 10, "max_per_language": 12, "n_boot": 1000},
-        "large": {"k": 10, "n_top": 10, "max_per_language": 32, "n_boot": 1000},
-    },
     # Owned by influence/study/influence_scores.py (issue 10): the scores every notebook from
     # 02 on reads. sizes/query_sets None = all of the suite's / corpus's; max_queries caps the
     # large sets (drawn without replacement with sample_seed).
@@ -414,29 +477,11 @@ SECTIONS: dict[str, dict[str, dict[str, Any]]] = {
 }
 
 # The research questions that own their preset block (and its ranges) in their module.
-QUESTION_MODULES = (tails, abstraction)
+QUESTION_MODULES = (tails, abstraction, cross_lingual, word_order, role_play, layers_and_tokens)
 
 # section -> parameter -> allowed values, for the sections defined above; a question module
 # declares its own next to its preset block.
 RANGES: dict[str, dict[str, Range]] = {
-    "04_cross_lingual": {
-        "k": count(1),
-        "n_top": count(1),
-        "max_per_language": count(1),
-        "n_boot": count(1, "bootstrap resamples"),
-    },
-    "05_word_order": {"n_boot": count(1, "bootstrap resamples"), "token_facts": count(0)},
-    "06_role_play": {
-        "top_k": count(1, "top sequences per query"),
-        "n_boot": count(1, "bootstrap resamples"),
-        "n_examples": count(0),
-    },
-    "07_layers_and_tokens": {
-        "top_k": count(1, "top sequences per query"),
-        "token_queries": count(0),
-        "token_sequences": count(0),
-        "n_boot": count(1, "bootstrap resamples"),
-    },
     "08_query_batching_and_filtering": {
         "ranks": count(1),
         "n_queries": count(1),

@@ -405,3 +405,22 @@ def enrichment(
     base = float(b.mean()) if len(b) else float("nan")
     ratio = share.scaled(1.0 / base) if base > 0 else Interval(*(float("nan"),) * 3, LEVEL, len(s))
     return Enrichment(share, base, ratio, wilcoxon(s - b, over=over))
+
+
+# -- ratios ------------------------------------------------------------------------------------
+LOG_RATIO_CLIP = 3.0  # log10: ratios beyond 1000× either way are shown as 1000×
+
+
+def log_ratio(a: Any, b: Any, clip: float = LOG_RATIO_CLIP) -> np.ndarray:
+    """log10(a / b) elementwise, defined for values of any sign and clipped to ±`clip`.
+
+    Through the symmetric gap g = (a − b) / (|a| + |b|) in [−1, 1]: log10((1 + g) / (1 − g)),
+    which is log10(a / b) when a and b are both positive. It is monotone (positive when
+    a > b), −clip when a ≤ 0 < b (nothing left of b), +clip when b ≤ 0 < a, and NaN when
+    a = b = 0 or either is NaN. Medians of it are medians of the ratio, read on a log scale."""
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        g = (a - b) / (np.abs(a) + np.abs(b))
+        r = np.log10((1 + g) / (1 - g))
+    return np.clip(r, -clip, clip)

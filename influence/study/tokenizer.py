@@ -13,8 +13,10 @@ prompt and its completion separately gives the same tokens as tokenising their c
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
+import pandas as pd
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
@@ -41,10 +43,15 @@ def train_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFas
     )
 
 
+def tokenizer_path(corpus, vocab_size: int) -> Path:
+    """The cache entry of the tokenizer of `corpus` with `vocab_size` tokens."""
+    cfg = {"corpus": corpus.sha256, "vocab_size": vocab_size, "version": TOKENIZER_VERSION}
+    return cache.entry_dir("tokenizer", cfg)
+
+
 def build_tokenizer(corpus, vocab_size: int = 1024) -> PreTrainedTokenizerFast:
     """Train (once; cached by corpus hash and vocabulary size) and load the tokenizer."""
-    cfg = {"corpus": corpus.sha256, "vocab_size": vocab_size, "version": TOKENIZER_VERSION}
-    path = cache.entry_dir("tokenizer", cfg)
+    path = tokenizer_path(corpus, vocab_size)
     if not cache.is_complete(path):
         tok = train_tokenizer(list(corpus.train["text"]), vocab_size)
         with cache.building(path) as tmp:
@@ -77,3 +84,20 @@ def stats(tok: PreTrainedTokenizerFast, texts: list[str]) -> dict:
         "max_length": max(lengths, default=0),
         "chars_per_token": chars / max(sum(lengths) - 2 * len(lengths), 1),
     }
+
+
+def name_overlap(tok: PreTrainedTokenizerFast, world) -> pd.DataFrame:
+    """How much an entity's names share tokens across languages, as a completion sees them
+    (after a space). One row per entity: id, type, shared (control set), `first_token`: share
+    of language pairs whose names start with the same token, `jaccard`: mean over language
+    pairs of the Jaccard overlap of the two names' token sets."""
+    rows = []
+    for e in world.entities:
+        ids = {lang: tok.encode(" " + n, add_special_tokens=False) for lang, n in e.names.items()}
+        pairs = list(itertools.combinations(ids.values(), 2))
+        first = sum(a[0] == b[0] for a, b in pairs) / len(pairs)
+        jac = sum(len(set(a) & set(b)) / len(set(a) | set(b)) for a, b in pairs) / len(pairs)
+        rows.append(
+            {"id": e.id, "type": e.type, "shared": e.shared, "first_token": first, "jaccard": jac}
+        )
+    return pd.DataFrame(rows)

@@ -1,0 +1,99 @@
+"""Notebook 00's design log: every world and recipe tried while building the instrument
+(issue 23), in order, with what it gave. The design was fixed on capability measures only
+(accuracies and losses of `influence.study.capability`, on the corpus of seed 0, one training
+seed unless said), never on influence results. Sizes are listed small to large; "seen",
+"near", "far", "cross" are the seen-fact, near-paraphrase, far-paraphrase and cross-lingual
+accuracies (greedy exact completion), "loss" the held-out loss in nats per token.
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+
+ATTEMPTS: list[dict[str, str]] = [
+    {
+        "attempt": "1",
+        "change": (
+            "first design: 600 facts (120 countries, 220 people, 140 elements; 10% shared "
+            "names; 30% stated in one language), names of 1-2 syllables per word, 9 templates; "
+            "5 sizes 36k-3.9M parameters (vocabulary 1024, untied embeddings), 3 epochs, "
+            "peak learning rate 2e-3 for every size"
+        ),
+        "result": (
+            "loss 3.34 / 2.10 / 1.25 / 0.71 / 0.60; seen 0% / 0.2% / 6.8% / 72% / 85%; "
+            "near 0% / 0.1% / 2.5% / 28% / 55%; far 0-14%; cross 0% / 0% / 0% / 2.2% / 5.8% "
+            "(localized names 0-1.2%, shared 0-47%); role-play completions 0% / 0% / 0% / 70% "
+            "/ 96%"
+        ),
+        "decision": (
+            "loss falls and the top sizes generalise more, but the three smallest learn "
+            "almost no facts (the smallest must complete 30%): make facts learnable for "
+            "small models"
+        ),
+    },
+    {
+        "attempt": "2",
+        "change": (
+            "smallest size alone, same world: peak learning rate 1e-2; then 32 wide with "
+            "tied embeddings (46k), then 24 wide with 2 layers, tied (39k)"
+        ),
+        "result": "loss 2.78 / 2.36 / 2.49 (from 3.34); seen 0.1% for each",
+        "decision": "a higher learning rate lowers the loss but teaches no facts",
+    },
+    {
+        "attempt": "3",
+        "change": (
+            "names of one syllable per word (completions were 3-10 tokens); smallest size "
+            "(learning rate 1e-2) on worlds of 60 and 150 facts, and 32 wide tied / 2 layers "
+            "on 150 facts"
+        ),
+        "result": "seen 0% (60 facts), 1.9% (150 facts), 1.4% (32 wide), 0.8% (2 layers)",
+        "decision": "a smaller world alone does not make the smallest size learn facts",
+    },
+    {
+        "attempt": "4",
+        "change": (
+            "smallest size 32 wide, 2 layers, tied embeddings (60k), learning rate 1e-2, "
+            "150 facts, trained 3, 12 and 24 epochs"
+        ),
+        "result": (
+            "seen 1.9% / 9.4% / 15%; at 24 epochs 11% of facts with localized names and 45% "
+            "with shared names"
+        ),
+        "decision": "more exposures help slowly; localized names cost the small model most",
+    },
+    {
+        "attempt": "5",
+        "change": (
+            "same size, 150 facts, 6 epochs: names localized by suffix only (stem shared "
+            "across languages) against the per-language spelling rule; learning rate 3e-2; "
+            "batch 8; people named by one word; every name shared"
+        ),
+        "result": (
+            "seen 8.1% (suffix only) vs 4.7% (spelling rule); 8.1% at learning rate 3e-2; "
+            "6.1% with batch 8; 3.9% / 5.8% with one-word people; 4.4% with shared names"
+        ),
+        "decision": (
+            "no recipe or name change lifts the 60k model above about 10% of 150 facts in "
+            "a few epochs; kept the spelling rule (the cross-lingual test needs it), "
+            "learning rates that grow as the width shrinks, one-word names"
+        ),
+    },
+    {
+        "attempt": "6",
+        "change": "same size on a world of 40 facts, 12 epochs, learning rate 3e-2",
+        "result": "seen 22% (spelling rule) / 33% (suffix only)",
+        "decision": (
+            "the smallest size holds about 10-25 facts whatever the world: 30% of the seen "
+            "facts needs a world of at most about 40 facts or about 12 epochs, while the "
+            "budget (the largest size's training and influence passes) allows about 4 epochs "
+            "and a largest size of about 4.5M parameters, so the smallest of a 100x span "
+            "has about 45k"
+        ),
+    },
+]
+
+
+def table() -> pd.DataFrame:
+    """The attempts as a table, one row each (columns attempt, change, result, decision)."""
+    return pd.DataFrame(ATTEMPTS, columns=["attempt", "change", "result", "decision"])
