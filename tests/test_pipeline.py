@@ -567,3 +567,15 @@ def test_notebook_02_by_hand_refuses_bad_parameters_before_any_work(parameters, 
         )
     assert message in str(err.value)
     assert err.value.exec_count == 3  # parameters, injected parameters, then notebook_config
+
+
+def test_index_reads_a_report_whose_figures_are_plain_file_lists(tmp_path):
+    # A committed report from before figures carried captions lists its files only; an index
+    # rebuilt after re-running one notebook must still find the other reports' headlines.
+    reports = tmp_path / "reports"
+    png = tmp_path / "figures" / "01" / "headline.png"
+    png.parent.mkdir(parents=True)
+    png.write_bytes(b"")
+    old = {"figures": {"headline": [str(png), str(png.with_suffix(".svg"))]}}
+    fig = rendering.headline_figure(old, reports)
+    assert fig == {"src": "../figures/01/headline.png", "width": None, "caption": ""}

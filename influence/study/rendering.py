@@ -317,6 +317,8 @@ def headline_figure(report: dict[str, Any], reports_dir: Path) -> dict[str, Any]
     names = ["headline", *figures] if "headline" in figures else list(figures)
     for name in names:
         rec = figures[name]
+        if not isinstance(rec, dict):  # a report written before figures carried captions
+            rec = {"files": rec}
         for path in rec.get("files", []):
             if path.endswith(".png"):
                 src = os.path.relpath(Path(path).resolve(), reports_dir.resolve())
