@@ -378,8 +378,8 @@ def rank_finding(
     paper = f"Pearson {PAPER_PEARSON:g} (52B model, one query)"
     r = t["pearson"].to_numpy(dtype=float)
     ours = (
-        f"mean Pearson {_pearson(float(np.mean(r)))} over {len(r)} queries at {model} "
-        f"(smallest {_pearson(float(np.min(r)))})"
+        f"mean Pearson {format_pearson(float(np.mean(r)))} over {len(r)} queries at {model} "
+        f"(smallest {format_pearson(float(np.min(r)))})"
     )
     if bool(t["whole"].all()):
         return not_comparable(
@@ -405,7 +405,7 @@ def rank_finding(
     )
 
 
-def _pearson(x: float) -> str:
+def format_pearson(x: float) -> str:
     """A correlation near 1 with four decimals (three significant figures would show 1)."""
     return "n/a" if not np.isfinite(x) else f"{x:.4f}"
 
@@ -436,7 +436,7 @@ def rank_tests(
             {
                 "model": m,
                 "queries": len(r),
-                "pearson": ci.format(_pearson),
+                "pearson": ci.format(format_pearson),
                 "pearson_min": float(r.min()),
                 "p": f.p,
                 "verdict": f.verdict,
