@@ -15,6 +15,7 @@ from .filtering import bm25_candidates, bm25_scores, candidate_recall, shares_co
 from .gnvp import GaussNewton
 from .gradients import per_example_gradients
 from .identity import Identity
+from .index import EigenCompression, GradientIndex, RandomCompression
 from .io import load_scores, save_scores
 from .kfac import KFAC
 from .layers import LayerInfo, find_layers
@@ -38,6 +39,8 @@ __all__ = [
     "CG",
     "EKFAC",
     "KFAC",
+    "EigenCompression",
+    "GradientIndex",
     "ClassificationTask",
     "Diagonal",
     "Estimator",
@@ -47,6 +50,7 @@ __all__ = [
     "LayerInfo",
     "LiSSA",
     "MemoryPlan",
+    "RandomCompression",
     "RegressionTask",
     "Seq2SeqLMTask",
     "SequenceClassificationTask",

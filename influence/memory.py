@@ -28,6 +28,8 @@ from torch.utils._pytree import tree_leaves
 from . import checks
 from .capture import LayerCapture
 from .gradients import _EvalMode
+from .index.compression import Compression, check_compression, stored_shapes, tokens_first
+from .index.gradient_index import BLOCK_BYTES, SHARD_BYTES
 from .kfac import rotate_tokens_first
 from .layers import LayerInfo, layer_infos
 from .lowrank import LowRank
@@ -482,6 +484,103 @@ def _stages(
     return stages
 
 
+def _index_stages(
+    model_bytes: int,
+    infos: dict[str, LayerInfo],
+    score_cost: _PassCost,
+    *,
+    compression: Compression,
+    factors: int,
+    batch: int,
+    n_rank: int,
+    num_train: int,
+    num_queries: int,
+    t: int,
+    isz: int,
+    store_isz: int,
+    memory_cap: int,
+) -> list[Stage]:
+    """`GradientIndex.build` on one rank, then `scores` in a process that holds only the
+    model (and, without eigen compression, the index's estimator)."""
+    b = min(batch, n_rank)
+    shapes = stored_shapes(compression, infos)
+    row = sum(r * c for r, c in shapes.values())
+    per_shard = max(1, min(SHARD_BYTES // (row * store_isz), n_rank))
+    eigen = compression is not None and compression.kind == "eigen"
+    # The training side's projections and, whitened, the query side's (float64 and a copy
+    # in the model's dtype).
+    sides = 2 if getattr(compression, "whiten", False) else 1
+    projections = (
+        0
+        if compression is None
+        else sides
+        * sum(
+            (i.out_features * shapes[n][0] + i.in_dim * shapes[n][1]) * (F64 + isz)
+            for n, i in infos.items()
+        )
+    )
+
+    def layer_temp(n: str, rows: int) -> int:
+        # One layer's projected batch, and what it is formed from.
+        o, i = infos[n].out_features, infos[n].in_dim
+        r, c = shapes[n]
+        out = rows * r * c * (isz + store_isz)
+        if compression is None:
+            return out
+        if tokens_first(t, o, i, r, c, rows, isz):
+            return out + rows * t * (r + c) * isz
+        return out + rows * o * i * isz + rows * o * c * isz
+
+    temp = max(layer_temp(n, b) for n in infos)
+    # Without eigen compression the estimator is saved with the index: safetensors turns every
+    # tensor into bytes before writing, a copy of the factors.
+    saving = 0 if eigen else factors
+    build = Stage(
+        "index: build",
+        {
+            "model": model_bytes,
+            "factors (float64)": factors,
+            "projections": projections,
+            "shard rows": per_shard * row * store_isz,
+            "batch / saving": max(score_cost.peak(b), score_cost.term_bytes(b) + temp, saving),
+        },
+    )
+    q_vectors = num_queries * row * isz
+    bq = min(batch, num_queries)
+    query_pass = score_cost.peak(bq) + score_cost.term_bytes(bq) + q_vectors
+    if eigen:
+        # Tokens projected on the kept eigenvectors; no estimator is loaded.
+        query_pass += max(layer_temp(n, bq) for n in infos)
+        loaded = projections
+    elif compression is None:
+        # The batch's preconditioned gradients of every layer (estimator.precondition_terms:
+        # per layer its eigenbasis gradients and two [B, out, in'] temporaries).
+        dense = sum(bq * i.numel * isz for i in infos.values())
+        widest = max(i.numel for i in infos.values())
+        query_pass += dense + 2 * bq * widest * isz + _workspace_bytes(infos, bq, t, isz)
+        loaded = factors
+    else:
+        # One layer at a time in the eigenbasis (the workspace's buffers, scaled in place, or
+        # a layer's gradients and their rotation) and projected there: no dense
+        # preconditioned queries.
+        widest = max(i.numel for i in infos.values())
+        query_pass += max(_workspace_bytes(infos, bq, t, isz), 2 * bq * widest * isz)
+        loaded = factors + projections
+    block = max(1, min(memory_cap // (row * store_isz), n_rank))
+    # The vectors, a block read, its copy in the queries' dtype, its [Q, rows] product, and
+    # the [Q, N] scores.
+    reading = q_vectors + block * row * (store_isz + isz) + num_queries * block * isz
+    search = Stage(
+        "index: search",
+        {
+            "model": model_bytes,
+            "estimator or projections": loaded,
+            "query pass / blocks": max(query_pass, reading + num_queries * num_train * isz),
+        },
+    )
+    return [build, search]
+
+
 def memory_plan(
     model: nn.Module,
     task: Task,
@@ -497,6 +596,9 @@ def memory_plan(
     world_size: int = 1,
     budget: int | None = None,
     example: Any = None,
+    index: bool | Compression = False,
+    index_dtype: torch.dtype = torch.float32,
+    index_memory_cap: int = BLOCK_BYTES,
 ) -> MemoryPlan:
     """Bytes each stage of `estimator.fit(...)` followed by `pairwise_scores(...)` will need
     on one rank, as the library runs them with these settings.
@@ -507,6 +609,10 @@ def memory_plan(
     to it. `world_size`: ranks that share the training data (factors and queries are
     replicated on each). `budget` (bytes): also find the largest batch size whose peak fits;
     raises ValueError, saying what to change, when batch size 1 does not fit.
+    `index`: also plan `GradientIndex.build` of the training data and a search of the
+    queries (stages "index: build" and "index: search"): True for an uncompressed index, or
+    its compression (`EigenCompression`, `RandomCompression`); `index_dtype` and
+    `index_memory_cap` as given to the build and the search.
     """
     checks.check_task(task)
     if estimator not in ESTIMATORS:
@@ -523,6 +629,9 @@ def memory_plan(
         raise ValueError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
     if next(model.parameters(), None) is None:
         raise ValueError("the model has no parameters")
+    if not isinstance(index, bool):
+        check_compression(index)
+    index_memory_cap = checks.positive_int("index_memory_cap", index_memory_cap)
 
     layers = task.tracked_modules(model)
     infos = layer_infos(layers)
@@ -550,11 +659,7 @@ def memory_plan(
     qchunk = min(query_batch_size or num_queries, num_queries)
 
     def stages(b: int) -> list[Stage]:
-        return _stages(
-            model_bytes,
-            infos,
-            cost,
-            score_cost,
+        kw = dict(
             estimator=estimator,
             batch=b,
             n_rank=n_rank,
@@ -565,6 +670,25 @@ def memory_plan(
             rank=rank,
             isz=isz,
             device=own.device,
+        )
+        planned = _stages(model_bytes, infos, cost, score_cost, **kw)
+        if index is False:
+            return planned
+        stored = next(st for st in planned if st.name == "stored factors")
+        return planned + _index_stages(
+            model_bytes,
+            infos,
+            score_cost,
+            compression=None if index is True else index,
+            factors=stored.parts["factors (float64)"],
+            batch=b,
+            n_rank=n_rank,
+            num_train=num_train,
+            num_queries=num_queries,
+            t=t,
+            isz=isz,
+            store_isz=torch.finfo(index_dtype).bits // 8,
+            memory_cap=index_memory_cap,
         )
 
     settings = {
@@ -578,6 +702,8 @@ def memory_plan(
     }
     if query_batch_size:
         settings["query_batch_size"] = query_batch_size
+    if index is not False:
+        settings["index"] = "uncompressed" if index is True else repr(index)
     plan = MemoryPlan(stages(batch_size), batch_size, settings, budget)
     if budget is None:
         return plan

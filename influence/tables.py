@@ -104,8 +104,6 @@ def top_influences(
     Data may be a Hugging Face `datasets.Dataset`, a pandas DataFrame, a dict of columns, a
     list of dicts, or a list of texts.
     """
-    import pandas as pd
-
     s = torch.as_tensor(scores).detach().double().cpu()
     if s.dim() != 2:
         raise ValueError(f"scores must be a [queries, train] matrix, got shape {list(s.shape)}")
@@ -114,15 +112,42 @@ def top_influences(
     n = s.shape[1] if num_train is None else num_train
     if n < s.shape[1]:
         raise ValueError(f"num_train={num_train} is below the {s.shape[1]} scored examples")
-    k = min(k, s.shape[1])
-    # NaN last whichever way the ranking goes, then dropped.
-    values, idx = s.nan_to_num(nan=-math.inf if largest else math.inf).topk(k, largest=largest)
-    values = s.gather(1, idx)
+    # NaN last whichever way the ranking goes, then dropped (topk_table stops at the first).
+    _, idx = s.nan_to_num(nan=-math.inf if largest else math.inf).topk(
+        min(k, s.shape[1]), largest=largest
+    )
+    return topk_table(
+        s.gather(1, idx),
+        idx,
+        num_train=n,
+        train_data=train_data,
+        query_data=query_data,
+        columns=columns,
+        query_columns=query_columns,
+    )
+
+
+def topk_table(
+    values: torch.Tensor,
+    idx: torch.Tensor,
+    *,
+    num_train: int,
+    train_data: Any = None,
+    query_data: Any = None,
+    columns: Sequence[str] | None = None,
+    query_columns: Sequence[str] | None = None,
+):
+    """The DataFrame of `top_influences` from each query's top scores `values` [Q, k] and
+    their training indices `idx` [Q, k], best first (also what `GradientIndex.top_k` returns);
+    a query's rows stop at its first NaN score."""
+    import pandas as pd
+
+    values, idx, n = values.detach().double().cpu(), idx.cpu(), int(num_train)
     train_cols = _columns_of(train_data, columns)
     query_cols = _columns_of(query_data, query_columns)
     rows = []
-    for q in range(s.shape[0]):
-        for r in range(k):
+    for q in range(values.shape[0]):
+        for r in range(values.shape[1]):
             m = int(idx[q, r])
             if math.isnan(float(values[q, r])):
                 break

@@ -52,3 +52,16 @@ def test_readme_seq2seq_example_runs(capsys):
     assert scores.shape == (2, 32) and torch.isfinite(scores).all()
     assert scores.argmax(dim=1).tolist() == [0, 1]
     assert "tensor(" in capsys.readouterr().out
+
+
+def test_readme_index_example_runs(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the example writes its index folder where it runs
+    scope: dict = {}
+    exec(compile(_block("GradientIndex.build"), "README.md", "exec"), scope)  # noqa: S102
+    table, index = scope["table"], scope["index"]
+    assert index.num_examples == 256 and index.bytes_per_example == 256 * 2 * 8  # 8 layers
+    assert table["rank"].tolist() == [1, 2, 3, 4, 5] * 2
+    # Each query is the second half of a training sequence: that sequence is found first.
+    assert table.groupby("query")["train"].first().tolist() == [0, 1]
+    assert (tmp_path / "corpus.index" / "manifest.json").exists()
+    assert "per_copy_linear_estimate" in capsys.readouterr().out

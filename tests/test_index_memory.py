@@ -1,0 +1,120 @@
+"""memory_plan's "index: build" and "index: search" stages against measured peaks.
+
+As in test_memory.py: each case runs in a fresh process whose peak resident memory (the
+kernel's high-water mark, reset before each stage) is taken minus the RSS before the model was
+built, with glibc's mmap threshold fixed so that freed tensors leave the RSS. The search runs
+as it would in a later process: the fitted estimator the build was given is let go first.
+Sizes are chosen so that both stages measure 100-700 MiB.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+MIB = 2**20
+TOLERANCE = 0.25
+
+CHILD = textwrap.dedent(
+    """
+    import gc, json, sys, tempfile
+    import torch
+    from torch import nn
+    torch.set_num_threads(1)
+    import influence as inf
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    def rss(key="VmRSS"):
+        for line in open("/proc/self/status"):
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+
+    def reset_peak():
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+
+    case = sys.argv[1]
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    if case == "eigen":
+        width, n, q, bs, seq, vocab = 512, 96, 16, 16, 64, 8192
+        compression, dtype, cap = inf.EigenCompression(32, 32), torch.float16, 2**20
+    elif case == "random":  # queries in the eigenbasis, one layer at a time
+        width, n, q, bs, seq, vocab = 512, 96, 16, 16, 64, 8192
+        compression = inf.RandomCompression(32, 32, whiten=True)
+        dtype, cap = torch.float32, 2**20
+    else:  # uncompressed: the stored rows and the dense queries dominate
+        width, n, q, bs, seq, vocab = 256, 48, 8, 8, 32, 2048
+        compression, dtype, cap = None, torch.float32, 64 * 2**20
+    ids = torch.randint(0, vocab, (n + q, seq), generator=g)
+    train = {"input_ids": ids[:n], "labels": ids[:n].clone()}
+    labels = ids[n:].clone()
+    labels[:, : seq // 2] = -100
+    queries = {"input_ids": ids[n:], "labels": labels}
+    task = inf.LanguageModelingTask()
+    # Modules the plan's probe imports, loaded before the baseline (see test_memory.py).
+    inf.memory_plan(nn.Linear(4, 2), inf.RegressionTask(), num_train=1, num_queries=1,
+                    example=(torch.zeros(1, 4), torch.zeros(1, 2)))
+    base = rss()
+    model = GPT2LMHeadModel(GPT2Config(
+        n_embd=width, n_layer=2, n_head=8, vocab_size=vocab, n_positions=seq)).eval()
+    plan = inf.memory_plan(model, task, num_train=n, num_queries=q, seq_len=seq, batch_size=bs,
+                           index=compression or True, index_dtype=dtype, index_memory_cap=cap)
+    est = inf.EKFAC().fit(model, task, train, batch_size=bs, progress=False)
+    path = tempfile.mkdtemp() + "/index"
+    reset_peak()
+    inf.GradientIndex.build(model, task, est, train, path, compression=compression,
+                            dtype=dtype, batch_size=bs, progress=False)
+    build = rss("VmHWM") - base
+    del est
+    gc.collect()
+    index = inf.GradientIndex.open(path)
+    reset_peak()
+    index.scores(model, task, queries, batch_size=bs, memory_cap=cap)
+    search = rss("VmHWM") - base
+    print(json.dumps({"measured": {"index: build": build, "index: search": search},
+                      "planned": {s.name: s.bytes for s in plan.stages}}))
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def measurements() -> dict[str, dict]:
+    if not Path("/proc/self/clear_refs").exists():
+        pytest.skip("peak RSS per stage needs Linux /proc")
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1 << 20), "PYTHONPATH": str(ROOT)}
+    procs = {
+        case: subprocess.Popen(
+            [sys.executable, "-c", CHILD, case],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+            cwd=ROOT,
+        )
+        for case in ("eigen", "random", "none")
+    }
+    out = {}
+    for case, proc in procs.items():
+        stdout, stderr = proc.communicate(timeout=900)
+        assert proc.returncode == 0, stderr[-3000:]
+        out[case] = json.loads(stdout.strip().splitlines()[-1])
+    return out
+
+
+@pytest.mark.parametrize("case", ["eigen", "random", "none"])
+@pytest.mark.parametrize("stage", ["index: build", "index: search"])
+def test_index_plan_within_25_percent_of_measured_peaks(measurements, case, stage):
+    meas = measurements[case]["measured"][stage]
+    planned = measurements[case]["planned"][stage]
+    msg = f"{case} {stage}: planned {planned / MIB:.0f} MiB, measured {meas / MIB:.0f} MiB"
+    print(msg)
+    assert meas >= 64 * MIB, msg  # large enough to be measured, not the interpreter's noise
+    assert abs(planned - meas) <= TOLERANCE * meas, msg
