@@ -264,7 +264,7 @@ def test_the_module_owns_its_preset_block_and_ranges():
     with pytest.raises(ValueError, match=r"bias_fraction must be a number in \(0, 1\]"):
         presets.resolve(qb.SECTION, "smoke", bias_fraction=0)
     with pytest.raises(ValueError, match="unknown parameter"):
-        presets.resolve(qb.SECTION, "smoke", train_sample=10)
+        presets.resolve(qb.SECTION, "smoke", index_size=10)
 
 
 def test_low_rank_of_rank_deficient_float32_queries():

@@ -65,50 +65,67 @@ from .tails import PAPER_N
 SECTION = "08_query_batching_and_filtering"
 # ranks: query-batching ranks compared with full rank; n_queries: queries drawn (sample_seed)
 # from all scored query sets for the rank sweep (the sweep costs one training pass per size);
-# sweep_sizes: the sizes swept (None = every size of the scores stage); top: the top-k
-# compared; fractions: BM25 candidate-set sizes m / N of the recall curve (0.002: the paper's
-# 10,000 of about 5M); bias_fraction: the share of the corpus BM25 keeps in the token-overlap
-# test (notebooks 03 and 06 keep the same); n_boot: bootstrap resamples over queries.
+# sweep_sizes: the sizes swept (None = every size of the scores stage); train_sample:
+# training sequences drawn (sample_seed) for the rank sweep and the gradient index, whose cost
+# is one training pass per size or per compression (None = all); top: the top-k compared;
+# fractions: BM25 candidate-set sizes m / N of the recall curve (0.002: the paper's 10,000 of
+# about 5M); bias_fraction: the share of the corpus BM25 keeps in the token-overlap test
+# (notebooks 03 and 06 keep the same); n_boot: bootstrap resamples over queries; index_eigen:
+# eigenvectors kept per side of every layer (a layer's whole side where it is smaller) by the
+# eigen-subspace indexes of the largest model; index_random: the same for the random
+# projection index.
 PRESETS: dict[str, dict[str, Any]] = {
     "smoke": {
         "ranks": [1, 2, 4, 8, 16, 32, 64],
         "n_queries": 4,
         "sweep_sizes": None,
         "sample_seed": 0,
+        "train_sample": None,
         "top": 10,
         "fractions": [0.002, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5],
         "bias_fraction": 0.1,
         "n_boot": 200,
+        "index_eigen": [4, 16, 64],
+        "index_random": 16,
     },
     "default": {
         "ranks": [1, 2, 4, 8, 16, 32, 64],
         "n_queries": 8,
         "sweep_sizes": None,
         "sample_seed": 0,
+        "train_sample": 1500,
         "top": 10,
         "fractions": [0.002, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5],
         "bias_fraction": 0.1,
         "n_boot": 1000,
+        "index_eigen": [4, 16, 64],
+        "index_random": 16,
     },
     "large": {
         "ranks": [1, 2, 4, 8, 16, 32, 64],
         "n_queries": 32,
         "sweep_sizes": None,
         "sample_seed": 0,
+        "train_sample": None,
         "top": 10,
         "fractions": [0.002, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5],
         "bias_fraction": 0.1,
         "n_boot": 1000,
+        "index_eigen": [4, 16, 64],
+        "index_random": 16,
     },
 }
 RANGES = {
     "ranks": count(1, "ranks of the preconditioned query gradients compared with full rank"),
     "n_queries": count(1, "queries of the rank sweep"),
-    "sample_seed": count(0, "seed of the queries drawn for the rank sweep"),
+    "sample_seed": count(0, "seed of the queries and training sequences drawn"),
+    "train_sample": count(1, "training sequences of the rank sweep and the gradient index"),
     "top": count(1, "top sequences per query"),
     "fractions": fraction("a share of the corpus kept by BM25"),
     "bias_fraction": fraction("the share of the corpus kept by BM25 in the token-overlap test"),
     "n_boot": count(1, "bootstrap resamples"),
+    "index_eigen": count(1, "eigenvectors kept per side of a layer by an eigen-subspace index"),
+    "index_random": count(1, "projected dimensions per side of a layer by the random index"),
 }
 # The paper's query batching: rank 32, Pearson 0.995 with full rank (52B model, one query).
 PAPER_RANK = 32
@@ -279,6 +296,17 @@ def rank_sweep(
 
 
 # -- the rank sweep over sizes -----------------------------------------------------------------
+def sample_sequences(n_train: int, n: int | None, seed: int) -> list[int]:
+    """Positions of `n` of the `n_train` training sequences drawn without replacement with
+    `seed`, ascending (all of them when `n` is None or at least `n_train`)."""
+    if n is not None and (isinstance(n, bool) or n < 1):
+        raise ValueError(f"n must be a positive number of training sequences or None, got {n}")
+    if n is None or n >= n_train:
+        return list(range(n_train))
+    rng = np.random.default_rng(seed)
+    return sorted(int(i) for i in rng.choice(n_train, size=n, replace=False))
+
+
 def swept_sizes(sweep_sizes: Sequence[str] | None, models: Sequence[str]) -> list[str]:
     """The sizes of the rank sweep: `sweep_sizes` (every one a size of the scores stage), or
     every size when None."""
