@@ -279,3 +279,14 @@ def test_low_rank_of_rank_deficient_float32_queries():
     # Rank 2 kept whole: the truncation reproduces the matrix to float32 rounding.
     torch.testing.assert_close(lr.dense(), a.float(), rtol=0, atol=1e-4 * a.abs().max().item())
     assert (lr.s[:, 2:] < 1e-4 * lr.s[:, :1]).all()
+
+
+def test_sample_sequences_is_seeded_ascending_and_all_when_none():
+    a = qb.sample_sequences(100, 10, seed=3)
+    assert a == qb.sample_sequences(100, 10, seed=3) == sorted(set(a)) and len(a) == 10
+    assert a != qb.sample_sequences(100, 10, seed=4)
+    assert (
+        qb.sample_sequences(5, None, seed=0) == qb.sample_sequences(5, 9, seed=0) == [0, 1, 2, 3, 4]
+    )
+    with pytest.raises(ValueError, match="positive number of training sequences"):
+        qb.sample_sequences(5, 0, seed=0)
