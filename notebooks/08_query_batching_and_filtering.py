@@ -27,7 +27,9 @@
 # side; the recall of the true top-k influences (the study's EK-FAC scores over the whole
 # corpus) among the top-m BM25 candidates; and the warning as a test that can fail: does the
 # filtered top-k share content tokens with the query more often than the true top-k, both
-# beside the share of the corpus that does?
+# beside the share of the corpus that does? Then a third way to scale that the paper did not
+# use: a gradient index of the largest model's training sequences, compressed, against the
+# exact scores.
 
 # %% tags=["parameters"]
 preset = "smoke"
