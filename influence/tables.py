@@ -112,12 +112,12 @@ def top_influences(
     n = s.shape[1] if num_train is None else num_train
     if n < s.shape[1]:
         raise ValueError(f"num_train={num_train} is below the {s.shape[1]} scored examples")
-    k = min(k, s.shape[1])
-    # NaN last whichever way the ranking goes, then dropped (in topk_table).
-    _, idx = s.nan_to_num(nan=-math.inf if largest else math.inf).topk(k, largest=largest)
-    values = s.gather(1, idx)
+    # NaN last whichever way the ranking goes, then dropped (topk_table stops at the first).
+    _, idx = s.nan_to_num(nan=-math.inf if largest else math.inf).topk(
+        min(k, s.shape[1]), largest=largest
+    )
     return topk_table(
-        values,
+        s.gather(1, idx),
         idx,
         num_train=n,
         train_data=train_data,
@@ -139,7 +139,7 @@ def topk_table(
 ):
     """The DataFrame of `top_influences` from each query's top scores `values` [Q, k] and
     their training indices `idx` [Q, k], best first (also what `GradientIndex.top_k` returns);
-    a NaN score ends its query's rows."""
+    a query's rows stop at its first NaN score."""
     import pandas as pd
 
     values, idx, n = values.detach().double().cpu(), idx.cpu(), int(num_train)

@@ -26,6 +26,9 @@ def test_p_values_and_numbers_are_formatted_for_readers():
     assert stats.format_number(float("nan")) == "n/a" and stats.format_number(True) == "yes"
     assert stats.format_share(0.375) == "38%" and stats.format_share(0.0026) == "0.26%"
     assert stats.format_share(1.0) == "100%"
+    # values that round up to the next power of ten: no exponent ("1e2%")
+    assert stats.format_share(0.9995) == "100%" and stats.format_number(99.96, 2) == "100"
+    assert stats.format_number(999.7) == "1,000" and stats.format_points(0.9996) == "+100 points"
     assert stats.format_points(-0.42) == "−42 points" and stats.format_points(0.05) == "+5 points"
 
 

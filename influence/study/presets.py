@@ -17,8 +17,16 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from . import abstraction, cross_lingual, layers_and_tokens, role_play, tails, word_order
-from .ranges import Range, check_ranges, count, fraction
+from . import (
+    abstraction,
+    cross_lingual,
+    layers_and_tokens,
+    query_batching,
+    role_play,
+    tails,
+    word_order,
+)
+from .ranges import Range, check_ranges, count
 
 PRESET_NAMES = ("smoke", "default", "large")
 
@@ -250,40 +258,6 @@ SECTIONS: dict[str, dict[str, dict[str, Any]]] = {
         "default": {"n_examples": 2, "scaling_seeds": 2},
         "large": {"n_examples": 2, "scaling_seeds": 2},
     },
-    # Owned by notebooks/08_query_batching_and_filtering (issue 13). ranks: query-batching ranks
-    # compared with full rank; n_queries: queries drawn (sample_seed) from all scored query sets
-    # for the rank sweep, per size (the sweep costs one training pass per size); sweep_sizes: the
-    # sizes swept (None = every size of the scores stage); top: the top-k
-    # compared; fractions: BM25 candidate-set sizes m / N for the TF-IDF recall curve.
-    "08_query_batching_and_filtering": {
-        "smoke": {
-            "ranks": [1, 2, 4, 8, 16, 32, 64],
-            "n_queries": 4,
-            "sweep_sizes": None,
-            "sample_seed": 0,
-            "top": 10,
-            "fractions": [0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5],
-            "n_boot": 200,
-        },
-        "default": {
-            "ranks": [1, 2, 4, 8, 16, 32, 64],
-            "n_queries": 8,
-            "sweep_sizes": None,
-            "sample_seed": 0,
-            "top": 10,
-            "fractions": [0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5],
-            "n_boot": 1000,
-        },
-        "large": {
-            "ranks": [1, 2, 4, 8, 16, 32, 64],
-            "n_queries": 32,
-            "sweep_sizes": None,
-            "sample_seed": 0,
-            "top": 10,
-            "fractions": [0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5],
-            "n_boot": 1000,
-        },
-    },
     # Owned by notebooks/01_ihvp_accuracy (issue 4). MLP settings: data split, model and
     # training recipe, queries, LiSSA/CG/PBRF settings and LDS retrains; language_model: the
     # suite's smallest model on a subset of the corpus (MLP layers tracked, the paper's choice).
@@ -477,19 +451,19 @@ SECTIONS: dict[str, dict[str, dict[str, Any]]] = {
 }
 
 # The research questions that own their preset block (and its ranges) in their module.
-QUESTION_MODULES = (tails, abstraction, cross_lingual, word_order, role_play, layers_and_tokens)
+QUESTION_MODULES = (
+    tails,
+    abstraction,
+    cross_lingual,
+    word_order,
+    role_play,
+    layers_and_tokens,
+    query_batching,
+)
 
 # section -> parameter -> allowed values, for the sections defined above; a question module
 # declares its own next to its preset block.
 RANGES: dict[str, dict[str, Range]] = {
-    "08_query_batching_and_filtering": {
-        "ranks": count(1),
-        "n_queries": count(1),
-        "sample_seed": count(0),
-        "top": count(1),
-        "fractions": fraction("a share of the corpus kept by BM25"),
-        "n_boot": count(1, "bootstrap resamples"),
-    },
     "influence_scores": {"sample_seed": count(0), "fit_seed": count(0), "batch_size": count(1)},
 }
 for _module in QUESTION_MODULES:

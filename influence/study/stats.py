@@ -79,9 +79,12 @@ def format_number(x: Any, digits: int = 3) -> str:
             return "n/a" if math.isnan(x) else ("∞" if x > 0 else "−∞")
         if x == 0:
             return "0"
-        if (x.is_integer() or abs(x) >= 10**digits) and abs(x) < 1e15:
-            return f"{round(x):,}"  # no exponent for what a reader counts in units
         text = f"{x:.{digits}g}"
+        # 99.95 at 2 digits rounds to "1e+02": a value that reaches 10**digits once rounded is
+        # shown in units, as one that starts there.
+        big = x.is_integer() or abs(x) >= 10**digits or abs(float(text)) >= 10**digits
+        if big and abs(x) < 1e15:
+            return f"{round(x):,}"  # no exponent for what a reader counts in units
         if "e" in text:
             mantissa, exp = text.split("e")
             text = f"{mantissa}e{int(exp)}"
