@@ -106,9 +106,13 @@ class CG(_FullCurvature):
     damping: 'auto' (0.1 × trace(G_ℓℓ)/dim per layer, the mean eigenvalue of the layer's
         diagonal block, estimated with sampled labels as EK-FAC does), a float, or a dict
         {layer: λ} — pass another estimator's `damping_` so that both solve the same problem.
-    tol: stop when every query's residual ‖(G + Λ)x − v‖ ≤ tol · ‖v‖.
+    tol: stop when every query's TRUE residual ‖(G + Λ)x − v‖ ≤ tol · ‖v‖ (recomputed with
+        one product when the recursive residual reaches tol; CG restarts from x if it is not).
     max_iter: iterations (each one GNVP pass over the training data for all queries at once).
-        Not reaching `tol` raises unless `strict=False` (then it warns in `meta_`).
+        Not reaching `tol` raises unless `strict=False` (then it warns in `meta_`). Each
+        solve appends to `meta_["solves"]` its iterations, restarts, and per right-hand side
+        the true relative residual and whether it converged, so that a caller can exclude
+        (and count) the unconverged ones.
     preconditioner: an optional fitted block-diagonal estimator (e.g. EK-FAC) used as the
         CG preconditioner M ≈ (G + Λ)⁻¹; it changes the speed of convergence, not the answer.
     """
@@ -182,52 +186,86 @@ class CG(_FullCurvature):
         return x.reshape(len(masks), q, -1).sum(0)
 
     def _solve(self, b: torch.Tensor, matvec, masked: bool = False) -> torch.Tensor:
+        """Preconditioned CG on every row of b at once; a row leaves the iteration when its
+        TRUE relative residual ‖b − (G + Λ)x‖/‖b‖ is ≤ tol.
+
+        The recursively updated residual drifts from the true one in finite precision; when
+        it says a row is done, the true residual is computed (one product) and a row above
+        tol restarts from its current x with that residual, within the same `max_iter`."""
         op = self.operator_
         b = b.to(op.device, torch.float64)
         bnorm = b.norm(dim=1)
         x = torch.zeros_like(b)
         r = b.clone()
-        z = self._apply_m(r)
-        p = z.clone()
-        rz = (r * z).sum(1)
-        active = bnorm > 0
-        res = torch.ones_like(bnorm)
-        res[~active] = 0.0
-        it = 0
-        bar = tqdm(total=self.max_iter, desc="CG", disable=not self.progress_, leave=False)
-        while active.any() and it < self.max_iter:
-            idx = active.nonzero().squeeze(1)
-            ap = matvec(p[idx], idx) if masked else matvec(p[idx])
-            pap = (p[idx] * ap).sum(1)
-            if not (pap > 0).all():
-                raise FloatingPointError(
-                    "CG met a non-positive curvature pᵀ(G + Λ)p: the damping must be positive "
-                    "(or the model/loss produced NaN)"
-                )
-            alpha = rz[idx] / pap
-            x[idx] += alpha[:, None] * p[idx]
-            r[idx] -= alpha[:, None] * ap
+        res = torch.zeros_like(bnorm)  # true relative residuals (x = 0: 1 where b ≠ 0)
+        res[bnorm > 0] = 1.0
+        iterations = torch.zeros(b.shape[0], dtype=torch.long)
+        history: list[float] = []  # worst recursive residual of the active rows, per iteration
+        it, restarts = 0, 0
+
+        def product(v, idx):
+            return matvec(v, idx) if masked else matvec(v)
+
+        def true_residual(idx):
+            r[idx] = b[idx] - product(x[idx], idx)
             res[idx] = r[idx].norm(dim=1) / bnorm[idx]
-            it += 1
-            bar.update(1)
-            done = res[idx] <= self.tol
-            keep = idx[~done]
-            active[idx[done]] = False
-            if keep.numel():
-                zk = self._apply_m(r[keep])
-                rz_new = (r[keep] * zk).sum(1)
-                beta = rz_new / rz[keep]
-                p[keep] = zk + beta[:, None] * p[keep]
-                rz[keep] = rz_new
+
+        bar = tqdm(total=self.max_iter, desc="CG", disable=not self.progress_, leave=False)
+        pending = bnorm > 0
+        while pending.any() and it < self.max_iter:
+            active = pending.clone()
+            z = self._apply_m(r)
+            p = z.clone()
+            rz = (r * z).sum(1)
+            while active.any() and it < self.max_iter:
+                idx = active.nonzero().squeeze(1)
+                ap = product(p[idx], idx)
+                pap = (p[idx] * ap).sum(1)
+                if not (pap > 0).all():
+                    raise FloatingPointError(
+                        "CG met a non-positive curvature pᵀ(G + Λ)p: the damping must be "
+                        "positive (or the model/loss produced NaN)"
+                    )
+                alpha = rz[idx] / pap
+                x[idx] += alpha[:, None] * p[idx]
+                r[idx] -= alpha[:, None] * ap
+                iterations[idx.cpu()] += 1
+                it += 1
+                bar.update(1)
+                rec = r[idx].norm(dim=1) / bnorm[idx]
+                history.append(float(rec.max()))
+                done = rec <= self.tol
+                keep = idx[~done]
+                active[idx[done]] = False
+                if keep.numel():
+                    zk = self._apply_m(r[keep])
+                    rz_new = (r[keep] * zk).sum(1)
+                    beta = rz_new / rz[keep]
+                    p[keep] = zk + beta[:, None] * p[keep]
+                    rz[keep] = rz_new
+            rows = pending.nonzero().squeeze(1)
+            true_residual(rows)
+            pending[rows] = res[rows] > self.tol
+            restarts += int(pending.any() and it < self.max_iter)
         bar.close()
         if not torch.isfinite(x).all():
             raise FloatingPointError("CG produced NaN/Inf: check the model, loss and damping")
-        info = {"iterations": it, "max_relative_residual": float(res.max())}
+        converged = res <= self.tol
+        info = {
+            "iterations": it,
+            "max_relative_residual": float(res.max()),
+            "relative_residuals": res.tolist(),
+            "converged": converged.tolist(),
+            "iterations_per_rhs": iterations.tolist(),
+            "restarts": restarts,
+            "history": history,
+        }
         self.meta_.setdefault("solves", []).append(info)
-        if (res > self.tol).any():
+        if not converged.all():
             msg = (
                 f"CG did not reach relative residual {self.tol:g} in {self.max_iter} iterations "
-                f"(worst {float(res.max()):.3g}); raise max_iter, raise the damping, or pass a "
+                f"for {int((~converged).sum())} of {len(res)} right-hand sides (worst "
+                f"{float(res.max()):.3g}); raise max_iter, raise the damping, or pass a "
                 "preconditioner (e.g. a fitted EKFAC)"
             )
             if self.strict:
