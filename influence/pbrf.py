@@ -92,10 +92,10 @@ def pbrf_scores(
     strict: raise (instead of warn) when a solve ends above `tol`; either way `info` lists
         every solve's final relative gradient, and `info["converged"]` says per training
         example whether both of its solves met `tol` (a caller excludes and counts the others).
-    preconditioner: a fitted K-FAC, EK-FAC or Diagonal M ≈ (G + Λ)⁻¹ (pass one with the same
-        damping): the optimiser then works in z with u = M^½ z, where the objective's Hessian
-        M^½ (G + Λ) M^½ is about as well conditioned as preconditioned CG's. It changes the
-        speed of convergence, not the minimiser; the stopping rule stays the one on ∇_u F.
+    preconditioner: "damping" (M = Λ⁻¹, one number per layer), or a fitted K-FAC, EK-FAC or
+        Diagonal M ≈ (G + Λ)⁻¹ with the same damping: the optimiser then works in z with
+        u = M^½ z, where the objective's Hessian is M^½ (G + Λ) M^½. It changes the speed of
+        convergence, not the minimiser; the stopping rule stays the one on ∇_u F.
 
     Every query measurement m_q is evaluated at θ*(±ε), so all queries cost one pair of
     optimisations per training example. Use float64 models: the response is O(ε).
@@ -171,7 +171,7 @@ def pbrf_scores(
                 [task.measurement(_Bound(wrapper, params), q).double() for q in queries]
             )
 
-    scale = _preconditioner_scaling(preconditioner, infos)
+    scale = _preconditioner_scaling(preconditioner, infos, lam)
 
     def solve(train_batch, e: float, init=None):
         # z is the optimiser's variable and u = S z (S = M^½ with a preconditioner, else the
@@ -311,12 +311,20 @@ def pbrf_scores(
     return (scores, info) if return_info else scores
 
 
-def _preconditioner_scaling(est: Any, infos) -> Any:
+def _preconditioner_scaling(est: Any, infos, lam: dict[str, float]) -> Any:
     """`scale(params, sign)`: M^(sign/2) applied to {"layer.weight": ..., "layer.bias": ...}
-    for a fitted K-FAC, EK-FAC or Diagonal M ≈ (G + Λ)⁻¹ (its own damping), or the identity
-    (the same dict) without one."""
+    for M = Λ⁻¹ ("damping"), a fitted K-FAC, EK-FAC or Diagonal M ≈ (G + Λ)⁻¹ (its own
+    damping), or the identity (the same dict) without one."""
     if est is None:
         return lambda params, sign: params
+    if isinstance(est, str):
+        if est != "damping":
+            raise ValueError(f"preconditioner must be 'damping' or a fitted estimator, got {est!r}")
+
+        def by_layer(params: dict[str, torch.Tensor], sign: int) -> dict[str, torch.Tensor]:
+            return {k: v * lam[k.rsplit(".", 1)[0]] ** (-0.5 * sign) for k, v in params.items()}
+
+        return by_layer
     state = getattr(est, "state_", None) or {}
     layers = getattr(est, "layers_", None)
     if layers is None or not (hasattr(est, "eigenvalues") or any("::diagonal" in k for k in state)):
