@@ -298,7 +298,7 @@ def test_bad_input_fails_at_once_naming_the_value(tiny_suite):
 
 
 def test_validation_tables_on_a_tiny_suite(tiny_suite):
-    kw = {"n_train": 12, "n_pbrf": 4, "cg_max_iter": 3000}
+    kw = {"n_train": 12, "n_pbrf": 4, "cg_max_iter": 3000, "pbrf_steps": 40, "pbrf_tol": 1e-4}
     v = LV.validate_suite(tiny_suite, "smoke", progress=False, **kw)
     val = v.lm_validation
     assert set(val.estimator) == {"identity", "diagonal", "kfac", "ekfac", "lissa"}
