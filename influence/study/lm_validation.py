@@ -63,7 +63,7 @@ from influence.lissa import LiSSA
 from influence.pbrf import pbrf_scores
 
 from . import cache
-from .influence_scores import select_queries
+from .influence_scores import select_queries, stage_config
 from .presets import resolve
 from .relations import bootstrap_mean
 from .suite import Suite, query_dataset, train_dataset
@@ -185,8 +185,9 @@ class Problem:
 
 def choose_rows(suite: Suite, c: dict, stage: dict, seed: int) -> tuple[list[int], list[int]]:
     """(query rows, corpus rows of S). Queries: `n_queries` of the scores stage's sample of
-    `query_set`; S: their related sequences (if `include_related`) and random ones."""
-    sampled = select_queries(suite, {**stage, "query_sets": [c["query_set"]]})[c["query_set"]]
+    `query_set` (`stage`: its `stage_config`); S: their related sequences (if
+    `include_related`) and random ones."""
+    sampled = select_queries(suite, stage)[c["query_set"]]
     if c["n_queries"] > len(sampled):
         raise ValueError(
             f"n_queries={c['n_queries']} exceeds the {len(sampled)} {c['query_set']} queries "
@@ -244,7 +245,7 @@ def study_damping(suite: Suite, name: str, model, task, stage: dict, progress: b
 def make_problem(
     suite: Suite, name: str, c: dict, preset: str, seed: int, device: str, progress: bool
 ) -> Problem:
-    stage = resolve("influence_scores", preset)
+    stage = stage_config(suite, preset)
     model = copy.deepcopy(suite.models[name]).double().to(device).eval()
     task = inf.LanguageModelingTask(modules=stage["modules"])
     qrows, rows = choose_rows(suite, c, stage, seed)
