@@ -1,5 +1,6 @@
 """Notebook 01 (RQ1): how well do cheap estimators of (G + λI)⁻¹ match CG, the PBRF and
-retraining? Data, small MLPs with a fixed recipe, the experiment loop and the plots.
+retraining? Data, small MLPs with a fixed recipe, the experiment loop and the plots. The
+language models of the suite are validated in `influence.study.lm_validation`.
 
 Every estimator of one setting uses the SAME per-layer damping λ_ℓ (EK-FAC's 'auto' value,
 0.1 × the mean eigenvalue of the layer's block), so that all of them, CG and the PBRF
@@ -485,48 +486,3 @@ def plot_correlation_bars(table: pd.DataFrame, ax, setting: str, metric: str = "
     ax.axhline(0, color="k", lw=0.5)
     ax.set_title(setting)
     ax.set_ylabel(f"{metric.capitalize()} correlation")
-
-
-def run_lm_setting(
-    cfg: dict, *, preset: str, seed: int = 0, device: str = "cpu", progress: bool = True
-) -> SettingResult:
-    """The smallest model of the suite, in float64, MLP layers tracked (the paper's choice).
-
-    The "training set" of this setting is a random subset of `n_train` corpus sequences: G, the
-    estimators, CG and the PBRF are all defined on it (so they answer the same question), and
-    `n_pbrf` of them are compared with the PBRF on `n_queries` fact queries.
-    """
-    from influence.study.suite import load_suite, query_dataset, train_dataset
-
-    c = cfg["language_model"]
-    suite = load_suite(preset, seed=seed, device=device, progress=progress)
-    name = next(iter(suite.models))
-    model = suite.models[name].double().eval()
-    task = inf.LanguageModelingTask(modules=c["modules"])
-    full = train_dataset(suite, suite.corpus)
-    rng = np.random.default_rng(seed + 3)
-    sub = np.sort(rng.choice(len(full), size=min(c["n_train"], len(full)), replace=False))
-    train = full.select(sub.tolist())
-    facts = suite.corpus.queries["facts"]
-    qidx = np.sort(rng.choice(len(facts), size=min(c["n_queries"], len(facts)), replace=False))
-    queries = query_dataset(suite.tokenizer, facts.select(qidx.tolist()))
-    res = _score_against_pbrf(
-        "language_model",
-        model,
-        task,
-        train,
-        queries,
-        c,
-        rng,
-        pbrf_batch_size=c["batch_size"],
-        include_block_cg=False,
-        progress=progress,
-    )
-    res.meta.update(
-        model=name,
-        params=sum(p.numel() for p in model.parameters()),
-        tracked=sum(i.numel for i in inf.layers.layer_infos(task.tracked_modules(model)).values()),
-        n_train=len(train),
-        corpus_size=len(full),
-    )
-    return res

@@ -3,6 +3,9 @@
 `smoke`: every notebook end to end in about two minutes on a 2-core CPU (the tests use it).
 `default`: the whole study in at most 60 minutes on a 2-core CPU; its reports are committed.
 `large`: bigger corpus and models, for a GPU or a long night.
+`validation`: the default study, with notebook 01's language-model validation at full size
+(issue 24: exact references, damping sweep, PBRF and retraining at every size of the suite); its
+report is the one the default reports cite. Every other section is `default`'s (copied below).
 
 Each section belongs to one component (corpus, suite) or one notebook (named like the
 notebook). A research question's module owns its section: it defines `SECTION` (the
@@ -20,7 +23,7 @@ from typing import Any
 from . import abstraction, cross_lingual, layers_and_tokens, role_play, tails, word_order
 from .ranges import Range, check_ranges, count, fraction
 
-PRESET_NAMES = ("smoke", "default", "large")
+PRESET_NAMES = ("smoke", "default", "large", "validation")
 
 # section -> preset -> parameters
 SECTIONS: dict[str, dict[str, dict[str, Any]]] = {
@@ -324,15 +327,35 @@ SECTIONS: dict[str, dict[str, dict[str, Any]]] = {
                 "lds_alpha": 0.5,
             },
             "language_model": {
-                "modules": "mlp",
-                "n_train": 24,
+                "sizes": ["smallest"],
+                "query_set": "facts",
                 "n_queries": 2,
-                "lissa": {"depth": 50, "batch_size": 8},
+                "n_train": 24,
+                "include_related": True,
+                "scales": [0.1, 1.0, 10.0],
                 "cg_tol": 1e-06,
+                "cg_max_iter": 300,
                 "batch_size": 32,
-                "n_pbrf": 2,
+                "n_boot": 200,
+                "lissa_sizes": ["smallest", "largest"],
+                "lissa": {"depth": 50, "batch_size": 8, "repeats": 1},
+                "dense_sizes": ["smallest"],
+                "dense_max_params": 6000,
+                "dense_n_train": 8,
+                "pbrf_sizes": ["smallest"],
+                "n_pbrf": 6,
                 "pbrf_tol": 1e-05,
                 "pbrf_steps": 300,
+                "pbrf_preconditioner": "damping",
+                "retrain_sizes": ["smallest"],
+                "k_values": [1, 2],
+                "retrain_top_k": 3,
+                "retrain_top_pairs": 2,
+                "retrain_max_top": 2,
+                "retrain_random": 1,
+                "retrain_null": 1,
+                "insert_seed": 0,
+                "retrain_identity_check": True,
             },
             "damping_scales": [0.1, 1.0, 10.0],
             "threads": 1,
@@ -373,15 +396,35 @@ SECTIONS: dict[str, dict[str, dict[str, Any]]] = {
                 "lds_alpha": 0.5,
             },
             "language_model": {
-                "modules": "mlp",
-                "n_train": 64,
-                "n_queries": 5,
-                "lissa": {"depth": 300, "batch_size": 8},
-                "cg_tol": 1e-05,
+                "sizes": ["smallest"],
+                "query_set": "facts",
+                "n_queries": 8,
+                "n_train": 256,
+                "include_related": True,
+                "scales": [1.0],
+                "cg_tol": 1e-06,
+                "cg_max_iter": 500,
                 "batch_size": 32,
+                "n_boot": 1000,
+                "lissa_sizes": [],
+                "lissa": {"depth": 50, "batch_size": 8, "repeats": 1},
+                "dense_sizes": [],
+                "dense_max_params": 6000,
+                "dense_n_train": 8,
+                "pbrf_sizes": [],
                 "n_pbrf": 6,
                 "pbrf_tol": 1e-05,
                 "pbrf_steps": 300,
+                "pbrf_preconditioner": "damping",
+                "retrain_sizes": [],
+                "k_values": [1, 2],
+                "retrain_top_k": 3,
+                "retrain_top_pairs": 2,
+                "retrain_max_top": 2,
+                "retrain_random": 1,
+                "retrain_null": 1,
+                "insert_seed": 0,
+                "retrain_identity_check": True,
             },
             "damping_scales": [0.1, 1.0, 10.0],
             "threads": 1,
@@ -422,15 +465,35 @@ SECTIONS: dict[str, dict[str, dict[str, Any]]] = {
                 "lds_alpha": 0.5,
             },
             "language_model": {
-                "modules": "mlp",
+                "sizes": None,
+                "query_set": "facts",
+                "n_queries": 16,
                 "n_train": 512,
-                "n_queries": 10,
-                "lissa": {"depth": 1000, "batch_size": 8},
+                "include_related": True,
+                "scales": [0.1, 1.0, 10.0],
                 "cg_tol": 1e-06,
+                "cg_max_iter": 2000,
                 "batch_size": 32,
-                "n_pbrf": 50,
+                "n_boot": 1000,
+                "lissa_sizes": ["smallest", "largest"],
+                "lissa": {"depth": 2000, "batch_size": 8, "repeats": 1},
+                "dense_sizes": ["smallest"],
+                "dense_max_params": 6000,
+                "dense_n_train": 64,
+                "pbrf_sizes": ["smallest"],
+                "n_pbrf": 32,
                 "pbrf_tol": 1e-05,
-                "pbrf_steps": 200,
+                "pbrf_steps": 1000,
+                "pbrf_preconditioner": "damping",
+                "retrain_sizes": ["smallest", "largest"],
+                "k_values": [1, 2, 4],
+                "retrain_top_k": 10,
+                "retrain_top_pairs": 10,
+                "retrain_max_top": 6,
+                "retrain_random": 2,
+                "retrain_null": 2,
+                "insert_seed": 0,
+                "retrain_identity_check": True,
             },
             "damping_scales": [0.01, 0.1, 1.0, 10.0],
             "threads": None,
@@ -497,6 +560,46 @@ for _module in QUESTION_MODULES:
         raise RuntimeError(f"preset section {_module.SECTION!r} is defined twice")
     SECTIONS[_module.SECTION] = _module.PRESETS
     RANGES[_module.SECTION] = _module.RANGES
+
+
+# `validation` is `default` in every section but notebook 01's language-model validation, which
+# runs there at full size (issue 24): every size of the suite, three dampings, LiSSA at the
+# smallest and largest size, the explicit-matrix check where the tracked parameters are few,
+# the PBRF, and retraining at the smallest and largest size.
+VALIDATION_LANGUAGE_MODEL: dict[str, Any] = {
+    "sizes": None,
+    "query_set": "facts",
+    "n_queries": 8,
+    "n_train": 256,
+    "include_related": True,
+    "scales": [0.1, 1.0, 10.0],
+    "cg_tol": 1e-06,
+    "cg_max_iter": 2000,
+    "batch_size": 32,
+    "n_boot": 1000,
+    "lissa_sizes": ["smallest", "largest"],
+    "lissa": {"depth": 1000, "batch_size": 8, "repeats": 1},
+    "dense_sizes": ["smallest"],
+    "dense_max_params": 6000,
+    "dense_n_train": 64,
+    "pbrf_sizes": ["smallest"],
+    "n_pbrf": 32,
+    "pbrf_tol": 1e-05,
+    "pbrf_steps": 500,
+    "pbrf_preconditioner": "damping",
+    "retrain_sizes": ["smallest", "largest"],
+    "k_values": [1, 2, 4],
+    "retrain_top_k": 10,
+    "retrain_top_pairs": 10,
+    "retrain_max_top": 6,
+    "retrain_random": 2,
+    "retrain_null": 2,
+    "insert_seed": 0,
+    "retrain_identity_check": True,
+}
+for _section in SECTIONS.values():
+    _section["validation"] = copy.deepcopy(_section["default"])
+SECTIONS["01_ihvp_accuracy"]["validation"]["language_model"] = VALIDATION_LANGUAGE_MODEL
 
 
 def check_preset(preset: str) -> str:
