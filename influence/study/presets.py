@@ -5,7 +5,12 @@
 `large`: bigger corpus and models, for a GPU or a long night.
 `validation`: the default study, with notebook 01's language-model validation at full size
 (issue 24: exact references, damping sweep, PBRF and retraining at every size of the suite); its
-report is the one the default reports cite. Every other section is `default`'s (copied below).
+report is the one the default reports cite.
+
+A section need not define every preset: `FALLBACK` names the preset whose block stands in for a
+missing one (`validation` falls back to `default`), and `preset_block` is the only place that
+applies it. Today only notebook 01 defines a `validation` block; every other section, including
+every question module's `PRESETS`, runs its `default` values at the validation preset.
 
 Each section belongs to one component (corpus, suite) or one notebook (named like the
 notebook). A research question's module owns its section: it defines `SECTION` (the
@@ -562,10 +567,14 @@ for _module in QUESTION_MODULES:
     RANGES[_module.SECTION] = _module.RANGES
 
 
-# `validation` is `default` in every section but notebook 01's language-model validation, which
-# runs there at full size (issue 24): every size of the suite, three dampings, LiSSA at the
-# smallest and largest size, the explicit-matrix check where the tracked parameters are few,
-# the PBRF, and retraining at the smallest and largest size.
+# The preset whose block a section uses when it defines none for the asked one. `smoke`,
+# `default` and `large` have no fallback: every section defines them.
+FALLBACK: dict[str, str] = {"validation": "default"}
+
+# Notebook 01's `validation` block: `default`'s MLP settings, with the language-model validation
+# at full size (issue 24): every size of the suite, three dampings, LiSSA at the smallest and
+# largest size, the explicit-matrix check where the tracked parameters are few, the PBRF, and
+# retraining at the smallest and largest size.
 VALIDATION_LANGUAGE_MODEL: dict[str, Any] = {
     "sizes": None,
     "query_set": "facts",
@@ -597,15 +606,34 @@ VALIDATION_LANGUAGE_MODEL: dict[str, Any] = {
     "insert_seed": 0,
     "retrain_identity_check": True,
 }
-for _section in SECTIONS.values():
-    _section["validation"] = copy.deepcopy(_section["default"])
-SECTIONS["01_ihvp_accuracy"]["validation"]["language_model"] = VALIDATION_LANGUAGE_MODEL
+SECTIONS["01_ihvp_accuracy"]["validation"] = {
+    **copy.deepcopy(SECTIONS["01_ihvp_accuracy"]["default"]),
+    "language_model": VALIDATION_LANGUAGE_MODEL,
+}
 
 
 def check_preset(preset: str) -> str:
     if preset not in PRESET_NAMES:
         raise ValueError(f"unknown preset {preset!r}; valid presets: {', '.join(PRESET_NAMES)}")
     return preset
+
+
+def preset_block(section: str, preset: str) -> dict[str, Any]:
+    """The parameters `section` defines at `preset`, or at its `FALLBACK` preset where the
+    section defines none (the validation preset runs every section but notebook 01's at its
+    default values). Not a copy: `resolve` gives one."""
+    check_preset(preset)
+    if section not in SECTIONS:
+        raise ValueError(f"unknown preset section {section!r}; valid: {', '.join(SECTIONS)}")
+    blocks = SECTIONS[section]
+    if preset in blocks:
+        return blocks[preset]
+    if preset in FALLBACK and FALLBACK[preset] in blocks:
+        return blocks[FALLBACK[preset]]
+    raise ValueError(
+        f"preset section {section!r} defines no {preset!r} block and has no fallback for it "
+        f"(defined: {', '.join(blocks)}; fallbacks: {FALLBACK})"
+    )
 
 
 def resolve(section: str, preset: str, **overrides: Any) -> dict[str, Any]:
@@ -619,10 +647,7 @@ def resolve(section: str, preset: str, **overrides: Any) -> dict[str, Any]:
     values outside their declared range raise ValueError listing the valid names, the
     expected type or the range.
     """
-    check_preset(preset)
-    if section not in SECTIONS:
-        raise ValueError(f"unknown preset section {section!r}; valid: {', '.join(SECTIONS)}")
-    params = merge_settings(SECTIONS[section][preset], overrides, section)
+    params = merge_settings(preset_block(section, preset), overrides, section)
     check_ranges(params, RANGES.get(section, {}), section)
     return params
 
