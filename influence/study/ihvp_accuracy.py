@@ -23,10 +23,15 @@ from torch.utils.data import TensorDataset
 
 import influence as inf
 from influence.cg import CG
+from influence.gnvp import GaussNewton
+from influence.gradients import flatten
 from influence.lds import draw_subsets, lds, retrain_measurements
 from influence.lissa import LiSSA
 from influence.pbrf import pbrf_scores
+from influence.scores import preconditioned_queries
+from influence.study import stats
 from influence.study.cache import artifacts_root
+from influence.study.findings import Finding, judge, not_comparable
 
 ESTIMATORS = ("identity", "diagonal", "kfac", "ekfac", "lissa")
 LABELS = {
@@ -136,6 +141,7 @@ class SettingResult:
     lds: dict[str, float] = field(default_factory=dict)
     lds_per_query: dict[str, np.ndarray] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
+    costs: pd.DataFrame = field(default_factory=pd.DataFrame)  # `query_costs`
 
 
 def _timed(fn: Callable[[], Any]) -> tuple[Any, float]:
@@ -206,13 +212,117 @@ def score_all(
         if name == "lissa":
             diag["lissa_scale"] = est.scale_
     if include_cg:
-        cg = CG(damping=lam, tol=cg_tol, max_iter=5000)
+        # Not strict: a query whose solve misses `cg_tol` is recorded (and excluded by the
+        # comparisons with CG) rather than stopping the notebook.
+        cg = CG(damping=lam, tol=cg_tol, max_iter=5000, strict=False)
         scores["cg"], seconds["cg"] = _timed(lambda: run(cg))
-        diag["cg_iterations"] = cg.meta_["solves"][-1]["iterations"]
+        solve = cg.meta_["solves"][-1]
+        diag["cg_iterations"] = solve["iterations"]
+        diag["cg_relative_residuals"] = list(solve["relative_residuals"])
+        diag["cg_converged"] = list(solve["converged"])
     if include_block_cg:
         block = CG(damping=lam, tol=cg_tol, max_iter=5000, block_diagonal=True)
         scores["cg_block"], seconds["cg_block"] = _timed(lambda: run(block))
     return scores, seconds, lam, diag
+
+
+def query_costs(
+    model, task, train, queries, lam: dict, *, lissa: dict, batch_size: int
+) -> pd.DataFrame:
+    """Per query, EK-FAC's and LiSSA's cost of its inverse-GNVP (G + Λ)⁻¹ ∇m_q and how far it
+    is from solving the full damped problem.
+
+    cost_s: CPU seconds (`time.process_time`, this process) of the query's own solve plus the
+    estimator's fit shared over the Q queries (EK-FAC: its covariance and eigenvalue passes;
+    LiSSA: the power iteration for its scale). The scoring against the training gradients is the
+    same for both and not counted. residual: ‖(G + Λ)x − ∇m_q‖ / ‖∇m_q‖ with the full G, the
+    convergence of LiSSA's recursion (and, for EK-FAC, what its block-diagonal Kronecker
+    approximation leaves). Rows: setting-free (query, estimator, fit_s, solve_s, cost_s,
+    residual)."""
+    kw = dict(batch_size=batch_size, progress=False)
+    makers = {"ekfac": lambda: inf.EKFAC(damping=lam), "lissa": lambda: LiSSA(damping=lam, **lissa)}
+    op = GaussNewton(model, task, train, damping=lam, batch_size=batch_size)
+    n_q = len(queries)
+    rows = []
+    for name, make in makers.items():
+        start = time.process_time()
+        est = make().fit(model, task, train, **kw)
+        fit_s = time.process_time() - start
+        for q in range(n_q):
+            one = torch.utils.data.Subset(queries, [q])
+            start = time.process_time()
+            x = preconditioned_queries(model, task, est, one, batch_size=batch_size)
+            solve_s = time.process_time() - start
+            g = preconditioned_queries(model, task, inf.Identity().fit(model, task, one), one)
+            x_flat = flatten(x, est.layers_).double()
+            g_flat = flatten(g, est.layers_).double()
+            r = op.matvec(x_flat) - g_flat
+            rows.append(
+                {
+                    "query": q,
+                    "estimator": name,
+                    "fit_s": fit_s / n_q,
+                    "solve_s": solve_s,
+                    "cost_s": fit_s / n_q + solve_s,
+                    "residual": float(r.norm() / g_flat.norm()),
+                }
+            )
+    return pd.DataFrame(rows)
+
+
+def pbrf_converged(res: SettingResult) -> np.ndarray:
+    """Which of the PBRF's training examples met the tolerance in both ±ε solves."""
+    return np.asarray(res.pbrf_info["converged"], dtype=bool)
+
+
+def reference_table(results: dict) -> pd.DataFrame:
+    """Per setting, how well each reference solved its problem: CG's iterations, worst relative
+    residual and converged share of queries; the PBRF's converged share of training examples
+    and whether it counts as ground truth (share ≥ `PBRF_MIN_CONVERGED` and at least
+    `MIN_POINTS` converged examples); LiSSA's median and worst residual (`query_costs`)."""
+    rows = []
+    for name, res in results.items():
+        conv = pbrf_converged(res)
+        lissa = res.costs[res.costs.estimator == "lissa"].residual
+        ekfac = res.costs[res.costs.estimator == "ekfac"].residual
+        rows.append(
+            {
+                "setting": name,
+                "cg_iterations": res.meta["cg_iterations"],
+                "cg_worst_residual": max(res.meta["cg_relative_residuals"]),
+                "cg_converged_share": float(np.mean(res.meta["cg_converged"])),
+                "pbrf_examples": len(conv),
+                "pbrf_converged_share": float(conv.mean()),
+                "pbrf_worst_relative_gradient": float(np.max(res.pbrf_info["relative_gradient"])),
+                "pbrf_ground_truth": pbrf_is_ground_truth(res),
+                "lissa_median_residual": float(lissa.median()),
+                "lissa_worst_residual": float(lissa.max()),
+                "ekfac_median_residual": float(ekfac.median()),
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def pbrf_is_ground_truth(res: SettingResult) -> bool:
+    conv = pbrf_converged(res)
+    return bool(conv.mean() >= PBRF_MIN_CONVERGED and conv.sum() >= MIN_POINTS)
+
+
+def vs_pbrf(results: dict) -> pd.DataFrame:
+    """Per setting, query and estimator: Pearson correlation with the PBRF over the training
+    examples whose PBRF solves converged, and whether the setting's PBRF is ground truth
+    (`pbrf_is_ground_truth`). The input of `findings`."""
+    frames = []
+    for name, res in results.items():
+        conv = pbrf_converged(res)
+        cols = res.train_indices[conv]
+        truth = res.pbrf[:, conv]
+        for est in ESTIMATORS:
+            df = per_query_correlations(res.scores[est][:, cols], truth)
+            df["setting"], df["estimator"] = name, est
+            df["ground_truth"] = pbrf_is_ground_truth(res)
+            frames.append(df)
+    return pd.concat(frames, ignore_index=True)
 
 
 def block_diagonal_ceiling(results: dict) -> pd.DataFrame:
@@ -339,7 +449,10 @@ def _score_against_pbrf(
         progress=progress,
         return_info=True,
     )
-    return SettingResult(name, scores, seconds, train_idx, pbrf, info, lam, meta=diag)
+    costs = query_costs(
+        model, task, train, queries, lam, lissa=c["lissa"], batch_size=c["batch_size"]
+    )
+    return SettingResult(name, scores, seconds, train_idx, pbrf, info, lam, meta=diag, costs=costs)
 
 
 def run_mlp_setting(
@@ -465,6 +578,111 @@ def damping_sweep(
                 }
             )
     return pd.DataFrame(rows)
+
+
+# -- findings (PAPER.md RQ1, §5.1, Figs. 6-7) -------------------------------------------------
+# Thresholds of the findings, stated with them on the page.
+FAR_BELOW = 0.2  # "far below": an estimator's Pearson with the PBRF at least 0.2 above the dot's
+COMPETITIVE_MARGIN = 0.05  # "competitive": EK-FAC's Pearson at most 0.05 below LiSSA's
+COST_RATIO = 10.0  # "an order of magnitude cheaper": LiSSA's cost per query ≥ 10× EK-FAC's
+# The PBRF is ground truth for a setting only where at least this share of its training
+# examples converged (both ±ε solves within `pbrf_tol`, the issue's ≥ 90%).
+PBRF_MIN_CONVERGED = 0.9
+
+
+def _ratio(x: float) -> str:
+    """A log10 cost ratio for the reader: "42×"."""
+    return f"{stats.format_number(10**x)}×" if np.isfinite(x) else "n/a"
+
+
+def _paired(wide: pd.DataFrame, a: str, b: str) -> pd.Series:
+    """a − b per (setting, query) where both have a value (empty if either is missing)."""
+    if not {a, b} <= set(wide.columns):
+        return pd.Series(dtype=float)
+    return (wide[a] - wide[b]).dropna()
+
+
+def findings(
+    correlations: pd.DataFrame, costs: pd.DataFrame, *, n_boot: int = 1000, seed: int = 0
+) -> list[Finding]:
+    """The paper's RQ1 claims on the MLPs. `correlations` (from `vs_pbrf`): setting, query,
+    estimator, pearson, ground_truth; only settings whose PBRF is ground truth count, paired
+    per (setting, query). `costs` (from `query_costs`, with a setting column): per query the
+    CPU cost of EK-FAC's and LiSSA's inverse-GNVP. Paired differences are tested with the
+    Wilcoxon signed-rank test over queries, intervals by the percentile bootstrap."""
+    truth = correlations[correlations.ground_truth.astype(bool)]
+    wide = truth.pivot_table(index=["setting", "query"], columns="estimator", values="pearson")
+    boot = {"n_boot": n_boot, "seed": seed}
+    out: list[Finding] = []
+    pairs = (
+        ("EK-FAC above the dot product", "ekfac", "identity"),
+        ("LiSSA above the dot product", "lissa", "identity"),
+    )
+    no_truth = (
+        f"no query of {', '.join(sorted(set(correlations.setting)))} has a correlation with a "
+        f"PBRF that is ground truth (≥ {PBRF_MIN_CONVERGED:.0%} of its training examples "
+        f"converged, and at least {MIN_POINTS} of them)"
+    )
+    for name, est, base in pairs:
+        claim = f"{LABELS[est]} correlates with the PBRF far better than the gradient dot product"
+        d = (
+            (wide[est] - wide[base]).dropna()
+            if {est, base} <= set(wide)
+            else pd.Series(dtype=float)
+        )
+        if d.empty:
+            out.append(not_comparable(name, claim, "far above", ours="-", reason=no_truth))
+            continue
+        out.append(
+            judge(
+                name,
+                claim,
+                "far above (Figs. 6-7)",
+                effect=stats.bootstrap(d.to_numpy(), **boot),
+                test=stats.wilcoxon(d.to_numpy()),
+                expected=+1,
+                threshold=FAR_BELOW,
+                what=f"Pearson of {LABELS[est]} − dot product",
+            )
+        )
+    claim = "EK-FAC is competitive with LiSSA against the PBRF"
+    d = _paired(wide, "ekfac", "lissa")
+    if d.empty:
+        out.append(
+            not_comparable("EK-FAC competitive", claim, "competitive", ours="-", reason=no_truth)
+        )
+    else:
+        # Non-inferiority: agrees when EK-FAC − LiSSA is significantly above −margin.
+        shifted = d.to_numpy() + COMPETITIVE_MARGIN
+        out.append(
+            judge(
+                "EK-FAC competitive",
+                claim,
+                "competitive (Figs. 6-7)",
+                effect=stats.bootstrap(shifted, **boot),
+                test=stats.wilcoxon(shifted),
+                expected=+1,
+                threshold=0.0,
+                what=f"EK-FAC − LiSSA + {COMPETITIVE_MARGIN:g} (margin)",
+                ours=stats.bootstrap(d.to_numpy(), **boot).format() + " (EK-FAC − LiSSA)",
+            )
+        )
+    wide_cost = costs.pivot_table(index=["setting", "query"], columns="estimator", values="cost_s")
+    r = np.log10(wide_cost["lissa"] / wide_cost["ekfac"]).dropna().to_numpy()
+    out.append(
+        judge(
+            "EK-FAC cheaper",
+            "EK-FAC costs about an order of magnitude less than LiSSA",
+            "~10× less wall-clock time (Fig. 7)",
+            effect=stats.bootstrap(r, **boot),
+            test=stats.wilcoxon(r),
+            expected=+1,
+            threshold=float(np.log10(COST_RATIO)),
+            what="LiSSA's cost / EK-FAC's per query",
+            fmt=_ratio,
+        )
+    )
+    return out
 
 
 # -- plots ----------------------------------------------------------------------------------
