@@ -62,10 +62,9 @@ from influence.gradients import flatten, per_example_gradients
 from influence.lissa import LiSSA
 from influence.pbrf import pbrf_scores
 
-from . import cache
+from . import cache, stats
 from .influence_scores import select_queries, stage_config
 from .presets import resolve
-from .relations import bootstrap_mean
 from .suite import Suite, query_dataset, train_dataset
 
 VERSION = 1
@@ -575,7 +574,7 @@ def summarise(df: pd.DataFrame, n_boot: int, seed: int) -> dict:
         if len(v) == 0:
             out[col], out[f"{col}_ci"] = float("nan"), [float("nan")] * 2
             continue
-        mean, lo, hi = bootstrap_mean(v, n_boot=n_boot, seed=seed)
+        mean, lo, hi = stats.bootstrap(v, n_boot=n_boot, seed=seed)
         out[col], out[f"{col}_ci"] = float(mean), [float(lo), float(hi)]
     return out
 
