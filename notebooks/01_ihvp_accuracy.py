@@ -84,6 +84,16 @@ def summary_frame(r):
     return frame.rename_axis("estimator")
 
 
+def with_intervals(frame):
+    """The frame with its interval columns ([low, high] lists, named *_ci) as text."""
+    out = frame.copy()
+    for col in [c for c in out.columns if str(c).endswith("_ci")]:
+        out[col] = out[col].map(
+            lambda ci: f"[{stats.format_number(ci[0])}, {stats.format_number(ci[1])}]"
+        )
+    return out
+
+
 def setting_sentence(r):
     m = r.meta
     return Markdown(
@@ -350,16 +360,11 @@ with report.stage("language_model"):
         suite, preset, seed=seed, device=device, progress=False, config=cfg["language_model"]
     )
 report.table(
-    lm.lm_validation.drop(columns=["pearson_ci", "spearman_ci"]).assign(
-        estimator=lambda d: d.estimator.map(ia.LABELS),
-        pearson_ci=lm.lm_validation.pearson_ci.map(
-            lambda ci: f"[{stats.format_number(ci[0])}, {stats.format_number(ci[1])}]"
-        ),
-    ),
+    with_intervals(lm.lm_validation).assign(estimator=lambda d: d.estimator.map(ia.LABELS)),
     caption="Each estimator against exact CG at the study's damping, per size: mean Pearson and "
-    "Spearman over the queries whose CG solve converged (Pearson's 95% bootstrap interval), "
-    "with CG's worst relative residual among them, its converged share and the queries it "
-    "excluded.",
+    "Spearman over the queries whose CG solve converged (95% bootstrap intervals), with CG's "
+    "worst relative residual among them, its converged share and the queries it excluded, and "
+    "LiSSA's median and worst relative residual where it ran.",
     headers={
         "tracked": "tracked parameters",
         "n_train": "|S|",
@@ -367,6 +372,9 @@ report.table(
         "pearson_vs_cg": "Pearson vs CG",
         "spearman_vs_cg": "Spearman vs CG",
         "pearson_ci": "Pearson 95% CI",
+        "spearman_ci": "Spearman 95% CI",
+        "lissa_median_residual": "LiSSA median residual",
+        "lissa_worst_residual": "LiSSA worst residual",
         "cg_residual": "CG worst residual",
         "cg_converged_share": "CG queries converged",
         "cg_excluded": "CG queries excluded",
@@ -425,7 +433,7 @@ checks = {
 for name, caption in checks.items():
     frame = getattr(lm, name)
     if len(frame):
-        report.table(frame, caption=f"{name}: {caption}")
+        report.table(with_intervals(frame), caption=f"{name}: {caption}")
     else:
         display(Markdown(f"`{name}`: not run at the {preset} preset."))  # noqa: F821
 report.table(

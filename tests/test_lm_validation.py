@@ -222,6 +222,28 @@ def test_unconverged_cg_is_recorded_per_right_hand_side(llama_problem):
         CG(damping=lam, tol=1e-12, max_iter=2).fit(model, task, data, progress=False).solve(gq)
 
 
+def test_lissa_residual_is_the_true_residual_of_its_solution(llama_problem):
+    # LiSSA's recorded residual, recomputed from the dense damped matrix: deep recursions get
+    # close to the solve, a two-step one does not.
+    model, task, data, _, _, lam, a, gq, _ = llama_problem
+    # 100 × EK-FAC's 'auto' damping: LiSSA's rate 1 − λ_min/s is then fast enough for a test.
+    infos = inf.layers.layer_infos(task.tracked_modules(model))
+    a = a + torch.diag(inf.gnvp.damping_vector({n: 99 * v for n, v in lam.items()}, infos))
+    lam = {n: 100 * v for n, v in lam.items()}
+    residuals = {}
+    for depth in (2, 1000):
+        est = inf.LiSSA(damping=lam, depth=depth, batch_size=len(data)).fit(
+            model, task, data, progress=False
+        )
+        with exact_float64():
+            x = est.solve(gq)
+            op = (est.operator_.matvec(x) - gq).norm(dim=1) / gq.norm(dim=1)
+        dense = (x @ a - gq).norm(dim=1) / gq.norm(dim=1)  # a is symmetric
+        assert torch.allclose(op, dense, rtol=1e-8)
+        residuals[depth] = float(op.max())
+    assert residuals[1000] < 1e-6 < 1e-2 < residuals[2]
+
+
 def test_per_query_comparison_uses_only_converged_queries():
     truth = torch.randn(3, 10, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     pred = truth.clone()
@@ -308,6 +330,9 @@ def test_validation_tables_on_a_tiny_suite(tiny_suite):
     assert (v.lm_damping_sweep.query("estimator == 'cg'").pearson_vs_cg > 0.999).all()
     assert v.dense_check.cg_max_relative_error.max() < 1e-4
     assert set(v.dense_check.scale) == {0.1, 1.0, 10.0}
+    lissa = val[val.estimator == "lissa"].iloc[0]
+    assert 0 < lissa.lissa_median_residual <= lissa.lissa_worst_residual < np.inf
+    assert val[val.estimator != "lissa"].lissa_worst_residual.isna().all()
     assert v.dense_check.asymmetry_exact_float64.max() < 1e-12
     assert v.lm_pbrf.n_train.tolist() == [4]
     rt = v.retrain_check.iloc[0]

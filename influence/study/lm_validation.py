@@ -16,7 +16,8 @@ tracked layers, damping rule and fit seed of the study's scores stage (`influenc
   EK-FAC fitted on S with the same damping), to a stated TRUE relative residual; a query whose
   solve does not reach it is excluded from every comparison and counted. EK-FAC, K-FAC, the
   diagonal and the gradient dot product are compared with CG per query (Pearson, Spearman),
-  with percentile-bootstrap intervals over queries; LiSSA at the smallest and largest size.
+  with percentile-bootstrap intervals over queries; LiSSA at the smallest and largest size,
+  with its true relative residual per query (how far its recursion got).
 * **Damping.** Λ = scale × the study's per-layer λ_ℓ: 0.1 × the mean eigenvalue of the layer's
   block of G on the WHOLE corpus (the scores stage's 'auto'), for each scale of `scales`.
 * **What S validates.** EK-FAC's approximation of (G + Λ)⁻¹ on this model and this data
@@ -309,16 +310,17 @@ def _solve_record(solve: dict) -> dict:
 
 
 # -- exact reference and estimators at every damping scale ----------------------------------
-def cg_scores(p: Problem, cg: CG, scales: Sequence[float], c: dict) -> dict[float, torch.Tensor]:
-    """CG's scores [Q, |S|] at every scale: x_q = (G + sΛ)⁻¹ ∇m_q for all queries and scales
-    in one multi-shift solve (`CG.solve_scaled`), then x_q · ∇L(z_m) for every m of S, the
-    training gradients formed `batch_size` sequences at a time."""
-    infos = cg.layers_
+def _query_gradients(p: Problem, c: dict, infos) -> torch.Tensor:
+    """The queries' measurement gradients, flat [Q, P] float64."""
     gq = per_example_gradients(
         p.model, p.task, p.queries, measurement=True, batch_size=c["batch_size"]
     )
-    xs = cg.solve_scaled(flatten(gq, infos).double(), scales)
-    x = torch.stack([xs[float(s)] for s in scales])  # [S, Q, P]
+    return flatten(gq, infos).double()
+
+
+def _train_products(p: Problem, x: torch.Tensor, infos, c: dict) -> torch.Tensor:
+    """x [..., Q, P] against every training gradient of S: [..., Q, |S|], the gradients formed
+    `batch_size` sequences at a time."""
     parts = []
     for start in range(0, len(p.rows), c["batch_size"]):
         chunk = p.train.select(range(start, min(start + c["batch_size"], len(p.rows))))
@@ -326,7 +328,16 @@ def cg_scores(p: Problem, cg: CG, scales: Sequence[float], c: dict) -> dict[floa
             per_example_gradients(p.model, p.task, chunk, batch_size=c["batch_size"]), infos
         )
         parts.append(x @ g.double().T)
-    scores = torch.cat(parts, dim=-1)
+    return torch.cat(parts, dim=-1)
+
+
+def cg_scores(p: Problem, cg: CG, scales: Sequence[float], c: dict) -> dict[float, torch.Tensor]:
+    """CG's scores [Q, |S|] at every scale: x_q = (G + sΛ)⁻¹ ∇m_q for all queries and scales
+    in one multi-shift solve (`CG.solve_scaled`), then x_q · ∇L(z_m) for every m of S."""
+    infos = cg.layers_
+    xs = cg.solve_scaled(_query_gradients(p, c, infos), scales)
+    x = torch.stack([xs[float(s)] for s in scales])  # [S, Q, P]
+    scores = _train_products(p, x, infos, c)
     return {float(s): scores[j] for j, s in enumerate(scales)}
 
 
@@ -378,16 +389,29 @@ def reference(p: Problem, c: dict, progress: bool) -> tuple[dict, dict]:
 
 
 def lissa(p: Problem, c: dict, progress: bool) -> tuple[dict, dict]:
-    """LiSSA's scores at the study's damping (scale 1), with its settings and cost."""
-    key = {**p.key, "stage": "lissa", "lissa": c["lissa"]}
+    """LiSSA's scores at the study's damping (scale 1), with its settings, cost and, per query,
+    how far its recursion got: the true relative residual ‖(G + Λ)x − ∇m_q‖ / ‖∇m_q‖ with the
+    full G on S (one more Gauss–Newton pass)."""
+    key = {**p.key, "stage": "lissa", "lissa": c["lissa"], "residuals": True}
 
     def build():
         est = LiSSA(damping=p.lam(1.0), **c["lissa"])
         with exact_float64():
             est, fit = _timed(lambda: _fit(p, est, c))
             est.progress_ = progress
-            scores, cost = _timed(lambda: _scores(p, est, c, False))
-        record = {"scale": est.scale_, "costs": {"lissa_fit": fit, "lissa_scores": cost}}
+
+            def solve_and_score():
+                g = _query_gradients(p, c, est.layers_)
+                x = est.solve(g)
+                return g, x, _train_products(p, x, est.layers_, c)
+
+            (g, x, scores), cost = _timed(solve_and_score)
+            residual = (est.operator_.matvec(x) - g).norm(dim=1) / g.norm(dim=1)
+        record = {
+            "scale": est.scale_,
+            "relative_residuals": residual.tolist(),
+            "costs": {"lissa_fit": fit, "lissa_scores": cost},
+        }
         return {"lissa": scores}, record
 
     return cached_stage(key, build)
@@ -665,7 +689,11 @@ def validate_size(
         out["costs"] += _cost_rows(name, "lissa", lrec)
         df = per_query(lis["lissa"], scores["cg@1"], keep1)
         summ = summarise(df, c["n_boot"], seed)
-        out["val"].append(_val_row(common, "lissa", p, summ, cg_at[1.0], len(keep1)))
+        res = np.asarray(lrec["relative_residuals"])
+        row = _val_row(common, "lissa", p, summ, cg_at[1.0], len(keep1))
+        row["lissa_median_residual"] = float(np.median(res))
+        row["lissa_worst_residual"] = float(res.max())
+        out["val"].append(row)
         df["size"], df["estimator"] = name, "lissa"
         out["pq"].append(df)
     if name in parts["dense"] and p.tracked <= c["dense_max_params"]:
