@@ -118,6 +118,7 @@ def retrain(
             seed,
             device,
             progress,
+            tie_embeddings=suite.params["tie_embeddings"],
         )
     return model
 
@@ -190,6 +191,8 @@ def retrain_check(
         "query_set": c["query_set"],
         "queries": list(rows),
         "insert_seed": c["insert_seed"],
+        # retrains before this entry were untied whatever the suite: their entries are stale
+        "tie_embeddings": suite.params["tie_embeddings"],
         "version": VERSION,
     }
 
