@@ -1,10 +1,15 @@
 """Notebook 01 (RQ1): how well do cheap estimators of (G + λI)⁻¹ match CG, the PBRF and
-retraining? Data, small MLPs with a fixed recipe, the experiment loop and the plots. The
-language models of the suite are validated in `influence.study.lm_validation`.
+retraining? Data, small MLPs with a fixed recipe, the experiment loop, the convergence of
+every reference (`reference_table`), the per-query cost of EK-FAC and LiSSA (`query_costs`),
+the paper's claims judged on the MLPs (`findings`) and the plots. The language models of the
+suite are validated in `influence.study.lm_validation`.
 
 Every estimator of one setting uses the SAME per-layer damping λ_ℓ (EK-FAC's 'auto' value,
 0.1 × the mean eigenvalue of the layer's block), so that all of them, CG and the PBRF
-approximate the same damped problem.
+approximate the same damped problem. An unconverged reference is not ground truth: a CG query
+that misses its tolerance is left out of every comparison with CG, a PBRF training example whose
+±ε solves miss theirs is left out of every comparison with the PBRF, and a setting whose PBRF
+converged on fewer than `PBRF_MIN_CONVERGED` of its examples is left out of the findings.
 """
 
 from __future__ import annotations
