@@ -9,8 +9,9 @@ report is the one the default reports cite.
 
 A section need not define every preset: `FALLBACK` names the preset whose block stands in for a
 missing one (`validation` falls back to `default`), and `preset_block` is the only place that
-applies it. Today only notebook 01 defines a `validation` block; every other section, including
-every question module's `PRESETS`, runs its `default` values at the validation preset.
+applies it. Today only notebook 01 (`ihvp_accuracy.PRESETS`) defines a `validation` block; every
+other section, including every other question module's `PRESETS`, runs its `default` values at
+the validation preset.
 
 Each section belongs to one component (corpus, suite) or one notebook (named like the
 notebook). A research question's module owns its section: it defines `SECTION` (the
@@ -25,7 +26,15 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from . import abstraction, cross_lingual, layers_and_tokens, role_play, tails, word_order
+from . import (
+    abstraction,
+    cross_lingual,
+    ihvp_accuracy,
+    layers_and_tokens,
+    role_play,
+    tails,
+    word_order,
+)
 from .ranges import Range, check_ranges, count, fraction
 
 PRESET_NAMES = ("smoke", "default", "large", "validation")
@@ -292,218 +301,6 @@ SECTIONS: dict[str, dict[str, dict[str, Any]]] = {
             "n_boot": 1000,
         },
     },
-    # Owned by notebooks/01_ihvp_accuracy (issue 4). MLP settings: data split, model and
-    # training recipe, queries, LiSSA/CG/PBRF settings and LDS retrains; language_model: the
-    # suite's smallest model on a subset of the corpus (MLP layers tracked, the paper's choice).
-    "01_ihvp_accuracy": {
-        "smoke": {
-            "mlp_regression": {
-                "test_size": 100,
-                "hidden": 16,
-                "activation": "tanh",
-                "steps": 200,
-                "lr": 0.01,
-                "weight_decay": 0.1,
-                "n_queries": 3,
-                "lissa": {"depth": 200, "batch_size": 32},
-                "cg_tol": 1e-08,
-                "batch_size": 4096,
-                "n_pbrf": 8,
-                "pbrf_tol": 1e-05,
-                "pbrf_steps": 300,
-                "lds_subsets": 10,
-                "lds_alpha": 0.5,
-            },
-            "mlp_classification": {
-                "test_size": 1297,
-                "hidden": 16,
-                "activation": "tanh",
-                "steps": 200,
-                "lr": 0.01,
-                "weight_decay": 0.01,
-                "n_queries": 3,
-                "lissa": {"depth": 200, "batch_size": 32},
-                "cg_tol": 1e-08,
-                "batch_size": 4096,
-                "n_pbrf": 4,
-                "pbrf_tol": 1e-05,
-                "pbrf_steps": 300,
-                "lds_subsets": 10,
-                "lds_alpha": 0.5,
-            },
-            "language_model": {
-                "sizes": ["smallest"],
-                "query_set": "facts",
-                "n_queries": 2,
-                "n_train": 24,
-                "include_related": True,
-                "scales": [0.1, 1.0, 10.0],
-                "cg_tol": 1e-06,
-                "cg_max_iter": 300,
-                "batch_size": 32,
-                "n_boot": 200,
-                "lissa_sizes": ["smallest", "largest"],
-                "lissa": {"depth": 50, "batch_size": 8, "repeats": 1},
-                "dense_sizes": ["smallest"],
-                "dense_max_params": 6000,
-                "dense_n_train": 8,
-                "pbrf_sizes": ["smallest"],
-                "n_pbrf": 6,
-                "pbrf_tol": 1e-05,
-                "pbrf_steps": 300,
-                "pbrf_preconditioner": "damping",
-                "retrain_sizes": ["smallest"],
-                "k_values": [1, 2],
-                "retrain_top_k": 3,
-                "retrain_top_pairs": 2,
-                "retrain_max_top": 2,
-                "retrain_random": 1,
-                "retrain_null": 1,
-                "insert_seed": 0,
-                "retrain_identity_check": True,
-            },
-            "damping_scales": [0.1, 1.0, 10.0],
-            "threads": 1,
-        },
-        "default": {
-            "mlp_regression": {
-                "test_size": 100,
-                "hidden": 32,
-                "activation": "tanh",
-                "steps": 500,
-                "lr": 0.01,
-                "weight_decay": 0.1,
-                "n_queries": 10,
-                "lissa": {"depth": 2000, "batch_size": 32},
-                "cg_tol": 1e-08,
-                "batch_size": 4096,
-                "n_pbrf": 300,
-                "pbrf_tol": 1e-05,
-                "pbrf_steps": 300,
-                "lds_subsets": 50,
-                "lds_alpha": 0.5,
-            },
-            "mlp_classification": {
-                "test_size": 497,
-                "hidden": 32,
-                "activation": "tanh",
-                "steps": 300,
-                "lr": 0.01,
-                "weight_decay": 0.01,
-                "n_queries": 10,
-                "lissa": {"depth": 2000, "batch_size": 32},
-                "cg_tol": 1e-08,
-                "batch_size": 4096,
-                "n_pbrf": 200,
-                "pbrf_tol": 1e-05,
-                "pbrf_steps": 300,
-                "lds_subsets": 50,
-                "lds_alpha": 0.5,
-            },
-            "language_model": {
-                "sizes": ["smallest"],
-                "query_set": "facts",
-                "n_queries": 8,
-                "n_train": 256,
-                "include_related": True,
-                "scales": [1.0],
-                "cg_tol": 1e-06,
-                "cg_max_iter": 500,
-                "batch_size": 32,
-                "n_boot": 1000,
-                "lissa_sizes": [],
-                "lissa": {"depth": 50, "batch_size": 8, "repeats": 1},
-                "dense_sizes": [],
-                "dense_max_params": 6000,
-                "dense_n_train": 8,
-                "pbrf_sizes": [],
-                "n_pbrf": 6,
-                "pbrf_tol": 1e-05,
-                "pbrf_steps": 300,
-                "pbrf_preconditioner": "damping",
-                "retrain_sizes": [],
-                "k_values": [1, 2],
-                "retrain_top_k": 3,
-                "retrain_top_pairs": 2,
-                "retrain_max_top": 2,
-                "retrain_random": 1,
-                "retrain_null": 1,
-                "insert_seed": 0,
-                "retrain_identity_check": True,
-            },
-            "damping_scales": [0.1, 1.0, 10.0],
-            "threads": 1,
-        },
-        "large": {
-            "mlp_regression": {
-                "test_size": 100,
-                "hidden": 128,
-                "activation": "tanh",
-                "steps": 1000,
-                "lr": 0.01,
-                "weight_decay": 0.1,
-                "n_queries": 10,
-                "lissa": {"depth": 5000, "batch_size": 32},
-                "cg_tol": 1e-08,
-                "batch_size": 4096,
-                "n_pbrf": 500,
-                "pbrf_tol": 1e-05,
-                "pbrf_steps": 300,
-                "lds_subsets": 100,
-                "lds_alpha": 0.5,
-            },
-            "mlp_classification": {
-                "test_size": 497,
-                "hidden": 128,
-                "activation": "tanh",
-                "steps": 500,
-                "lr": 0.01,
-                "weight_decay": 0.01,
-                "n_queries": 10,
-                "lissa": {"depth": 5000, "batch_size": 32},
-                "cg_tol": 1e-08,
-                "batch_size": 4096,
-                "n_pbrf": 500,
-                "pbrf_tol": 1e-05,
-                "pbrf_steps": 300,
-                "lds_subsets": 100,
-                "lds_alpha": 0.5,
-            },
-            "language_model": {
-                "sizes": None,
-                "query_set": "facts",
-                "n_queries": 16,
-                "n_train": 512,
-                "include_related": True,
-                "scales": [0.1, 1.0, 10.0],
-                "cg_tol": 1e-06,
-                "cg_max_iter": 2000,
-                "batch_size": 32,
-                "n_boot": 1000,
-                "lissa_sizes": ["smallest", "largest"],
-                "lissa": {"depth": 2000, "batch_size": 8, "repeats": 1},
-                "dense_sizes": ["smallest"],
-                "dense_max_params": 6000,
-                "dense_n_train": 64,
-                "pbrf_sizes": ["smallest"],
-                "n_pbrf": 32,
-                "pbrf_tol": 1e-05,
-                "pbrf_steps": 1000,
-                "pbrf_preconditioner": "damping",
-                "retrain_sizes": ["smallest", "largest"],
-                "k_values": [1, 2, 4],
-                "retrain_top_k": 10,
-                "retrain_top_pairs": 10,
-                "retrain_max_top": 6,
-                "retrain_random": 2,
-                "retrain_null": 2,
-                "insert_seed": 0,
-                "retrain_identity_check": True,
-            },
-            "damping_scales": [0.01, 0.1, 1.0, 10.0],
-            "threads": None,
-        },
-    },
     # Owned by influence/study/influence_scores.py (issue 10): the scores every notebook from
     # 02 on reads. sizes/query_sets None = all of the suite's / corpus's; max_queries caps the
     # large sets (drawn without replacement with sample_seed).
@@ -545,7 +342,15 @@ SECTIONS: dict[str, dict[str, dict[str, Any]]] = {
 }
 
 # The research questions that own their preset block (and its ranges) in their module.
-QUESTION_MODULES = (tails, abstraction, cross_lingual, word_order, role_play, layers_and_tokens)
+QUESTION_MODULES = (
+    ihvp_accuracy,
+    tails,
+    abstraction,
+    cross_lingual,
+    word_order,
+    role_play,
+    layers_and_tokens,
+)
 
 # section -> parameter -> allowed values, for the sections defined above; a question module
 # declares its own next to its preset block.
@@ -570,46 +375,6 @@ for _module in QUESTION_MODULES:
 # The preset whose block a section uses when it defines none for the asked one. `smoke`,
 # `default` and `large` have no fallback: every section defines them.
 FALLBACK: dict[str, str] = {"validation": "default"}
-
-# Notebook 01's `validation` block: `default`'s MLP settings, with the language-model validation
-# at full size (issue 24): every size of the suite, three dampings, LiSSA at the smallest and
-# largest size, the explicit-matrix check where the tracked parameters are few, the PBRF, and
-# retraining at the smallest and largest size.
-VALIDATION_LANGUAGE_MODEL: dict[str, Any] = {
-    "sizes": None,
-    "query_set": "facts",
-    "n_queries": 8,
-    "n_train": 256,
-    "include_related": True,
-    "scales": [0.1, 1.0, 10.0],
-    "cg_tol": 1e-06,
-    "cg_max_iter": 2000,
-    "batch_size": 32,
-    "n_boot": 1000,
-    "lissa_sizes": ["smallest", "largest"],
-    "lissa": {"depth": 1000, "batch_size": 8, "repeats": 1},
-    "dense_sizes": ["smallest"],
-    "dense_max_params": 6000,
-    "dense_n_train": 64,
-    "pbrf_sizes": ["smallest"],
-    "n_pbrf": 32,
-    "pbrf_tol": 1e-05,
-    "pbrf_steps": 500,
-    "pbrf_preconditioner": "damping",
-    "retrain_sizes": ["smallest", "largest"],
-    "k_values": [1, 2, 4],
-    "retrain_top_k": 10,
-    "retrain_top_pairs": 10,
-    "retrain_max_top": 6,
-    "retrain_random": 2,
-    "retrain_null": 2,
-    "insert_seed": 0,
-    "retrain_identity_check": True,
-}
-SECTIONS["01_ihvp_accuracy"]["validation"] = {
-    **copy.deepcopy(SECTIONS["01_ihvp_accuracy"]["default"]),
-    "language_model": VALIDATION_LANGUAGE_MODEL,
-}
 
 
 def check_preset(preset: str) -> str:
