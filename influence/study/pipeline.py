@@ -321,7 +321,6 @@ def _record(job: Job, data: dict[str, Any], wall: float, started, run_id: str,
         "metrics": sorted(metrics),
         "summary": data.get("summary", {}),
         "findings": data.get("findings", []),
-        "paper_vs_here": data.get("paper_vs_here", ""),
         "figures": figures,
         "wall_time_s": {
             "total": round(wall, 3),
