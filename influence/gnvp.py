@@ -8,12 +8,14 @@ parameters swapped in. Vectors travel in the internal layout of `influence.layer
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import nn
 from torch.func import functional_call, vjp, vmap
+from torch.overrides import TorchFunctionMode
 from tqdm.auto import tqdm
 
 from . import checks
@@ -21,9 +23,8 @@ from .estimator import check_damping, check_damping_layers, layer_damping
 from .gradients import (  # noqa: F401  (take: re-exported for LiSSA and the PBRF)
     _EvalMode,
     flatten,
-    iter_batches,
-    make_loader,
     num_examples,
+    ordered_batches,
     resolve_device,
     take,
     unflatten,
@@ -33,6 +34,9 @@ from .masks import right_align
 from .tasks import Task
 
 Damping = float | Mapping[str, float]
+# Largest model output (per right-hand side × right-hand sides) that one vmapped product
+# handles; beyond it the right-hand sides are taken in smaller groups.
+_VMAP_BYTES = 16 * 2**20
 
 
 class eager_attention:
@@ -60,6 +64,57 @@ class eager_attention:
         for c, impl in zip(self.configs, self.saved, strict=True):
             if impl != "eager":
                 c._attn_implementation = impl
+
+
+_LOWER_PRECISION = (torch.float32, torch.float16, torch.bfloat16)
+_DOWNCASTS = (torch.Tensor.float, torch.Tensor.half, torch.Tensor.bfloat16)
+
+
+class exact_float64(TorchFunctionMode):
+    """Inside this context no float64 tensor is cast to a lower floating precision: `.to(
+    torch.float32)`, `.float()`, `.half()`, `.bfloat16()` and `dtype=torch.float32` arguments
+    (e.g. `softmax(x, dtype=torch.float32)`) on a float64 tensor keep it float64.
+
+    Hugging Face models compute some pieces in float32 whatever the model's dtype (Llama's
+    RMSNorm casts its input to float32 and back; eager attention takes its softmax in float32;
+    rotary tables are float32), so a model converted with `.double()` is not float64 on the
+    path from the parameters to the loss: its Gauss–Newton products carry float32 round-off
+    (u'Gv vs v'Gu differed by 1e-7 relative on a tiny Llama, 1e-15 inside this context), and
+    conjugate gradients on an ill-conditioned system stall at that level. Tensors of other
+    dtypes (float32 models, integer ids) are not touched."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if args and torch.is_tensor(args[0]) and args[0].dtype == torch.float64:
+            if func in _DOWNCASTS:
+                return args[0]
+            if kwargs.get("dtype") in _LOWER_PRECISION:
+                kwargs = {**kwargs, "dtype": torch.float64}
+            if func is torch.Tensor.to:
+                args = _keep_float64_args(args)
+        return func(*args, **kwargs)
+
+
+def _keep_float64_args(args: tuple) -> tuple:
+    """Arguments of `x.to(...)` with every lower floating dtype replaced by float64; a target
+    tensor of lower precision (`x.to(other)`) becomes its device and float64."""
+    out: list = []
+    for a in args:
+        if isinstance(a, torch.dtype) and a in _LOWER_PRECISION:
+            out.append(torch.float64)
+        elif torch.is_tensor(a) and a.dtype in _LOWER_PRECISION:
+            out += [a.device, torch.float64]
+        else:
+            out.append(a)
+    return tuple(out)
+
+
+def float64_exact(model: nn.Module):
+    """`exact_float64()` for a float64 model, a context that does nothing otherwise."""
+    p = next(model.parameters(), None)
+    if p is not None and p.dtype == torch.float64:
+        return exact_float64()
+    return contextlib.nullcontext()
 
 
 class _TaskOutputs(nn.Module):
@@ -159,6 +214,9 @@ class GaussNewton:
 
     `matvec(V)` takes flat vectors [Q, P] (layers in `infos` order, internal layout) and
     returns (G + Λ) V in float64. `batch` products (`matvec_batch`) give G_B V on a subset.
+    A float64 model is computed in float64 throughout (`exact_float64`); `exact_float64=False`
+    keeps the float32 pieces of its modules (a diagnostic: the products are then symmetric
+    only to float32 round-off).
     """
 
     def __init__(
@@ -171,9 +229,11 @@ class GaussNewton:
         batch_size: int = 32,
         device=None,
         progress: bool = False,
+        exact_float64: bool = True,
     ):
         checks.check_not_meta(model, "GaussNewton")
         self.model, self.task, self.data = model, task, data
+        self.exact = bool(exact_float64)
         self.infos, _ = tracked_parameters(model, task)
         self.batch_size = batch_size
         resolve_device(model, device)  # a given device is where the model goes, as elsewhere
@@ -185,6 +245,7 @@ class GaussNewton:
         self.dim = int(self.lam.numel())
         self.progress = progress
         self._wrapper = _TaskOutputs(model, task)
+        self._batches: list | None = None
         self.num_products = 0
 
     @property
@@ -225,29 +286,49 @@ class GaussNewton:
             hjv = self.task.output_hvp(out, batch, jv)
             return vjp_fn(hjv)[0]
 
-        try:
-            res = vmap(one)(tangents)
-        except Exception:  # ops without batching rules: fall back to a loop over queries
-            rows = [one({k: v[i] for k, v in tangents.items()}) for i in range(flat.shape[0])]
-            res = {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
+        # vmap over the right-hand sides, in chunks whose outputs stay within _VMAP_BYTES: for
+        # a language model's logits a batched product moves Q times more memory per op and
+        # ran slower than one right-hand side at a time (bench/bench_gnvp.py: 10.3x vs 8.3x a
+        # forward + backward pass for 8 right-hand sides at the study's `l` shape)
+        chunk = max(1, _VMAP_BYTES // max(1, out.numel() * out.element_size()))
+        parts = []
+        for start in range(0, flat.shape[0], chunk):
+            part = {k: v[start : start + chunk] for k, v in tangents.items()}
+            parts.append(self._products(one, part))
+        res = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
         return flatten(params_to_layout(res, self.infos, "model."), self.infos).detach().double()
+
+    def batches(self) -> list:
+        """The training batches, read once and kept: every product reuses them. Sequences are
+        grouped by length and cut to their longest real token (`ordered_batches`), so a product
+        costs what the real tokens cost; G is a sum over examples, so the order is free."""
+        if self._batches is None:
+            self._batches = [b for _, b, _ in ordered_batches(self.data, self.batch_size)]
+        return self._batches
+
+    @staticmethod
+    def _products(one, tangents: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """`one` applied to each row of the tangents, batched by vmap where it helps."""
+        q = next(iter(tangents.values())).shape[0]
+        if q > 1:
+            try:
+                return vmap(one)(tangents)
+            except Exception:  # ops without batching rules: fall back to a loop over rows
+                pass
+        rows = [one({k: v[i] for k, v in tangents.items()}) for i in range(q)]
+        return {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
 
     def gnvp(self, flat: torch.Tensor, batch=None) -> torch.Tensor:
         """G V (undamped) on the whole data, or G_B V on one `batch` (mean over its examples)."""
         flat = flat.to(self.device)
-        with _EvalMode(self.model), eager_attention(self.model), torch.no_grad():
+        exact = float64_exact(self.model) if self.exact else contextlib.nullcontext()
+        with _EvalMode(self.model), eager_attention(self.model), exact, torch.no_grad():
             if batch is not None:
                 n = self.task.batch_size(batch)
                 res = self._gnvp_batch(batch, flat) / n
             else:
                 res = torch.zeros(flat.shape, dtype=torch.float64, device=self.device)
-                loader = make_loader(self.data, self.batch_size)
-                for _, b in tqdm(
-                    iter_batches(loader, self.batch_size),
-                    desc="GNVP",
-                    disable=not self.progress,
-                    leave=False,
-                ):
+                for b in tqdm(self.batches(), desc="GNVP", disable=not self.progress, leave=False):
                     res += self._gnvp_batch(b, flat)
                 res /= self.num_examples
         self.num_products += flat.shape[0]

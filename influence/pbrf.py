@@ -29,12 +29,15 @@ from tqdm.auto import tqdm
 from . import checks
 from .gnvp import (
     _TaskOutputs,
+    float64_exact,
+    layout_to_params,
     mean_fisher_diagonal,
+    params_to_layout,
     resolve_full_damping,
     take,
     tracked_parameters,
 )
-from .gradients import _EvalMode, iter_batches, make_loader, num_examples, resolve_device
+from .gradients import _EvalMode, num_examples, ordered_batches, resolve_device
 from .masks import right_align
 from .tasks import Task
 
@@ -71,6 +74,7 @@ def pbrf_scores(
     progress: bool = True,
     return_info: bool = False,
     strict: bool = False,
+    preconditioner: Any = None,
 ):
     """PBRF scores of the training examples `train_indices` on every query: [Q, M].
 
@@ -87,7 +91,12 @@ def pbrf_scores(
     batch_size: training examples per forward pass of the Bregman term (full-batch objective).
     return_info: also return a dict with per-solve steps, final relative gradients, seconds.
     strict: raise (instead of warn) when a solve ends above `tol`; either way `info` lists
-        every solve's final relative gradient.
+        every solve's final relative gradient, and `info["converged"]` says per training
+        example whether both of its solves met `tol` (a caller excludes and counts the others).
+    preconditioner: "damping" (M = Λ⁻¹, one number per layer), or a fitted K-FAC, EK-FAC or
+        Diagonal M ≈ (G + Λ)⁻¹ with the same damping: the optimiser then works in z with
+        u = M^½ z, where the objective's Hessian is M^½ (G + Λ) M^½. It changes the speed of
+        convergence, not the minimiser; the stopping rule stays the one on ∇_u F.
 
     Every query measurement m_q is evaluated at θ*(±ε), so all queries cost one pair of
     optimisations per training example. Use float64 models: the response is O(ε).
@@ -142,11 +151,11 @@ def pbrf_scores(
 
     wrapper = _TaskOutputs(model, task)
     base = _param_entries(model, infos)
-    # Reference outputs h(θ_s, x_i) per training batch, and the query batches.
-    loader = make_loader(train_data, batch_size)
+    # Reference outputs h(θ_s, x_i) per training batch (grouped by length and cut to the real
+    # tokens, as every pass), computed as the objective computes h(θ), and the query batches.
     batches = []
-    with _EvalMode(model), torch.no_grad():
-        for _, b in iter_batches(loader, batch_size):
+    with _EvalMode(model), float64_exact(model), torch.no_grad():
+        for _, b, _ in ordered_batches(train_data, batch_size):
             b = right_align(task, task.to_device(b, dev))
             batches.append((b, task.outputs(model, b).detach()))
         # One query per measurement, whatever batch size a DataLoader of queries has.
@@ -164,15 +173,24 @@ def pbrf_scores(
                 [task.measurement(_Bound(wrapper, params), q).double() for q in queries]
             )
 
+    scale = _preconditioner_scaling(preconditioner, infos, lam)
+
     def solve(train_batch, e: float, init=None):
-        if init is None:
-            u = {k: torch.zeros_like(v, requires_grad=True) for k, v in base.items()}
-        else:
-            u = {k: init[k].clone().requires_grad_(True) for k in base}
+        # z is the optimiser's variable and u = S z (S = M^½ with a preconditioner, else the
+        # identity, when z is u): the objective is evaluated at u as a leaf, so that ∇_u F
+        # (the stopping rule's gradient) and ∇_z F = S ∇_u F both come from one backward.
+        z = {
+            k: (torch.zeros_like(v) if init is None else init[k].clone()).requires_grad_(True)
+            for k, v in base.items()
+        }
         with torch.no_grad():
             l0 = task.loss(model, train_batch).detach()
+        grad_u: dict[str, torch.Tensor] = {}
 
         def objective():
+            with torch.no_grad():
+                u = {k: v.detach().clone().requires_grad_(True) for k, v in scale(z, 1).items()}
+
             def params():
                 return {k: base[k] + e * u[k] for k in base}
 
@@ -185,23 +203,34 @@ def pbrf_scores(
             f = (task.loss_from_outputs(out, train_batch, task.targets(train_batch)) - l0) / e
             f = f + 0.5 * sum(lam_param[k] * u[k].pow(2).sum() for k in u)
             f.backward()
+            grad_u.update({k: v.grad for k, v in u.items()})
+            with torch.no_grad():
+                for k, g in scale(grad_u, 1).items():
+                    z[k].grad = g.clone()
             return total + float(f.detach())
 
         def grad_inf():
-            return max(float(u[k].grad.abs().max()) for k in u)
+            return max(float(g.abs().max()) for g in grad_u.values())
 
-        for k in u:
-            u[k].grad = None
-        objective()
-        g0 = grad_inf() if init is None else init_grad[0]
+        def zgrad_inf():
+            return max(float(v.grad.abs().max()) for v in z.values())
+
+        value = objective()
+        if init is None:
+            init_grad[:] = [grad_inf(), zgrad_inf()]
+        g0, g0_z = init_grad
         target = tol * g0
         steps = 0
         if optimizer == "lbfgs":
+            # L-BFGS stops itself on ∇_z F; without a preconditioner that is the rule on ∇_u F.
+            # With one, its relative value is a stand-in: met before the rule on ∇_u F, it is
+            # tightened tenfold and L-BFGS goes on (it keeps its history between calls).
+            ztol = target if preconditioner is None else tol * g0_z
             opt = torch.optim.LBFGS(
-                list(u.values()),
+                list(z.values()),
                 lr=1.0 if lr is None else lr,
                 max_iter=int(max_steps),
-                tolerance_grad=target,
+                tolerance_grad=ztol,
                 tolerance_change=0.0,
                 history_size=history_size,
                 line_search_fn="strong_wolfe",
@@ -211,29 +240,33 @@ def pbrf_scores(
                 opt.zero_grad()
                 return objective()
 
-            opt.step(closure)
-            steps = int(opt.state[opt._params[0]].get("n_iter", 0))
+            while grad_inf() > target and steps < max_steps:
+                while zgrad_inf() <= ztol:
+                    ztol *= 0.1
+                opt.param_groups[0].update(tolerance_grad=ztol, max_iter=max_steps - steps)
+                opt.step(closure)
+                steps = int(opt.state[opt._params[0]].get("n_iter", 0))
+                value = objective()  # at the final point (the line search's last may differ)
+                if zgrad_inf() > ztol:  # max_steps reached, or the line search made no progress
+                    break
         else:
-            opt = torch.optim.Adam(list(u.values()), lr=1e-2 if lr is None else lr)
+            opt = torch.optim.Adam(list(z.values()), lr=1e-2 if lr is None else lr)
             for steps in range(1, int(max_steps) + 1):  # noqa: B007
                 opt.step()
                 opt.zero_grad()
-                objective()
+                value = objective()
                 if grad_inf() <= target:
                     break
-        for k in u:
-            u[k].grad = None
-        value = objective()
         rel = grad_inf() / g0 if g0 > 0 else 0.0
         if not (math.isfinite(value) and math.isfinite(rel)):
             raise FloatingPointError(
                 f"the PBRF optimisation for e = {e:g} diverged (objective {value}); the problem "
                 "is not convex at this ε and damping: lower epsilon or raise the damping"
             )
-        if init is None:
-            init_grad[0] = g0
-        u_final = {k: v.detach() for k, v in u.items()}
-        return {k: (base[k] + e * u_final[k]) for k in base}, steps, rel, u_final
+        z_final = {k: v.detach() for k, v in z.items()}
+        with torch.no_grad():
+            u_final = scale(z_final, 1)
+        return {k: (base[k] + e * u_final[k]) for k in base}, steps, rel, z_final
 
     scores = torch.zeros(len(queries), len(train_indices), dtype=torch.float64)
     info: dict[str, Any] = {
@@ -246,10 +279,10 @@ def pbrf_scores(
         "tol": tol,
     }
     start = time.perf_counter()
-    with _EvalMode(model):
+    with _EvalMode(model), float64_exact(model):
         for j, m in enumerate(tqdm(train_indices, desc="PBRF", disable=not progress, leave=False)):
             zb = right_align(task, task.to_device(take(train_data, [m]), dev))
-            init_grad = [0.0]
+            init_grad = [0.0, 0.0]  # ‖∇_u F‖∞ and ‖∇_z F‖∞ at u = 0, set by the +ε solve
             plus, s1, r1, u_plus = solve(zb, eps)
             # θ*(−ε) − θ_s ≈ −(θ*(ε) − θ_s): in the rescaled variable the two minimisers are
             # close, so the −ε solve starts from the +ε one (same stopping rule, relative to
@@ -266,6 +299,7 @@ def pbrf_scores(
     rels = [r for pair in info["relative_gradient"] for r in pair]
     missed = sum(r > tol for r in rels)
     info["unconverged"] = missed
+    info["converged"] = [max(pair) <= tol for pair in info["relative_gradient"]]
     if missed:
         msg = (
             f"{missed} of {len(rels)} PBRF solves stopped above the tolerance: relative gradient "
@@ -277,6 +311,47 @@ def pbrf_scores(
             raise RuntimeError(msg)
         warnings.warn(msg, RuntimeWarning, stacklevel=3)
     return (scores, info) if return_info else scores
+
+
+def _preconditioner_scaling(est: Any, infos, lam: dict[str, float]) -> Any:
+    """`scale(params, sign)`: M^(sign/2) applied to {"layer.weight": ..., "layer.bias": ...}
+    for M = Λ⁻¹ ("damping"), a fitted K-FAC, EK-FAC or Diagonal M ≈ (G + Λ)⁻¹ (its own
+    damping), or the identity (the same dict) without one."""
+    if est is None:
+        return lambda params, sign: params
+    if isinstance(est, str):
+        if est != "damping":
+            raise ValueError(f"preconditioner must be 'damping' or a fitted estimator, got {est!r}")
+
+        def by_layer(params: dict[str, torch.Tensor], sign: int) -> dict[str, torch.Tensor]:
+            return {k: v * lam[k.rsplit(".", 1)[0]] ** (-0.5 * sign) for k, v in params.items()}
+
+        return by_layer
+    state = getattr(est, "state_", None) or {}
+    layers = getattr(est, "layers_", None)
+    if layers is None or not (hasattr(est, "eigenvalues") or any("::diagonal" in k for k in state)):
+        raise ValueError(
+            "the PBRF preconditioner must be a fitted KFAC, EKFAC or Diagonal (same damping as "
+            f"the PBRF), got {type(est).__name__}" + ("" if layers is not None else " (not fitted)")
+        )
+    missing = sorted(set(infos) - set(layers))
+    if missing:
+        raise ValueError(f"the PBRF preconditioner was fitted without tracked layers {missing[:5]}")
+
+    def layer(n: str, v: torch.Tensor, sign: int) -> torch.Tensor:
+        lam = est.damping_[n]
+        if hasattr(est, "eigenvalues"):
+            qa = state[f"{n}::eigvecs_A"].to(v)
+            qs = state[f"{n}::eigvecs_S"].to(v)
+            d = (est.eigenvalues(n).to(v) + lam).pow(-0.5 * sign)
+            return qs @ ((qs.T @ v @ qa) * d) @ qa.T
+        return v * (state[f"{n}::diagonal"].to(v) + lam).pow(-0.5 * sign)
+
+    def scale(params: dict[str, torch.Tensor], sign: int) -> dict[str, torch.Tensor]:
+        lay = params_to_layout(params, infos)
+        return layout_to_params({n: layer(n, v, sign) for n, v in lay.items()}, infos)
+
+    return scale
 
 
 class _Bound:

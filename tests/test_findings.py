@@ -184,14 +184,6 @@ def test_report_reads_its_run_context_and_pins_threads(tmp_path, monkeypatch):
         report.conclude(question="q", paper="p", here="One. Two sentences.", findings=[])
 
 
-def test_compat_summarize_retires_partly(manual):
-    report = Report("04_toy", preset="smoke")
-    report.summarize(question="q", paper="p", here="h", verdict="partly", reason="r")
-    assert report.summary["verdict"] == "mixed"
-    with pytest.raises(ValueError, match="unknown verdict"):
-        report.summarize(question="q", paper="p", here="h", verdict="sort of", reason="r")
-
-
 def test_style_names_every_estimator_once():
     assert style.estimator_name("identity") == "dot product"
     assert len({c for _, c in style.ESTIMATORS.values()}) == len(style.ESTIMATORS)

@@ -161,3 +161,47 @@ def test_pbrf_bad_arguments():
         pbrf_scores(model, task, data, data, [0], damping=0.1, optimizer="sgd", progress=False)
     with pytest.raises(ValueError, match="out of range"):
         pbrf_scores(model, task, data, data, [99], damping=0.1, progress=False)
+
+
+@pytest.mark.parametrize("preconditioner", ["damping", "ekfac", "diagonal"])
+def test_preconditioned_pbrf_has_the_same_minimiser(preconditioner):
+    # u = M^½ z changes the optimiser's path, not the minimiser nor the stopping rule on ∇_u F.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 6), nn.Tanh(), nn.Linear(6, 4)).double()
+    task = inf.ClassificationTask()
+    data = _data(classes=4)
+    queries = TensorDataset(*[t[:3] for t in data.tensors])
+    lam = {"0": 0.05, "2": 0.02}
+    fitted = {
+        "ekfac": lambda: inf.EKFAC(damping=lam).fit(model, task, data, progress=False),
+        "diagonal": lambda: inf.Diagonal(damping=lam).fit(model, task, data, progress=False),
+    }
+    pre = fitted[preconditioner]() if preconditioner in fitted else preconditioner
+    # tol 1e-6: the round-off floor of the relative gradient is ~3e-7 here at ε = 0.1/N
+    kw = dict(damping=lam, tol=1e-6, progress=False, return_info=True)
+    plain, _ = pbrf_scores(model, task, queries, data, range(3), **kw)
+    scores, info = pbrf_scores(model, task, queries, data, range(3), preconditioner=pre, **kw)
+    assert _rel(scores, plain) < 1e-4
+    assert info["converged"] == [True] * 3
+
+
+def test_pbrf_counts_unconverged_examples():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 6), nn.Tanh(), nn.Linear(6, 4)).double()
+    task, data = inf.ClassificationTask(), _data(classes=4)
+    with pytest.warns(RuntimeWarning, match="stopped above the tolerance"):
+        _, info = pbrf_scores(
+            model,
+            task,
+            data,
+            data,
+            [0, 1],
+            damping=0.05,
+            max_steps=1,
+            tol=1e-12,
+            progress=False,
+            return_info=True,
+        )
+    assert info["converged"] == [False, False] and info["unconverged"] == 4
+    with pytest.raises(ValueError, match="'damping' or a fitted estimator"):
+        pbrf_scores(model, task, data, data, [0], damping=0.05, preconditioner="ekfac")

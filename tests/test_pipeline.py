@@ -533,6 +533,18 @@ def test_the_dry_run_checks_value_ranges_of_the_real_notebooks(args, message, ca
     assert message in capsys.readouterr().err
 
 
+def test_the_validation_preset_plans_every_notebook(capsys):
+    # Every section without a validation block falls back to default (presets.FALLBACK); a
+    # value of notebook 01's validation-only block is checked like any other.
+    assert pipeline.main(["--preset", "validation", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "would run 01_ihvp_accuracy with {'preset': 'validation'" in out
+    assert "would run 02_sparsity_and_tails" in out
+    args = ["--preset", "validation", "--only", "02", "-p", "tail_share=0", "--dry-run"]
+    assert pipeline.main(args) == 1
+    assert "tail_share must be a number in (0, 1)" in capsys.readouterr().err
+
+
 def test_a_seed_that_is_no_integer_fails_with_a_sentence(capsys):
     with pytest.raises(SystemExit):
         pipeline.main(["--seed", "1.5", "--dry-run"])

@@ -1,13 +1,20 @@
 """Notebook 01 (RQ1): how well do cheap estimators of (G + λI)⁻¹ match CG, the PBRF and
-retraining? Data, small MLPs with a fixed recipe, the experiment loop and the plots.
+retraining? Data, small MLPs with a fixed recipe, the experiment loop, the convergence of
+every reference (`reference_table`), the per-query cost of EK-FAC and LiSSA (`query_costs`),
+the paper's claims judged on the MLPs (`findings`) and the plots. The language models of the
+suite are validated in `influence.study.lm_validation`.
 
 Every estimator of one setting uses the SAME per-layer damping λ_ℓ (EK-FAC's 'auto' value,
 0.1 × the mean eigenvalue of the layer's block), so that all of them, CG and the PBRF
-approximate the same damped problem.
+approximate the same damped problem. An unconverged reference is not ground truth: a CG query
+that misses its tolerance is left out of every comparison with CG, a PBRF training example whose
+±ε solves miss theirs is left out of every comparison with the PBRF, and a setting whose PBRF
+converged on fewer than `PBRF_MIN_CONVERGED` of its examples is left out of the findings.
 """
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -22,10 +29,294 @@ from torch.utils.data import TensorDataset
 
 import influence as inf
 from influence.cg import CG
+from influence.gnvp import GaussNewton
+from influence.gradients import flatten
 from influence.lds import draw_subsets, lds, retrain_measurements
 from influence.lissa import LiSSA
 from influence.pbrf import pbrf_scores
+from influence.scores import preconditioned_queries
+from influence.study import stats
 from influence.study.cache import artifacts_root
+from influence.study.findings import Finding, judge, not_comparable
+from influence.study.ranges import count, share
+
+SECTION = "01_ihvp_accuracy"
+# Notebook 01's preset block (issue 4). MLP settings: data split, model and training recipe,
+# queries, LiSSA/CG/PBRF settings and LDS retrains; language_model: the suite's models on a
+# subset of the corpus (MLP layers tracked, the paper's choice; `lm_validation` says what each
+# setting does); damping_scales: the MLPs' damping sweep; threads: torch threads (None = all).
+PRESETS: dict[str, dict[str, Any]] = {
+    "smoke": {
+        "mlp_regression": {
+            "test_size": 100,
+            "hidden": 16,
+            "activation": "tanh",
+            "steps": 200,
+            "lr": 0.01,
+            "weight_decay": 0.1,
+            "n_queries": 3,
+            "lissa": {"depth": 200, "batch_size": 32},
+            "cg_tol": 1e-08,
+            "batch_size": 4096,
+            "n_pbrf": 8,
+            "pbrf_tol": 1e-05,
+            "pbrf_steps": 300,
+            "lds_subsets": 10,
+            "lds_alpha": 0.5,
+        },
+        "mlp_classification": {
+            "test_size": 1297,
+            "hidden": 16,
+            "activation": "tanh",
+            "steps": 200,
+            "lr": 0.01,
+            "weight_decay": 0.01,
+            "n_queries": 3,
+            "lissa": {"depth": 200, "batch_size": 32},
+            "cg_tol": 1e-08,
+            "batch_size": 4096,
+            "n_pbrf": 4,
+            "pbrf_tol": 1e-05,
+            "pbrf_steps": 300,
+            "lds_subsets": 10,
+            "lds_alpha": 0.5,
+        },
+        "language_model": {
+            "sizes": ["smallest"],
+            "query_set": "facts",
+            "n_queries": 2,
+            "n_train": 24,
+            "include_related": True,
+            "scales": [0.1, 1.0, 10.0],
+            "cg_tol": 1e-06,
+            "cg_max_iter": 300,
+            "batch_size": 32,
+            "n_boot": 200,
+            "lissa_sizes": ["smallest", "largest"],
+            "lissa": {"depth": 50, "batch_size": 8, "repeats": 1},
+            "dense_sizes": ["smallest"],
+            "dense_max_params": 6000,
+            "dense_n_train": 8,
+            "pbrf_sizes": ["smallest"],
+            "n_pbrf": 6,
+            "pbrf_tol": 1e-05,
+            "pbrf_steps": 300,
+            "pbrf_preconditioner": "damping",
+            "retrain_sizes": ["smallest"],
+            "k_values": [1, 2],
+            "retrain_top_k": 3,
+            "retrain_top_pairs": 2,
+            "retrain_max_top": 2,
+            "retrain_random": 1,
+            "retrain_null": 1,
+            "insert_seed": 0,
+            "retrain_identity_check": True,
+        },
+        "damping_scales": [0.1, 1.0, 10.0],
+        "threads": 1,
+    },
+    "default": {
+        "mlp_regression": {
+            "test_size": 100,
+            "hidden": 32,
+            "activation": "tanh",
+            "steps": 500,
+            "lr": 0.01,
+            "weight_decay": 0.1,
+            "n_queries": 10,
+            "lissa": {"depth": 2000, "batch_size": 32},
+            "cg_tol": 1e-08,
+            "batch_size": 4096,
+            "n_pbrf": 300,
+            "pbrf_tol": 1e-05,
+            "pbrf_steps": 300,
+            "lds_subsets": 50,
+            "lds_alpha": 0.5,
+        },
+        "mlp_classification": {
+            "test_size": 497,
+            "hidden": 32,
+            "activation": "tanh",
+            "steps": 300,
+            "lr": 0.01,
+            "weight_decay": 0.01,
+            "n_queries": 10,
+            "lissa": {"depth": 2000, "batch_size": 32},
+            "cg_tol": 1e-08,
+            "batch_size": 4096,
+            "n_pbrf": 200,
+            "pbrf_tol": 1e-05,
+            "pbrf_steps": 300,
+            "lds_subsets": 50,
+            "lds_alpha": 0.5,
+        },
+        "language_model": {
+            "sizes": ["smallest"],
+            "query_set": "facts",
+            "n_queries": 8,
+            "n_train": 256,
+            "include_related": True,
+            "scales": [1.0],
+            "cg_tol": 1e-06,
+            "cg_max_iter": 500,
+            "batch_size": 32,
+            "n_boot": 1000,
+            "lissa_sizes": [],
+            "lissa": {"depth": 50, "batch_size": 8, "repeats": 1},
+            "dense_sizes": [],
+            "dense_max_params": 6000,
+            "dense_n_train": 8,
+            "pbrf_sizes": [],
+            "n_pbrf": 6,
+            "pbrf_tol": 1e-05,
+            "pbrf_steps": 300,
+            "pbrf_preconditioner": "damping",
+            "retrain_sizes": [],
+            "k_values": [1, 2],
+            "retrain_top_k": 3,
+            "retrain_top_pairs": 2,
+            "retrain_max_top": 2,
+            "retrain_random": 1,
+            "retrain_null": 1,
+            "insert_seed": 0,
+            "retrain_identity_check": True,
+        },
+        "damping_scales": [0.1, 1.0, 10.0],
+        "threads": 1,
+    },
+    "large": {
+        "mlp_regression": {
+            "test_size": 100,
+            "hidden": 128,
+            "activation": "tanh",
+            "steps": 1000,
+            "lr": 0.01,
+            "weight_decay": 0.1,
+            "n_queries": 10,
+            "lissa": {"depth": 5000, "batch_size": 32},
+            "cg_tol": 1e-08,
+            "batch_size": 4096,
+            "n_pbrf": 500,
+            "pbrf_tol": 1e-05,
+            "pbrf_steps": 300,
+            "lds_subsets": 100,
+            "lds_alpha": 0.5,
+        },
+        "mlp_classification": {
+            "test_size": 497,
+            "hidden": 128,
+            "activation": "tanh",
+            "steps": 500,
+            "lr": 0.01,
+            "weight_decay": 0.01,
+            "n_queries": 10,
+            "lissa": {"depth": 5000, "batch_size": 32},
+            "cg_tol": 1e-08,
+            "batch_size": 4096,
+            "n_pbrf": 500,
+            "pbrf_tol": 1e-05,
+            "pbrf_steps": 300,
+            "lds_subsets": 100,
+            "lds_alpha": 0.5,
+        },
+        "language_model": {
+            "sizes": None,
+            "query_set": "facts",
+            "n_queries": 16,
+            "n_train": 512,
+            "include_related": True,
+            "scales": [0.1, 1.0, 10.0],
+            "cg_tol": 1e-06,
+            "cg_max_iter": 2000,
+            "batch_size": 32,
+            "n_boot": 1000,
+            "lissa_sizes": ["smallest", "largest"],
+            "lissa": {"depth": 2000, "batch_size": 8, "repeats": 1},
+            "dense_sizes": ["smallest"],
+            "dense_max_params": 6000,
+            "dense_n_train": 64,
+            "pbrf_sizes": ["smallest"],
+            "n_pbrf": 32,
+            "pbrf_tol": 1e-05,
+            "pbrf_steps": 1000,
+            "pbrf_preconditioner": "damping",
+            "retrain_sizes": ["smallest", "largest"],
+            "k_values": [1, 2, 4],
+            "retrain_top_k": 10,
+            "retrain_top_pairs": 10,
+            "retrain_max_top": 6,
+            "retrain_random": 2,
+            "retrain_null": 2,
+            "insert_seed": 0,
+            "retrain_identity_check": True,
+        },
+        "damping_scales": [0.01, 0.1, 1.0, 10.0],
+        "threads": None,
+    },
+}
+# The `validation` preset: `default`'s MLP settings, with the language-model validation at full
+# size (issue 24): every size of the suite, three dampings, LiSSA at the smallest and largest
+# size, the explicit-matrix check where the tracked parameters are few, the PBRF, and
+# retraining at the smallest and largest size.
+VALIDATION_LANGUAGE_MODEL: dict[str, Any] = {
+    "sizes": None,
+    "query_set": "facts",
+    "n_queries": 8,
+    "n_train": 256,
+    "include_related": True,
+    "scales": [0.1, 1.0, 10.0],
+    "cg_tol": 1e-06,
+    "cg_max_iter": 2000,
+    "batch_size": 32,
+    "n_boot": 1000,
+    "lissa_sizes": ["smallest", "largest"],
+    "lissa": {"depth": 1000, "batch_size": 8, "repeats": 1},
+    "dense_sizes": ["smallest"],
+    "dense_max_params": 6000,
+    "dense_n_train": 64,
+    "pbrf_sizes": ["smallest"],
+    "n_pbrf": 32,
+    "pbrf_tol": 1e-05,
+    "pbrf_steps": 500,
+    "pbrf_preconditioner": "damping",
+    "retrain_sizes": ["smallest", "largest"],
+    "k_values": [1, 2, 4],
+    "retrain_top_k": 10,
+    "retrain_top_pairs": 10,
+    "retrain_max_top": 6,
+    "retrain_random": 2,
+    "retrain_null": 2,
+    "insert_seed": 0,
+    "retrain_identity_check": True,
+}
+PRESETS["validation"] = {
+    **copy.deepcopy(PRESETS["default"]),
+    "language_model": VALIDATION_LANGUAGE_MODEL,
+}
+_MLP = {
+    "test_size": count(1, "held-out examples"),
+    "hidden": count(1, "hidden units per layer"),
+    "steps": count(1, "training steps"),
+    "n_queries": count(1, "test queries"),
+    "lissa.depth": count(1, "LiSSA recursion steps"),
+    "lissa.batch_size": count(1, "examples per LiSSA minibatch"),
+    "batch_size": count(1),
+    "n_pbrf": count(1, "training examples given a PBRF"),
+    "pbrf_steps": count(1, "L-BFGS steps per PBRF solve"),
+    "lds_subsets": count(0, "retrained subsets for the LDS"),
+    "lds_alpha": share("the share of the training set in each LDS subset"),
+}
+RANGES = {
+    **{f"{s}.{k}": r for s in ("mlp_regression", "mlp_classification") for k, r in _MLP.items()},
+    "language_model.n_queries": count(1, "queries per size"),
+    "language_model.n_train": count(1, "corpus sequences in the subset S"),
+    "language_model.cg_max_iter": count(1, "CG iterations"),
+    "language_model.batch_size": count(1),
+    "language_model.n_boot": count(1, "bootstrap resamples"),
+    "language_model.n_pbrf": count(1, "sequences given a PBRF"),
+    "language_model.pbrf_steps": count(1, "L-BFGS steps per PBRF solve"),
+    "language_model.lissa.depth": count(1, "LiSSA recursion steps"),
+}
 
 ESTIMATORS = ("identity", "diagonal", "kfac", "ekfac", "lissa")
 LABELS = {
@@ -135,6 +426,7 @@ class SettingResult:
     lds: dict[str, float] = field(default_factory=dict)
     lds_per_query: dict[str, np.ndarray] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
+    costs: pd.DataFrame = field(default_factory=pd.DataFrame)  # `query_costs`
 
 
 def _timed(fn: Callable[[], Any]) -> tuple[Any, float]:
@@ -205,13 +497,120 @@ def score_all(
         if name == "lissa":
             diag["lissa_scale"] = est.scale_
     if include_cg:
-        cg = CG(damping=lam, tol=cg_tol, max_iter=5000)
+        # Not strict: a query whose solve misses `cg_tol` is recorded (and excluded by the
+        # comparisons with CG) rather than stopping the notebook.
+        cg = CG(damping=lam, tol=cg_tol, max_iter=5000, strict=False)
         scores["cg"], seconds["cg"] = _timed(lambda: run(cg))
-        diag["cg_iterations"] = cg.meta_["solves"][-1]["iterations"]
+        solve = cg.meta_["solves"][-1]
+        diag["cg_iterations"] = solve["iterations"]
+        diag["cg_relative_residuals"] = list(solve["relative_residuals"])
+        diag["cg_converged"] = list(solve["converged"])
     if include_block_cg:
-        block = CG(damping=lam, tol=cg_tol, max_iter=5000, block_diagonal=True)
+        block = CG(damping=lam, tol=cg_tol, max_iter=5000, block_diagonal=True, strict=False)
         scores["cg_block"], seconds["cg_block"] = _timed(lambda: run(block))
+        # one right-hand side per (layer, query): a query converged if all its layers did
+        per_rhs = np.asarray(block.meta_["solves"][-1]["converged"], dtype=bool)
+        diag["cg_block_converged"] = per_rhs.reshape(-1, len(queries)).all(0).tolist()
     return scores, seconds, lam, diag
+
+
+def query_costs(
+    model, task, train, queries, lam: dict, *, lissa: dict, batch_size: int
+) -> pd.DataFrame:
+    """Per query, EK-FAC's and LiSSA's cost of its inverse-GNVP (G + Λ)⁻¹ ∇m_q and how far it
+    is from solving the full damped problem.
+
+    cost_s: CPU seconds (`time.process_time`, this process) of the query's own solve plus the
+    estimator's fit shared over the Q queries (EK-FAC: its covariance and eigenvalue passes;
+    LiSSA: the power iteration for its scale). The scoring against the training gradients is the
+    same for both and not counted. residual: ‖(G + Λ)x − ∇m_q‖ / ‖∇m_q‖ with the full G, the
+    convergence of LiSSA's recursion (and, for EK-FAC, what its block-diagonal Kronecker
+    approximation leaves). Rows: setting-free (query, estimator, fit_s, solve_s, cost_s,
+    residual)."""
+    kw = dict(batch_size=batch_size, progress=False)
+    makers = {"ekfac": lambda: inf.EKFAC(damping=lam), "lissa": lambda: LiSSA(damping=lam, **lissa)}
+    op = GaussNewton(model, task, train, damping=lam, batch_size=batch_size)
+    n_q = len(queries)
+    rows = []
+    for name, make in makers.items():
+        start = time.process_time()
+        est = make().fit(model, task, train, **kw)
+        fit_s = time.process_time() - start
+        for q in range(n_q):
+            one = torch.utils.data.Subset(queries, [q])
+            start = time.process_time()
+            x = preconditioned_queries(model, task, est, one, batch_size=batch_size)
+            solve_s = time.process_time() - start
+            g = preconditioned_queries(model, task, inf.Identity().fit(model, task, one), one)
+            x_flat = flatten(x, est.layers_).double()
+            g_flat = flatten(g, est.layers_).double()
+            r = op.matvec(x_flat) - g_flat
+            rows.append(
+                {
+                    "query": q,
+                    "estimator": name,
+                    "fit_s": fit_s / n_q,
+                    "solve_s": solve_s,
+                    "cost_s": fit_s / n_q + solve_s,
+                    "residual": float(r.norm() / g_flat.norm()),
+                }
+            )
+    return pd.DataFrame(rows)
+
+
+def pbrf_converged(res: SettingResult) -> np.ndarray:
+    """Which of the PBRF's training examples met the tolerance in both ±ε solves."""
+    return np.asarray(res.pbrf_info["converged"], dtype=bool)
+
+
+def reference_table(results: dict) -> pd.DataFrame:
+    """Per setting, how well each reference solved its problem: CG's iterations, worst relative
+    residual and converged share of queries; the PBRF's converged share of training examples
+    and whether it counts as ground truth (share ≥ `PBRF_MIN_CONVERGED` and at least
+    `MIN_POINTS` converged examples); LiSSA's median and worst residual (`query_costs`)."""
+    rows = []
+    for name, res in results.items():
+        conv = pbrf_converged(res)
+        lissa = res.costs[res.costs.estimator == "lissa"].residual
+        ekfac = res.costs[res.costs.estimator == "ekfac"].residual
+        rows.append(
+            {
+                "setting": name,
+                "cg_iterations": res.meta["cg_iterations"],
+                "cg_worst_residual": max(res.meta["cg_relative_residuals"]),
+                "cg_converged_share": float(np.mean(res.meta["cg_converged"])),
+                "pbrf_examples": len(conv),
+                "pbrf_converged_share": float(conv.mean()),
+                "pbrf_worst_relative_gradient": float(np.max(res.pbrf_info["relative_gradient"])),
+                "pbrf_ground_truth": pbrf_is_ground_truth(res),
+                "lissa_median_residual": float(lissa.median()),
+                "lissa_worst_residual": float(lissa.max()),
+                "ekfac_median_residual": float(ekfac.median()),
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def pbrf_is_ground_truth(res: SettingResult) -> bool:
+    conv = pbrf_converged(res)
+    return bool(conv.mean() >= PBRF_MIN_CONVERGED and conv.sum() >= MIN_POINTS)
+
+
+def vs_pbrf(results: dict) -> pd.DataFrame:
+    """Per setting, query and estimator: Pearson correlation with the PBRF over the training
+    examples whose PBRF solves converged, and whether the setting's PBRF is ground truth
+    (`pbrf_is_ground_truth`). The input of `findings`."""
+    frames = []
+    for name, res in results.items():
+        conv = pbrf_converged(res)
+        cols = res.train_indices[conv]
+        truth = res.pbrf[:, conv]
+        for est in ESTIMATORS:
+            df = per_query_correlations(res.scores[est][:, cols], truth)
+            df["setting"], df["estimator"] = name, est
+            df["ground_truth"] = pbrf_is_ground_truth(res)
+            frames.append(df)
+    return pd.concat(frames, ignore_index=True)
 
 
 def block_diagonal_ceiling(results: dict) -> pd.DataFrame:
@@ -223,9 +622,11 @@ def block_diagonal_ceiling(results: dict) -> pd.DataFrame:
         if "cg_block" not in res.scores:
             continue
         full, block = res.scores["cg"], res.scores["cg_block"]
+        # only queries whose full and block-diagonal CG solves both converged
+        both = np.logical_and(res.meta["cg_converged"], res.meta["cg_block_converged"])
 
-        def r(a, b):
-            return float(per_query_correlations(a, b).pearson.mean())
+        def r(a, b, both=both):
+            return float(per_query_correlations(a, b).pearson[both].mean())
 
         rows.append(
             {
@@ -273,15 +674,19 @@ def correlation_table(res: SettingResult) -> pd.DataFrame:
     """Tidy table: setting, estimator, ground truth, query, pearson, spearman."""
     frames = []
     idx = res.train_indices
-    # CG is compared over every training example, the PBRF over the examples it was run on.
+    # CG is compared over every training example, the PBRF over the examples it was run on
+    # whose solves converged (an unconverged PBRF is no ground truth).
     truths = {"CG": (res.scores["cg"], slice(None))}
     if res.pbrf is not None:
-        truths["PBRF"] = (res.pbrf, idx)
+        conv = pbrf_converged(res)
+        truths["PBRF"] = (res.pbrf[:, conv], idx[conv])
     for est in [e for e in ESTIMATORS if e in res.scores] + ["cg"]:
         for gt, (truth, cols) in truths.items():
             if est == "cg" and gt == "CG":
                 continue
             df = per_query_correlations(res.scores[est][:, cols], truth)
+            if gt == "CG":  # a query whose CG solve missed its tolerance has no reference
+                df = df[np.asarray(res.meta["cg_converged"], dtype=bool)]
             df["estimator"], df["truth"], df["setting"] = est, gt, res.name
             frames.append(df)
     return pd.concat(frames, ignore_index=True)
@@ -338,7 +743,10 @@ def _score_against_pbrf(
         progress=progress,
         return_info=True,
     )
-    return SettingResult(name, scores, seconds, train_idx, pbrf, info, lam, meta=diag)
+    costs = query_costs(
+        model, task, train, queries, lam, lissa=c["lissa"], batch_size=c["batch_size"]
+    )
+    return SettingResult(name, scores, seconds, train_idx, pbrf, info, lam, meta=diag, costs=costs)
 
 
 def run_mlp_setting(
@@ -431,8 +839,9 @@ def damping_sweep(
     batch_size: int,
     estimators=("identity", "diagonal", "kfac", "ekfac"),
 ) -> pd.DataFrame:
-    """Pearson correlation with CG at each damping (× EK-FAC's 'auto' λ), mean over queries;
-    estimator and CG always share the damping. EK-FAC and the diagonal are fitted once and
+    """Pearson correlation with CG at each damping (× EK-FAC's 'auto' λ), mean over the queries
+    whose CG solve converged (share and worst residual in the row); estimator and CG always
+    share the damping. EK-FAC and the diagonal are fitted once and
     only re-damped at each scale (K-FAC derived from the EK-FAC fit)."""
     kw = dict(batch_size=batch_size, progress=False)
     fitted = {"ekfac": inf.EKFAC().fit(model, task, train, **kw)}
@@ -441,7 +850,7 @@ def damping_sweep(
         fitted["diagonal"] = inf.Diagonal(damping=1.0).fit(model, task, train, **kw)
     rows = []
     for s in scales:
-        scores, _, _, _ = score_all(
+        scores, _, _, diag = score_all(
             model,
             task,
             train,
@@ -453,17 +862,127 @@ def damping_sweep(
             estimators=estimators,
             fitted=fitted,
         )
+        converged = np.asarray(diag["cg_converged"], dtype=bool)
         for est in estimators:
-            df = per_query_correlations(scores[est], scores["cg"])
+            df = per_query_correlations(scores[est], scores["cg"])[converged]
             rows.append(
                 {
                     "scale": s,
                     "estimator": est,
                     "pearson": df.pearson.mean(),
                     "spearman": df.spearman.mean(),
+                    "cg_converged_share": float(converged.mean()),
+                    "cg_worst_residual": max(diag["cg_relative_residuals"]),
                 }
             )
     return pd.DataFrame(rows)
+
+
+# -- findings (PAPER.md RQ1, §5.1, Figs. 6-7) -------------------------------------------------
+# Thresholds of the findings, stated with them on the page.
+FAR_BELOW = 0.2  # "far below": an estimator's Pearson with the PBRF at least 0.2 above the dot's
+COMPETITIVE_MARGIN = 0.05  # "competitive": EK-FAC's Pearson at most 0.05 below LiSSA's
+COST_RATIO = 10.0  # "an order of magnitude cheaper": LiSSA's cost per query ≥ 10× EK-FAC's
+# The PBRF is ground truth for a setting only where at least this share of its training
+# examples converged (both ±ε solves within `pbrf_tol`, the issue's ≥ 90%).
+PBRF_MIN_CONVERGED = 0.9
+# Findings that rest on timings: their numbers differ from run to run (not checked by nbval).
+TIMED_FINDINGS = ("EK-FAC cheaper",)
+
+
+def _ratio(x: float) -> str:
+    """A log10 cost ratio for the reader: "42×"."""
+    return f"{stats.format_number(10**x)}×" if np.isfinite(x) else "n/a"
+
+
+def _paired(wide: pd.DataFrame, a: str, b: str) -> pd.Series:
+    """a − b per (setting, query) where both have a value (empty if either is missing)."""
+    if not {a, b} <= set(wide.columns):
+        return pd.Series(dtype=float)
+    return (wide[a] - wide[b]).dropna()
+
+
+def findings(
+    correlations: pd.DataFrame, costs: pd.DataFrame, *, n_boot: int = 1000, seed: int = 0
+) -> list[Finding]:
+    """The paper's RQ1 claims on the MLPs. `correlations` (from `vs_pbrf`): setting, query,
+    estimator, pearson, ground_truth; only settings whose PBRF is ground truth count, paired
+    per (setting, query). `costs` (from `query_costs`, with a setting column): per query the
+    CPU cost of EK-FAC's and LiSSA's inverse-GNVP. Paired differences are tested with the
+    Wilcoxon signed-rank test over queries, intervals by the percentile bootstrap."""
+    truth = correlations[correlations.ground_truth.astype(bool)]
+    wide = truth.pivot_table(index=["setting", "query"], columns="estimator", values="pearson")
+    boot = {"n_boot": n_boot, "seed": seed}
+    out: list[Finding] = []
+    pairs = (
+        ("EK-FAC above the dot product", "ekfac", "identity"),
+        ("LiSSA above the dot product", "lissa", "identity"),
+    )
+    no_truth = (
+        f"no query of {', '.join(sorted(set(correlations.setting)))} has a correlation with a "
+        f"PBRF that is ground truth (≥ {PBRF_MIN_CONVERGED:.0%} of its training examples "
+        f"converged, and at least {MIN_POINTS} of them)"
+    )
+    for name, est, base in pairs:
+        claim = f"{LABELS[est]} correlates with the PBRF far better than the gradient dot product"
+        d = (
+            (wide[est] - wide[base]).dropna()
+            if {est, base} <= set(wide)
+            else pd.Series(dtype=float)
+        )
+        if d.empty:
+            out.append(not_comparable(name, claim, "far above", ours="-", reason=no_truth))
+            continue
+        out.append(
+            judge(
+                name,
+                claim,
+                "far above (Figs. 6-7)",
+                effect=stats.bootstrap(d.to_numpy(), **boot),
+                test=stats.wilcoxon(d.to_numpy()),
+                expected=+1,
+                threshold=FAR_BELOW,
+                what=f"Pearson of {LABELS[est]} − dot product",
+            )
+        )
+    claim = "EK-FAC is competitive with LiSSA against the PBRF"
+    d = _paired(wide, "ekfac", "lissa")
+    if d.empty:
+        out.append(
+            not_comparable("EK-FAC competitive", claim, "competitive", ours="-", reason=no_truth)
+        )
+    else:
+        # Non-inferiority: agrees when EK-FAC − LiSSA is significantly above −margin.
+        shifted = d.to_numpy() + COMPETITIVE_MARGIN
+        out.append(
+            judge(
+                "EK-FAC competitive",
+                claim,
+                "competitive (Figs. 6-7)",
+                effect=stats.bootstrap(shifted, **boot),
+                test=stats.wilcoxon(shifted),
+                expected=+1,
+                threshold=0.0,
+                what=f"EK-FAC − LiSSA + {COMPETITIVE_MARGIN:g} (margin)",
+                ours=stats.bootstrap(d.to_numpy(), **boot).format() + " (EK-FAC − LiSSA)",
+            )
+        )
+    wide_cost = costs.pivot_table(index=["setting", "query"], columns="estimator", values="cost_s")
+    r = np.log10(wide_cost["lissa"] / wide_cost["ekfac"]).dropna().to_numpy()
+    out.append(
+        judge(
+            "EK-FAC cheaper",
+            "EK-FAC costs about an order of magnitude less than LiSSA",
+            "~10× less wall-clock time (Fig. 7)",
+            effect=stats.bootstrap(r, **boot),
+            test=stats.wilcoxon(r),
+            expected=+1,
+            threshold=float(np.log10(COST_RATIO)),
+            what="LiSSA's cost / EK-FAC's per query",
+            fmt=_ratio,
+        )
+    )
+    return out
 
 
 # -- plots ----------------------------------------------------------------------------------
@@ -485,48 +1004,3 @@ def plot_correlation_bars(table: pd.DataFrame, ax, setting: str, metric: str = "
     ax.axhline(0, color="k", lw=0.5)
     ax.set_title(setting)
     ax.set_ylabel(f"{metric.capitalize()} correlation")
-
-
-def run_lm_setting(
-    cfg: dict, *, preset: str, seed: int = 0, device: str = "cpu", progress: bool = True
-) -> SettingResult:
-    """The smallest model of the suite, in float64, MLP layers tracked (the paper's choice).
-
-    The "training set" of this setting is a random subset of `n_train` corpus sequences: G, the
-    estimators, CG and the PBRF are all defined on it (so they answer the same question), and
-    `n_pbrf` of them are compared with the PBRF on `n_queries` fact queries.
-    """
-    from influence.study.suite import load_suite, query_dataset, train_dataset
-
-    c = cfg["language_model"]
-    suite = load_suite(preset, seed=seed, device=device, progress=progress)
-    name = next(iter(suite.models))
-    model = suite.models[name].double().eval()
-    task = inf.LanguageModelingTask(modules=c["modules"])
-    full = train_dataset(suite, suite.corpus)
-    rng = np.random.default_rng(seed + 3)
-    sub = np.sort(rng.choice(len(full), size=min(c["n_train"], len(full)), replace=False))
-    train = full.select(sub.tolist())
-    facts = suite.corpus.queries["facts"]
-    qidx = np.sort(rng.choice(len(facts), size=min(c["n_queries"], len(facts)), replace=False))
-    queries = query_dataset(suite.tokenizer, facts.select(qidx.tolist()))
-    res = _score_against_pbrf(
-        "language_model",
-        model,
-        task,
-        train,
-        queries,
-        c,
-        rng,
-        pbrf_batch_size=c["batch_size"],
-        include_block_cg=False,
-        progress=progress,
-    )
-    res.meta.update(
-        model=name,
-        params=sum(p.numel() for p in model.parameters()),
-        tracked=sum(i.numel for i in inf.layers.layer_infos(task.tracked_modules(model)).values()),
-        n_train=len(train),
-        corpus_size=len(full),
-    )
-    return res

@@ -16,7 +16,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from influence.study.presets import SECTIONS, check_preset, resolve
+from influence.study.presets import SECTIONS, check_preset, preset_block, resolve
 
 STANDARD = ("preset", "device", "seed")
 _DEVICE = re.compile(r"cpu|cuda(:\d+)?|mps")
@@ -53,7 +53,7 @@ def valid_names(section: str | None, preset: str) -> list[str]:
     """The parameters a notebook accepts: preset, device, seed and its preset section's."""
     names = list(STANDARD)
     if section is not None and section in SECTIONS:
-        names += sorted(SECTIONS[section][preset])
+        names += sorted(preset_block(section, preset))
     return names
 
 
@@ -124,5 +124,5 @@ def notebook_config(section: str, namespace: Mapping[str, Any]) -> dict[str, Any
         )
     if section not in SECTIONS:
         return {}
-    settings = SECTIONS[section][preset]
+    settings = preset_block(section, preset)
     return resolve(section, preset, **{k: namespace[k] for k in settings if k in namespace})

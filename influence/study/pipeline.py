@@ -59,7 +59,7 @@ from .bookkeeping import (
     runs_dir,
 )
 from .parameters import check_device, check_seed, split_dotted, valid_names
-from .presets import PRESET_NAMES, SECTIONS, check_preset, resolve
+from .presets import PRESET_NAMES, SECTIONS, check_preset, preset_block, resolve
 from .run_context import COMMITTED_PRESET, ENV, THREADS, RunContext, figure_dir
 
 __all__ = ["PipelineError", "main", "plan", "run", "sync_notebooks"]
@@ -201,7 +201,7 @@ def plan(
         values = {"preset": preset, "device": device, "seed": seed}
         values.update({k: v for k, v in extra.items() if k in names})
         if path.stem in SECTIONS:  # wrong types and values out of range fail now
-            settings = {k: v for k, v in values.items() if k in SECTIONS[path.stem][preset]}
+            settings = {k: v for k, v in values.items() if k in preset_block(path.stem, preset)}
             try:
                 resolve(path.stem, preset, **settings)
             except ValueError as exc:
@@ -321,7 +321,6 @@ def _record(job: Job, data: dict[str, Any], wall: float, started, run_id: str,
         "metrics": sorted(metrics),
         "summary": data.get("summary", {}),
         "findings": data.get("findings", []),
-        "paper_vs_here": data.get("paper_vs_here", ""),
         "figures": figures,
         "wall_time_s": {
             "total": round(wall, 3),

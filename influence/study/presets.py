@@ -3,6 +3,15 @@
 `smoke`: every notebook end to end in about two minutes on a 2-core CPU (the tests use it).
 `default`: the whole study in at most 60 minutes on a 2-core CPU; its reports are committed.
 `large`: bigger corpus and models, for a GPU or a long night.
+`validation`: the default study, with notebook 01's language-model validation at full size
+(issue 24: exact references, damping sweep, PBRF and retraining at every size of the suite); its
+report is the one the default reports cite.
+
+A section need not define every preset: `FALLBACK` names the preset whose block stands in for a
+missing one (`validation` falls back to `default`), and `preset_block` is the only place that
+applies it. Today only notebook 01 (`ihvp_accuracy.PRESETS`) defines a `validation` block; every
+other section, including every other question module's `PRESETS`, runs its `default` values at
+the validation preset.
 
 Each section belongs to one component (corpus, suite) or one notebook (named like the
 notebook). A research question's module owns its section: it defines `SECTION` (the
@@ -20,6 +29,7 @@ from typing import Any
 from . import (
     abstraction,
     cross_lingual,
+    ihvp_accuracy,
     layers_and_tokens,
     query_batching,
     role_play,
@@ -28,7 +38,7 @@ from . import (
 )
 from .ranges import Range, check_ranges, count
 
-PRESET_NAMES = ("smoke", "default", "large")
+PRESET_NAMES = ("smoke", "default", "large", "validation")
 
 # section -> preset -> parameters
 SECTIONS: dict[str, dict[str, dict[str, Any]]] = {
@@ -258,158 +268,6 @@ SECTIONS: dict[str, dict[str, dict[str, Any]]] = {
         "default": {"n_examples": 2, "scaling_seeds": 2},
         "large": {"n_examples": 2, "scaling_seeds": 2},
     },
-    # Owned by notebooks/01_ihvp_accuracy (issue 4). MLP settings: data split, model and
-    # training recipe, queries, LiSSA/CG/PBRF settings and LDS retrains; language_model: the
-    # suite's smallest model on a subset of the corpus (MLP layers tracked, the paper's choice).
-    "01_ihvp_accuracy": {
-        "smoke": {
-            "mlp_regression": {
-                "test_size": 100,
-                "hidden": 16,
-                "activation": "tanh",
-                "steps": 200,
-                "lr": 0.01,
-                "weight_decay": 0.1,
-                "n_queries": 3,
-                "lissa": {"depth": 200, "batch_size": 32},
-                "cg_tol": 1e-08,
-                "batch_size": 4096,
-                "n_pbrf": 8,
-                "pbrf_tol": 1e-05,
-                "pbrf_steps": 300,
-                "lds_subsets": 10,
-                "lds_alpha": 0.5,
-            },
-            "mlp_classification": {
-                "test_size": 1297,
-                "hidden": 16,
-                "activation": "tanh",
-                "steps": 200,
-                "lr": 0.01,
-                "weight_decay": 0.01,
-                "n_queries": 3,
-                "lissa": {"depth": 200, "batch_size": 32},
-                "cg_tol": 1e-08,
-                "batch_size": 4096,
-                "n_pbrf": 4,
-                "pbrf_tol": 1e-05,
-                "pbrf_steps": 300,
-                "lds_subsets": 10,
-                "lds_alpha": 0.5,
-            },
-            "language_model": {
-                "modules": "mlp",
-                "n_train": 24,
-                "n_queries": 2,
-                "lissa": {"depth": 50, "batch_size": 8},
-                "cg_tol": 1e-06,
-                "batch_size": 32,
-                "n_pbrf": 2,
-                "pbrf_tol": 1e-05,
-                "pbrf_steps": 300,
-            },
-            "damping_scales": [0.1, 1.0, 10.0],
-            "threads": 1,
-        },
-        "default": {
-            "mlp_regression": {
-                "test_size": 100,
-                "hidden": 32,
-                "activation": "tanh",
-                "steps": 500,
-                "lr": 0.01,
-                "weight_decay": 0.1,
-                "n_queries": 10,
-                "lissa": {"depth": 2000, "batch_size": 32},
-                "cg_tol": 1e-08,
-                "batch_size": 4096,
-                "n_pbrf": 300,
-                "pbrf_tol": 1e-05,
-                "pbrf_steps": 300,
-                "lds_subsets": 50,
-                "lds_alpha": 0.5,
-            },
-            "mlp_classification": {
-                "test_size": 497,
-                "hidden": 32,
-                "activation": "tanh",
-                "steps": 300,
-                "lr": 0.01,
-                "weight_decay": 0.01,
-                "n_queries": 10,
-                "lissa": {"depth": 2000, "batch_size": 32},
-                "cg_tol": 1e-08,
-                "batch_size": 4096,
-                "n_pbrf": 200,
-                "pbrf_tol": 1e-05,
-                "pbrf_steps": 300,
-                "lds_subsets": 50,
-                "lds_alpha": 0.5,
-            },
-            "language_model": {
-                "modules": "mlp",
-                "n_train": 64,
-                "n_queries": 5,
-                "lissa": {"depth": 300, "batch_size": 8},
-                "cg_tol": 1e-05,
-                "batch_size": 32,
-                "n_pbrf": 6,
-                "pbrf_tol": 1e-05,
-                "pbrf_steps": 300,
-            },
-            "damping_scales": [0.1, 1.0, 10.0],
-            "threads": 1,
-        },
-        "large": {
-            "mlp_regression": {
-                "test_size": 100,
-                "hidden": 128,
-                "activation": "tanh",
-                "steps": 1000,
-                "lr": 0.01,
-                "weight_decay": 0.1,
-                "n_queries": 10,
-                "lissa": {"depth": 5000, "batch_size": 32},
-                "cg_tol": 1e-08,
-                "batch_size": 4096,
-                "n_pbrf": 500,
-                "pbrf_tol": 1e-05,
-                "pbrf_steps": 300,
-                "lds_subsets": 100,
-                "lds_alpha": 0.5,
-            },
-            "mlp_classification": {
-                "test_size": 497,
-                "hidden": 128,
-                "activation": "tanh",
-                "steps": 500,
-                "lr": 0.01,
-                "weight_decay": 0.01,
-                "n_queries": 10,
-                "lissa": {"depth": 5000, "batch_size": 32},
-                "cg_tol": 1e-08,
-                "batch_size": 4096,
-                "n_pbrf": 500,
-                "pbrf_tol": 1e-05,
-                "pbrf_steps": 300,
-                "lds_subsets": 100,
-                "lds_alpha": 0.5,
-            },
-            "language_model": {
-                "modules": "mlp",
-                "n_train": 512,
-                "n_queries": 10,
-                "lissa": {"depth": 1000, "batch_size": 8},
-                "cg_tol": 1e-06,
-                "batch_size": 32,
-                "n_pbrf": 50,
-                "pbrf_tol": 1e-05,
-                "pbrf_steps": 200,
-            },
-            "damping_scales": [0.01, 0.1, 1.0, 10.0],
-            "threads": None,
-        },
-    },
     # Owned by influence/study/influence_scores.py (issue 10): the scores every notebook from
     # 02 on reads. sizes/query_sets None = all of the suite's / corpus's; max_queries caps the
     # large sets (drawn without replacement with sample_seed).
@@ -452,6 +310,7 @@ SECTIONS: dict[str, dict[str, dict[str, Any]]] = {
 
 # The research questions that own their preset block (and its ranges) in their module.
 QUESTION_MODULES = (
+    ihvp_accuracy,
     tails,
     abstraction,
     cross_lingual,
@@ -473,10 +332,33 @@ for _module in QUESTION_MODULES:
     RANGES[_module.SECTION] = _module.RANGES
 
 
+# The preset whose block a section uses when it defines none for the asked one. `smoke`,
+# `default` and `large` have no fallback: every section defines them.
+FALLBACK: dict[str, str] = {"validation": "default"}
+
+
 def check_preset(preset: str) -> str:
     if preset not in PRESET_NAMES:
         raise ValueError(f"unknown preset {preset!r}; valid presets: {', '.join(PRESET_NAMES)}")
     return preset
+
+
+def preset_block(section: str, preset: str) -> dict[str, Any]:
+    """The parameters `section` defines at `preset`, or at its `FALLBACK` preset where the
+    section defines none (the validation preset runs every section but notebook 01's at its
+    default values). Not a copy: `resolve` gives one."""
+    check_preset(preset)
+    if section not in SECTIONS:
+        raise ValueError(f"unknown preset section {section!r}; valid: {', '.join(SECTIONS)}")
+    blocks = SECTIONS[section]
+    if preset in blocks:
+        return blocks[preset]
+    if preset in FALLBACK and FALLBACK[preset] in blocks:
+        return blocks[FALLBACK[preset]]
+    raise ValueError(
+        f"preset section {section!r} defines no {preset!r} block and has no fallback for it "
+        f"(defined: {', '.join(blocks)}; fallbacks: {FALLBACK})"
+    )
 
 
 def resolve(section: str, preset: str, **overrides: Any) -> dict[str, Any]:
@@ -490,10 +372,7 @@ def resolve(section: str, preset: str, **overrides: Any) -> dict[str, Any]:
     values outside their declared range raise ValueError listing the valid names, the
     expected type or the range.
     """
-    check_preset(preset)
-    if section not in SECTIONS:
-        raise ValueError(f"unknown preset section {section!r}; valid: {', '.join(SECTIONS)}")
-    params = merge_settings(SECTIONS[section][preset], overrides, section)
+    params = merge_settings(preset_block(section, preset), overrides, section)
     check_ranges(params, RANGES.get(section, {}), section)
     return params
 

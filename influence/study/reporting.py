@@ -36,7 +36,7 @@ from influence.io import atomic_path, atomic_write_json
 
 from . import display as _display
 from . import style
-from .findings import MIXED, Finding, is_verdict, overall
+from .findings import Finding, overall
 from .presets import check_preset
 from .run_context import RunContext
 
@@ -113,8 +113,6 @@ class Report:
         self.stages: dict[str, float] = {}
         self.figures: dict[str, dict[str, Any]] = {}
         self.tables = 0
-        # COMPAT(issue 25): a text table of the old notebooks 01, 04-08; remove when converted.
-        self.paper_vs_here: str = ""
         self._started = time.perf_counter()
 
     @property
@@ -224,14 +222,6 @@ class Report:
             "</figure>"
         )
 
-    def savefig(self, fig: Any, name: str, formats: tuple[str, ...] = FIGURE_FORMATS) -> Path:
-        """COMPAT(issue 25/26): the old call of notebooks 00, 01, 04-08. It shows the figure
-        numbered, with its name as a provisional caption, without the font checks. Remove
-        when those notebooks call `figure` with a caption."""
-        self.figure(fig, name, caption=f"{name.replace('_', ' ')} (caption to be written)",
-                    formats=formats, check=False)  # fmt: skip
-        return self.figure_dir / f"{name}.png"
-
     def table(self, frame: Any, *, caption: str, **options: Any) -> None:
         """Show `frame` as a numbered HTML table ("Table N. caption"); `options` go to
         `display.table` (headers, digits, percent, formats, html_columns, index, ...)."""
@@ -268,34 +258,6 @@ class Report:
             "reference": reference,
         }
 
-    def summarize(
-        self,
-        *,
-        question: str,
-        paper: str,
-        here: str,
-        verdict: str,
-        reason: str = "",
-        reference: str = "",
-    ) -> None:
-        """COMPAT(issue 25): the verdict given by hand, for notebooks 00, 01 and 04-08 until
-        they compute findings (`conclude`). Their retired word "partly" becomes "mixed".
-        Remove when those notebooks are converted."""
-        if verdict == "partly":
-            verdict = MIXED
-        if verdict != MIXED and not is_verdict(verdict, notebook=True):
-            raise ValueError(f"unknown verdict {verdict!r}")
-        if verdict != "agrees" and not reason:
-            raise ValueError(f"a verdict of {verdict!r} needs its reason")
-        self.summary = {
-            "question": question,
-            "paper": paper,
-            "here": here,
-            "verdict": verdict,
-            "reason": reason,
-            "reference": reference,
-        }
-
     def as_dict(self) -> dict[str, Any]:
         return _jsonable(
             {
@@ -305,7 +267,6 @@ class Report:
                 "seed": self.seed,
                 "params": self.params,
                 "metrics": self.metrics,
-                "paper_vs_here": self.paper_vs_here,
                 "summary": self.summary,
                 "findings": [f.as_dict() for f in self.findings],
                 "stages": self.stages,

@@ -1,0 +1,345 @@
+"""The language-model validation (issue 24): exact float64 Gauss–Newton products on a Llama, CG
+against the explicit damped inverse, batched against single right-hand sides, convergence
+accounting of CG and the PBRF, retraining with copies, bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch.func import functional_call, jacrev
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import influence as inf
+from influence.cg import CG
+from influence.gnvp import GaussNewton, current_layout, exact_float64, layout_to_params
+from influence.gradients import flatten, per_example_gradients, unflatten
+from influence.study import lm_validation as LV
+from influence.study import retrain_check as RC
+from influence.study.suite import load_suite
+
+TINY = [{"name": "t", "hidden": 16, "layers": 1, "intermediate": 32, "heads": 1}]
+TRAIN = {
+    "epochs": 2,
+    "batch_size": 32,
+    "lr": 3e-3,
+    "warmup_frac": 0.1,
+    "min_lr_ratio": 0.1,
+    "weight_decay": 0.0,
+    "log_every": 2,
+    "threads": 1,
+}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+# -- a tiny float64 Llama from a config -----------------------------------------------------
+def _llama(seed=0):
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=40,
+        hidden_size=8,
+        intermediate_size=12,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=16,
+        tie_word_embeddings=False,
+    )
+    return LlamaForCausalLM(cfg).double().eval()
+
+
+def _sequences(n, width=9, seed=0, prompt=0):
+    """Right-padded sequences of different lengths; labels −100 on padding (and a prompt)."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for i in range(n):
+        length = 5 + (i * 3) % (width - 4)
+        ids = torch.zeros(width, dtype=torch.long)
+        ids[:length] = torch.randint(1, 40, (length,), generator=g)
+        mask = (torch.arange(width) < length).long()
+        labels = ids.masked_fill(mask == 0, -100)
+        labels[:prompt] = -100
+        rows.append({"input_ids": ids, "attention_mask": mask, "labels": labels})
+    return rows
+
+
+def _explicit_g(model, task, data):
+    """(1/n) Σ J_iᵀ H_i J_i with J the Jacobian of the logits (jacrev) and H_i by the task."""
+    infos = inf.layers.layer_infos(task.tracked_modules(model))
+    theta = flatten({k: v[None] for k, v in current_layout(model, infos).items()}, infos)[0]
+    g = torch.zeros(theta.numel(), theta.numel(), dtype=torch.float64)
+    for ex in data:
+        batch = {k: v[None] for k, v in ex.items()}
+
+        def logits(flat, batch=batch):
+            params = layout_to_params(unflatten(flat[None], infos), infos)
+            inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
+            out = functional_call(model, {k: v[0] for k, v in params.items()}, (), inputs)
+            return out.logits
+
+        out = logits(theta).detach()
+        jac = jacrev(logits)(theta).reshape(-1, theta.numel())
+        eye = torch.eye(jac.shape[0], dtype=torch.float64)
+        h = torch.stack(
+            [task.output_hvp(out, batch, e.reshape(out.shape)).reshape(-1) for e in eye]
+        )
+        g += jac.T @ h @ jac
+    return g / len(data)
+
+
+def _asymmetry(op, seed=0):
+    v = torch.randn(2, op.dim, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+    gv = op.gnvp(v)
+    a, b = float(v[1] @ gv[0]), float(v[0] @ gv[1])
+    return abs(a - b) / abs(a)
+
+
+def test_exact_float64_keeps_float64_and_nothing_else():
+    x = torch.randn(3, dtype=torch.float64)
+    f32 = torch.randn(3)
+    with exact_float64():
+        assert x.to(torch.float32).dtype == torch.float64
+        assert x.to("cpu", torch.float32).dtype == torch.float64
+        assert x.to(dtype=torch.float16).dtype == torch.float64
+        assert x.to(f32).dtype == torch.float64
+        assert x.float().dtype == torch.float64 and x.half().dtype == torch.float64
+        assert torch.softmax(x, 0, dtype=torch.float32).dtype == torch.float64
+        assert torch.nn.functional.softmax(x, dim=0, dtype=torch.float32).dtype == torch.float64
+        assert f32.to(torch.float16).dtype == torch.float16  # other dtypes untouched
+        assert torch.arange(3).float().dtype == torch.float32
+    assert x.to(torch.float32).dtype == torch.float32  # only inside
+
+
+def test_llama_gnvp_is_exact_and_symmetric_in_float64():
+    model = _llama()
+    task = inf.LanguageModelingTask(modules="mlp")
+    data = _sequences(5)
+    op = GaussNewton(model, task, data, batch_size=2)
+    with exact_float64():
+        g = _explicit_g(model, task, data)
+    dense = op.dense()
+    assert torch.allclose(dense, g, rtol=1e-10, atol=1e-12)
+    assert _asymmetry(op) < 1e-12
+    # The same model as Hugging Face runs it (RMSNorm and softmax in float32): symmetric only
+    # to float32 round-off. This is what stalled CG on the study's models.
+    as_is = GaussNewton(model, task, data, batch_size=2, exact_float64=False)
+    assert _asymmetry(as_is) > 1e-10
+
+
+def test_explicit_gauss_newton_of_the_validation_matches():
+    # The validation's brute force (per-token Jacobians of the hidden states) against the
+    # Jacobian of the logits.
+    model = _llama(1)
+    task = inf.LanguageModelingTask(modules="mlp")
+    data = _sequences(4, seed=1)
+    with exact_float64():
+        expected = _explicit_g(model, task, data)
+        g = LV.explicit_gauss_newton(model, task, data)
+    assert torch.allclose(g, expected, rtol=1e-10, atol=1e-12)
+
+
+@pytest.fixture(scope="module")
+def llama_problem():
+    model = _llama(2)
+    task = inf.LanguageModelingTask(modules="mlp")
+    data = _sequences(6, seed=2)
+    queries = _sequences(4, seed=3, prompt=3)
+    with exact_float64():
+        ek = inf.EKFAC().fit(model, task, data, progress=False)
+        g = _explicit_g(model, task, data)
+        infos = inf.layers.layer_infos(task.tracked_modules(model))
+        gq = flatten(per_example_gradients(model, task, queries, measurement=True), infos)
+        gt = flatten(per_example_gradients(model, task, data), infos)
+    lam = ek.damping_
+    a = g + torch.diag(inf.gnvp.damping_vector(lam, infos))
+    return model, task, data, queries, ek, lam, a, gq, gt
+
+
+def test_cg_equals_the_dense_damped_inverse_on_a_llama(llama_problem):
+    model, task, data, queries, ek, lam, a, gq, gt = llama_problem
+    cg = CG(damping=lam, tol=1e-10, max_iter=2000, preconditioner=ek).fit(
+        model, task, data, progress=False
+    )
+    with exact_float64():
+        scores = inf.pairwise_scores(model, task, cg, queries, data, progress=False)
+    expected = gq @ torch.linalg.solve(a, gt.T)
+    assert float((scores - expected).norm() / expected.norm()) < 1e-7
+    solve = cg.meta_["solves"][-1]
+    assert all(solve["converged"]) and max(solve["relative_residuals"]) <= 1e-10
+
+
+def test_batched_cg_equals_single_right_hand_sides(llama_problem):
+    model, task, data, _, ek, lam, a, gq, _ = llama_problem
+    cg = CG(damping=lam, tol=1e-11, max_iter=2000, preconditioner=ek).fit(
+        model, task, data, progress=False
+    )
+    together = cg.solve(gq)
+    alone = torch.cat([cg.solve(gq[i : i + 1]) for i in range(len(gq))])
+    exact = torch.linalg.solve(a, gq.T).T
+    assert float((together - alone).norm() / alone.norm()) < 1e-8
+    assert float((together - exact).norm() / exact.norm()) < 1e-8
+
+
+def test_multi_shift_cg_equals_dense_solves_at_every_scale(llama_problem):
+    model, task, data, _, ek, lam, a, gq, _ = llama_problem
+    infos = inf.layers.layer_infos(task.tracked_modules(model))
+    g = a - torch.diag(inf.gnvp.damping_vector(lam, infos))
+    cg = CG(damping=lam, tol=1e-10, max_iter=3000).fit(model, task, data, progress=False)
+    xs = cg.solve_scaled(gq, [10.0, 0.1, 1.0])
+    assert sorted(xs) == [0.1, 1.0, 10.0]
+    for s, x in xs.items():
+        lam_s = {n: s * v for n, v in lam.items()}
+        exact = torch.linalg.solve(g + torch.diag(inf.gnvp.damping_vector(lam_s, infos)), gq.T).T
+        assert float((x - exact).norm() / exact.norm()) < 1e-8, s
+    records = {r["scale"]: r for r in cg.meta_["solves"]}
+    assert set(records) == {0.1, 1.0, 10.0}
+    assert all(
+        all(r["converged"]) and max(r["relative_residuals"]) <= 1e-10 for r in records.values()
+    )
+    # one Krylov sequence for all scales: the smallest damping's iterations, once
+    assert len({r["iterations"] for r in records.values()}) == 1
+    with pytest.raises(ValueError, match="preconditions by the damping"):
+        CG(damping=lam, preconditioner=ek).fit(model, task, data, progress=False).solve_scaled(
+            gq, [1.0]
+        )
+
+
+def test_unconverged_cg_is_recorded_per_right_hand_side(llama_problem):
+    model, task, data, _, ek, lam, _, gq, _ = llama_problem
+    cg = CG(damping=lam, tol=1e-12, max_iter=2, strict=False).fit(model, task, data, progress=False)
+    cg.solve(gq)
+    solve = cg.meta_["solves"][-1]
+    assert solve["converged"] == [False] * len(gq)
+    assert min(solve["relative_residuals"]) > 1e-12 and "warning" in solve
+    with pytest.raises(RuntimeError, match=f"for {len(gq)} of {len(gq)} right-hand sides"):
+        CG(damping=lam, tol=1e-12, max_iter=2).fit(model, task, data, progress=False).solve(gq)
+
+
+def test_lissa_residual_is_the_true_residual_of_its_solution(llama_problem):
+    # LiSSA's recorded residual, recomputed from the dense damped matrix: deep recursions get
+    # close to the solve, a two-step one does not.
+    model, task, data, _, _, lam, a, gq, _ = llama_problem
+    # 100 × EK-FAC's 'auto' damping: LiSSA's rate 1 − λ_min/s is then fast enough for a test.
+    infos = inf.layers.layer_infos(task.tracked_modules(model))
+    a = a + torch.diag(inf.gnvp.damping_vector({n: 99 * v for n, v in lam.items()}, infos))
+    lam = {n: 100 * v for n, v in lam.items()}
+    residuals = {}
+    for depth in (2, 1000):
+        est = inf.LiSSA(damping=lam, depth=depth, batch_size=len(data)).fit(
+            model, task, data, progress=False
+        )
+        with exact_float64():
+            x = est.solve(gq)
+            op = (est.operator_.matvec(x) - gq).norm(dim=1) / gq.norm(dim=1)
+        dense = (x @ a - gq).norm(dim=1) / gq.norm(dim=1)  # a is symmetric
+        assert torch.allclose(op, dense, rtol=1e-8)
+        residuals[depth] = float(op.max())
+    assert residuals[1000] < 1e-6 < 1e-2 < residuals[2]
+
+
+def test_per_query_comparison_uses_only_converged_queries():
+    truth = torch.randn(3, 10, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    pred = truth.clone()
+    pred[1] = -truth[1]  # an unconverged query's row: would give Pearson -1
+    df = LV.per_query(pred, truth, [True, False, True])
+    assert list(df["query"]) == [0, 2] and np.allclose(df.pearson, 1.0)
+
+
+def test_pbrf_row_excludes_and_counts_unconverged_examples():
+    g = torch.Generator().manual_seed(0)
+    ref = {k: torch.randn(2, 12, dtype=torch.float64, generator=g) for k in ("ekfac@1", "cg@1")}
+    idx = list(range(0, 12, 2))  # 6 examples
+    pbrf = ref["cg@1"][:, idx].clone()
+    pbrf[:, 1] = 1e6  # an unconverged solve's garbage
+    conv = [True, False, True, True, True, True]
+    record = {"indices": idx, "converged": conv, "epsilon": 0.1 / 12}
+    problem = LV.Problem(
+        "t", None, None, None, list(range(12)), None, [0, 1], {"l": 1.0}, 100, 10, {}
+    )
+    row = LV._pbrf_row({"size": "t"}, problem, pbrf, record, ref, [True, True], {"n_boot": 50}, 0)
+    assert row["n_train"] == 6 and row["n_converged"] == 5
+    assert row["converged_share"] == pytest.approx(5 / 6)
+    assert row["pearson_cg_vs_pbrf"] == pytest.approx(1.0)  # the garbage column is not used
+
+
+# -- on a tiny suite ------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_suite(tmp_path_factory):
+    mp = pytest.MonkeyPatch()
+    mp.setenv("INFLUENCE_ARTIFACTS", str(tmp_path_factory.mktemp("artifacts")))
+    suite = load_suite("smoke", sizes=TINY, train=TRAIN, progress=False)
+    yield suite
+    mp.undo()
+
+
+def test_retraining_with_zero_copies_reproduces_the_weights(tiny_suite):
+    again = RC.retrain(tiny_suite, "t", 3, 0, seed=0)
+    assert RC.same_weights(again, tiny_suite.models["t"])
+    moved = RC.retrain(tiny_suite, "t", 3, 0, seed=0, relocate=True)
+    assert not RC.same_weights(moved, tiny_suite.models["t"])
+    copies = RC.retrain(tiny_suite, "t", 3, 1, seed=0)
+    assert not RC.same_weights(copies, tiny_suite.models["t"])
+
+
+def test_copies_go_to_distinct_batches_and_nest_with_k():
+    plan = [[0, 1], [2, 3], [4, 5], [6]]
+    one = RC.insert_copies(plan, 7, 2, 1, epoch=0, insert_seed=0, relocate=False)
+    three = RC.insert_copies(plan, 7, 2, 3, epoch=0, insert_seed=0, relocate=False)
+    assert sorted(i for b in three for i in b) == list(range(10))
+    assert all(len(b) - len(p) <= 1 for b, p in zip(three, plan, strict=True))
+    first = next(i for i, b in enumerate(one) if 7 in b)
+    assert 7 in three[first]  # k = 3 adds copies to k = 1's places
+    moved = RC.insert_copies(plan, 7, 2, 0, epoch=0, insert_seed=0, relocate=True)
+    assert sorted(i for b in moved for i in b) == list(range(7)) and 2 not in moved[1]
+    assert RC.insert_copies(plan, 7, 2, 0, epoch=0, insert_seed=0, relocate=False) == plan
+
+
+def test_bad_input_fails_at_once_naming_the_value(tiny_suite):
+    c = LV.settings("smoke")
+    with pytest.raises(ValueError, match="'xl' has no trained model"):
+        LV.check_settings(tiny_suite, {**c, "sizes": ["xl"]})
+    with pytest.raises(ValueError, match="'m' has no trained model"):
+        LV.check_settings(tiny_suite, {**c, "retrain_sizes": ["m"]})
+    for bad in (0.0, -1.0, float("inf")):
+        with pytest.raises(ValueError, match=f"damping scale {bad!r}"):
+            LV.check_settings(tiny_suite, {**c, "scales": [bad, 1.0]})
+    n = len(tiny_suite.corpus.train)
+    with pytest.raises(ValueError, match=f"n_train={n + 1} .* corpus size \\({n} training"):
+        LV.check_settings(tiny_suite, {**c, "n_train": n + 1})
+    with pytest.raises(ValueError, match="must contain 1.0"):
+        LV.check_settings(tiny_suite, {**c, "scales": [0.1, 10.0]})
+    with pytest.raises(ValueError, match="damping must be positive"):
+        inf.CG(damping={"a": 0.0})
+
+
+def test_validation_tables_on_a_tiny_suite(tiny_suite):
+    kw = {"n_train": 12, "n_pbrf": 4, "cg_max_iter": 3000, "pbrf_steps": 40, "pbrf_tol": 1e-4}
+    v = LV.validate_suite(tiny_suite, "smoke", progress=False, **kw)
+    val = v.lm_validation
+    assert set(val.estimator) == {"identity", "diagonal", "kfac", "ekfac", "lissa"}
+    assert (val.n_queries == 2).all() and (val.n_train == 12).all()
+    assert (val.cg_converged_share == 1.0).all() and (val.cg_residual <= 1e-6).all()
+    assert set(v.lm_damping_sweep.scale) == {0.1, 1.0, 10.0}
+    assert (v.lm_damping_sweep.query("estimator == 'cg'").pearson_vs_cg > 0.999).all()
+    assert v.dense_check.cg_max_relative_error.max() < 1e-4
+    assert set(v.dense_check.scale) == {0.1, 1.0, 10.0}
+    lissa = val[val.estimator == "lissa"].iloc[0]
+    assert 0 < lissa.lissa_median_residual <= lissa.lissa_worst_residual < np.inf
+    assert val[val.estimator != "lissa"].lissa_worst_residual.isna().all()
+    assert v.dense_check.asymmetry_exact_float64.max() < 1e-12
+    assert v.lm_pbrf.n_train.tolist() == [4]
+    rt = v.retrain_check.iloc[0]
+    assert rt.identical_to_suite and rt.n_pairs >= 2 and rt.k_values == [1, 2]
+    tables = v.tables()
+    assert {"lm_validation", "lm_damping_sweep", "lm_pbrf", "retrain_check"} <= set(tables)
+    # a rerun reads every stage from the cache
+    again = LV.validate_suite(tiny_suite, "smoke", progress=False, **kw)
+    assert again.costs.cached.all()
+    assert again.lm_validation.equals(v.lm_validation)
