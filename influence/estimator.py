@@ -23,7 +23,7 @@ from torch import nn
 from . import checks, distributed
 from .capture import LayerTerms
 from .checks import check_damping_values
-from .gradients import check_same_data_on_all_ranks, example_gradients
+from .gradients import check_same_data_on_all_ranks, example_gradients, token_outer_sum
 from .io import (
     atomic_save_safetensors,
     load_safetensors,
@@ -237,6 +237,15 @@ class Estimator:
         for n, (a, g) in terms.items():  # one layer at a time: bounded memory on large models
             p = self.precondition(example_gradients({n: (a, g)}))[n]
             out[n] = p if rank is None else low_rank(p, rank)
+        return out
+
+    def self_products(self, terms: LayerTerms) -> dict[str, torch.Tensor]:
+        """gᵀ(G + λI)⁻¹g of every example of one batch, per layer, {layer: [B]}, from per-token
+        terms {layer: (ā, g)}. For block-diagonal estimators (see `precondition_terms`)."""
+        out = {}
+        for n, (a, g) in terms.items():  # one layer at a time, as in precondition_terms
+            gr = token_outer_sum(g, a)
+            out[n] = (gr * self.precondition({n: gr})[n]).flatten(1).sum(1)
         return out
 
     # -- persistence ------------------------------------------------------------------------

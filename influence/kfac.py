@@ -33,9 +33,11 @@ class Workspace:
 
     def __init__(self) -> None:
         self._buffers: dict[tuple, torch.Tensor] = {}
+        self._used: set[tuple] = set()
         self.rotated_inputs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def buffer(self, key: tuple, shape: torch.Size, like: torch.Tensor) -> torch.Tensor:
+        self._used.add(key)
         buf = self._buffers.get(key)
         if (
             buf is None
@@ -47,7 +49,12 @@ class Workspace:
         return buf
 
     def next_batch(self) -> None:
+        """Forget the rotated inputs, and the buffers the last batch did not use: batches
+        packed without padding change shape, and a buffer per shape ever seen grew without
+        bound over a pass."""
         self.rotated_inputs.clear()
+        self._buffers = {k: b for k, b in self._buffers.items() if k in self._used}
+        self._used = set()
 
     def forget(self, buf: torch.Tensor) -> None:
         """Drop cached rotated inputs that live in `buf`, which is about to be overwritten."""
@@ -295,6 +302,17 @@ class KFAC(Estimator):
                 out[n] = LowRank(_rotate_factors(qs, lr.u), lr.s, _rotate_factors(qa, lr.v))
             else:
                 out[n] = qs @ lr @ qa.T
+        return out
+
+    def self_products(self, terms: LayerTerms) -> dict[str, torch.Tensor]:
+        """As the base method, without rotating back: gᵀ Q D Qᵀ g = Σ_ij (Q_Sᵀ g Q_A)²_ij D_ij,
+        so one rotation into the eigenbasis (tokens first where cheaper) is the whole cost."""
+        out = {}
+        workspace = Workspace()
+        for n, (a, g) in terms.items():
+            qa, qs = self._bases(n, a)
+            x = eigenbasis_gradients(a, g, qa, qs, workspace, n).square_()  # a workspace buffer
+            out[n] = x.mul_(self._inverse_eigenvalues(n, a)).flatten(1).sum(1)
         return out
 
     def implied_matrix(self, layer: str) -> torch.Tensor:

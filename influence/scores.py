@@ -513,13 +513,9 @@ def self_scores(
     ):
         indices.append(idx)
         if estimator.block_diagonal:
-            # One layer's per-example gradients at a time (a large model's whole batch of them
-            # would not fit); CG and LiSSA need every layer at once.
-            per_layer = {}
-            for n, (a, g) in terms.items():
-                gr = token_outer_sum(g, a)
-                pre = estimator.precondition({n: gr})[n]
-                per_layer[n] = (gr * pre).flatten(1).sum(1).detach().cpu()
+            # One layer at a time (a large model's whole batch of per-example gradients would
+            # not fit); CG and LiSSA need every layer at once.
+            per_layer = {n: v.detach().cpu() for n, v in estimator.self_products(terms).items()}
         else:
             grads: Grads = example_gradients(terms)
             pre = estimator.precondition(grads)
