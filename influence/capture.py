@@ -168,21 +168,28 @@ class LayerCapture:
         b, lengths = self.batch_size, self.lengths
         if b is None:
             raise RuntimeError("LayerCapture did not see the model's batch: pass batch_size=")
-        for n, g in zip(names, grads, strict=True):
-            out = self.outputs[n]
+        grads = list(grads)
+        for k, n in enumerate(names):
+            # Each layer's input and output are let go of once its terms are formed: with a
+            # bias the input is copied (the ones column), and holding every original beside
+            # its copy raised the capture's peak memory.
+            out, x = self.outputs.pop(n), self.inputs.pop(n)
+            g = grads[k]
+            grads[k] = None
             g = torch.zeros_like(out) if g is None else g
-            key = (id(self.inputs[n]), self.infos[n].bias)
+            key = (id(x), self.infos[n].bias)
             if key not in shared:
-                a = _as_sequence(self.inputs[n].detach(), b, lengths, n)
+                a = _as_sequence(x.detach(), b, lengths, n)
                 if self.infos[n].bias:
                     a = torch.cat([a, a.new_ones(a.shape[:-1] + (1,))], dim=-1)
                 shared[key] = a
             terms[n] = (shared[key], _as_sequence(g.detach(), b, lengths, n))
             if terms[n][0].shape[1] != terms[n][1].shape[1]:
                 raise RuntimeError(
-                    f"layer {n!r}: inputs {list(self.inputs[n].shape)} and outputs "
+                    f"layer {n!r}: inputs {list(x.shape)} and outputs "
                     f"{list(out.shape)} do not have the same tokens; exclude it with `modules=`"
                 )
+            del out, x, g
         self.inputs.clear()
         self.outputs.clear()
         return terms

@@ -57,8 +57,9 @@ class EKFAC(KFAC):
         self.damping_ = {}
         for n, s in sums.items():
             lam = s / count
-            self.state_[f"{n}::lambda"] = lam
-            self.damping_[n] = self.resolve_damping(n, lam.mean())
+            self.damping_[n] = self.resolve_damping(n, lam.mean())  # from the float64 values
+            # Stored in the eigenvectors' dtype (see influence.kfac.state_dtype).
+            self.state_[f"{n}::lambda"] = lam.to(self.state_[f"{n}::eigvecs_A"].dtype)
 
     def eigenvalues(self, layer: str) -> torch.Tensor:
         return self.state_[f"{layer}::lambda"]

@@ -24,6 +24,7 @@ from . import checks, distributed
 from .capture import LayerTerms
 from .checks import check_damping_values
 from .gradients import check_same_data_on_all_ranks, example_gradients, token_outer_sum
+from .heap import release_freed_memory
 from .io import (
     atomic_save_safetensors,
     load_safetensors,
@@ -169,6 +170,7 @@ class Estimator:
             self.state_ = {k: v.contiguous() for k, v in self.state_.items()}
             self._check_finite()
             self.fingerprint_ = fingerprint
+        release_freed_memory()  # the covariances and the passes' buffers (see influence.heap)
         return self
 
     @contextlib.contextmanager

@@ -1,7 +1,7 @@
 """How much memory fitting an estimator and scoring queries will take, before running them.
 
 `memory_plan` adds up, stage by stage, what the library's code allocates: the model, the
-float64 covariances and eigenvectors, the eigenvalue pass's buffers, the stored queries, the
+float64 covariances, the eigenvectors, the eigenvalue pass's buffers, the stored queries, the
 scoring pass's groups of captured terms and gradient buffer, and the score matrix. Sizes of
 factors, buffers and queries follow from the tracked layers' shapes. The memory of one
 forward+backward (activations, output gradients, the captured terms) is measured by a probe:
@@ -337,16 +337,18 @@ def _stages(
     last = n_rank % b
     terms = cost.term_bytes(b)
     cov = sum(F64 * (i.in_dim**2 + i.out_features**2) for i in infos.values())
+    # Eigenvectors and EK-FAC's eigenvalues are stored in float32 unless the model is float64
+    # (influence.kfac.state_dtype); the Kronecker factors' eigenvalues in float64.
+    sdz = F64 if isz == F64 else 4
+    eig = sum(sdz * (i.in_dim**2 + i.out_features**2) for i in infos.values())
     eigvals = sum(F64 * (i.in_dim + i.out_features) for i in infos.values())
-    lam = sum(F64 * i.numel for i in infos.values()) if estimator == "ekfac" else 0
-    factors = cov + eigvals + lam
+    lam = sum(sdz * i.numel for i in infos.values()) if estimator == "ekfac" else 0
+    factors = eig + eigvals + lam
     stages = []
 
-    # Covariance pass: float64 sums; per layer, ā āᵀ and g gᵀ in the terms' dtype and in
-    # float64, and the new running sum.
-    cov_temp = max(
-        i.in_dim**2 * (isz + 2 * F64) + i.out_features**2 * (isz + F64) for i in infos.values()
-    )
+    # Covariance pass: float64 sums, added to in place; per layer, ā āᵀ and g gᵀ in the
+    # terms' dtype.
+    cov_temp = max(isz * (i.in_dim**2 + i.out_features**2) for i in infos.values())
     stages.append(
         Stage(
             "fit: covariances",
@@ -380,17 +382,17 @@ def _stages(
                 "fit: eigenvalues",
                 {
                     "model": model_bytes,
-                    "eigenvectors (float64)": cov + eigvals,
-                    "eigenvectors in model dtype": sum(
-                        isz * (i.in_dim**2 + i.out_features**2) for i in infos.values()
-                    ),
+                    "eigenvectors": eig + eigvals,
+                    "eigenvectors in model dtype": 0
+                    if isz == sdz
+                    else sum(isz * (i.in_dim**2 + i.out_features**2) for i in infos.values()),
                     "eigenvalue sums (float64)": sum(F64 * i.numel for i in infos.values()),
                     "workspace buffers": ws,
                     "batch: forward+backward": max(cost.peak(b), terms + temp),
                 },
             )
         )
-    stages.append(Stage("stored factors", {"model": model_bytes, "factors (float64)": factors}))
+    stages.append(Stage("stored factors", {"model": model_bytes, "factors": factors}))
 
     # Queries: batches of `batch` queries, each preconditioned and stored; at the end the
     # batches' parts are merged layer by layer (one layer's copy at a time; none for one
@@ -420,7 +422,7 @@ def _stages(
             "queries",
             {
                 "model": model_bytes,
-                "factors (float64)": factors,
+                "factors": factors,
                 "stored queries": store,
                 "batch / merge": max(q_pass, max(storage.values())),
             },
@@ -471,7 +473,7 @@ def _stages(
             "scores",
             {
                 "model": model_bytes,
-                "factors (float64)": factors,
+                "factors": factors,
                 "stored queries": store,
                 "query caches": caches,
                 "gradient buffer": buffer,
@@ -539,7 +541,7 @@ def _index_stages(
         "index: build",
         {
             "model": model_bytes,
-            "factors (float64)": factors,
+            "factors": factors,
             "projections": projections,
             "shard rows": per_shard * row * store_isz,
             "batch / saving": max(score_cost.peak(b), score_cost.term_bytes(b) + temp, saving),
@@ -562,9 +564,12 @@ def _index_stages(
     else:
         # One layer at a time in the eigenbasis (the workspace's buffers, scaled in place, or
         # a layer's gradients and their rotation) and projected there: no dense
-        # preconditioned queries.
+        # preconditioned queries. That work follows the backward, whose graph is freed by
+        # then: the pass's peak is the larger of the two (summing them planned 34% over the
+        # measured peak once the eigenvectors were stored in the model's dtype).
         widest = max(i.numel for i in infos.values())
-        query_pass += max(_workspace_bytes(infos, bq, t, isz), 2 * bq * widest * isz)
+        work = max(_workspace_bytes(infos, bq, t, isz), 2 * bq * widest * isz) + widest * isz
+        query_pass = q_vectors + max(score_cost.peak(bq), score_cost.term_bytes(bq) + work)
         loaded = factors + projections
     block = max(1, min(memory_cap // (row * store_isz), n_rank))
     # The vectors, a block read, its copy in the queries' dtype, its [Q, rows] product, and
@@ -680,7 +685,7 @@ def memory_plan(
             infos,
             score_cost,
             compression=None if index is True else index,
-            factors=stored.parts["factors (float64)"],
+            factors=stored.parts["factors"],
             batch=b,
             n_rank=n_rank,
             num_train=num_train,

@@ -24,6 +24,7 @@ from .gradients import (
     restore_order,
     token_outer_sum,
 )
+from .heap import release_freed_memory
 from .layers import layer_infos
 from .lowrank import LowRank, low_rank
 from .masks import leading_padding, restore_positions
@@ -141,6 +142,7 @@ def preconditioned_queries(
     if not parts:
         raise ValueError("query data is empty")
     merged = _merge_queries(parts, indices)
+    release_freed_memory()  # before the training pass: see influence.heap
     if estimator.block_diagonal:
         checks.check_finite_queries(merged, estimator.damping_)
         return merged

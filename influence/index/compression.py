@@ -246,8 +246,9 @@ def layer_projections(
             ks, ka = shapes[n]
             rs, ra = _ranking(estimator, n, compression.select)
             rs, ra = rs[:ks], ra[:ka]
-            qs = estimator.state_[f"{n}::eigvecs_S"][:, rs]
-            qa = estimator.state_[f"{n}::eigvecs_A"][:, ra]
+            # float64 like every projection (a float32 model's estimator stores float32).
+            qs = estimator.state_[f"{n}::eigvecs_S"][:, rs].double()
+            qa = estimator.state_[f"{n}::eigvecs_A"][:, ra].double()
             lam = estimator.eigenvalues(n)[rs][:, ra]
             scale = 1.0 / (lam.double() + estimator.damping_[n])
             out[n] = LayerProjection(qs.contiguous(), qa.contiguous(), scale)
@@ -259,8 +260,8 @@ def _curvature(estimator: Any, layer: str):
     curvature (Identity)."""
     damping = estimator.damping_[layer]
     if hasattr(estimator, "eigenvalues"):  # K-FAC, EK-FAC
-        qs = estimator.state_[f"{layer}::eigvecs_S"]
-        qa = estimator.state_[f"{layer}::eigvecs_A"]
+        qs = estimator.state_[f"{layer}::eigvecs_S"].double()
+        qa = estimator.state_[f"{layer}::eigvecs_A"].double()
         return qs, qa, estimator.eigenvalues(layer).double() + damping
     if f"{layer}::diagonal" in estimator.state_:  # Diagonal: the coordinates themselves
         return None, None, estimator.state_[f"{layer}::diagonal"].double() + damping

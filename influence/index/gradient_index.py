@@ -433,7 +433,8 @@ class GradientIndex:
             sides = {}
             for n, p in projections.items():
                 u = p.query_side()
-                qs, qa = est.state_[f"{n}::eigvecs_S"], est.state_[f"{n}::eigvecs_A"]
+                qs = est.state_[f"{n}::eigvecs_S"].to(u.p_s)
+                qa = est.state_[f"{n}::eigvecs_A"].to(u.p_a)
                 sides[n] = (qs.T @ u.p_s, qa.T @ u.p_a)
 
             def eigenbasis(terms):
