@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from . import checks, distributed
 from .capture import LayerCapture, LayerTerms
-from .heap import release_freed_memory
+from .heap import release_if_grown
 from .layers import LayerInfo, layer_infos
 from .masks import LayerMaskFinder, LayerMasks, right_align
 from .tasks import IGNORE_INDEX, Task
@@ -550,7 +550,7 @@ def iter_layer_terms(
                 masks,
             )  # a consumer that is done with them frees them before the next batch
             if dev.type == "cpu":
-                release_freed_memory()  # batches change shape: see influence.heap
+                release_if_grown()  # batches change shape: see influence.heap
 
 
 def token_outer_sum(g: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
