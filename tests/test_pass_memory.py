@@ -23,3 +23,21 @@ def test_workspace_keeps_only_the_last_batchs_buffers():
 def test_release_freed_memory_is_safe_to_call():
     release_freed_memory()
     release_freed_memory()
+
+
+def test_passes_trim_only_once_memory_has_grown(monkeypatch):
+    import influence.heap as heap
+
+    calls = []
+    rss = {"now": 1000 * 2**20}
+    monkeypatch.setattr(heap, "_malloc_trim", lambda: calls.append)
+    monkeypatch.setattr(heap, "resident_bytes", lambda: rss["now"])
+    heap.release_freed_memory()  # leaves 1000 MiB: the next trim above 1756 MiB
+    assert len(calls) == 1
+    for now in (1100, 1500, 1750):
+        rss["now"] = now * 2**20
+        heap.release_if_grown()
+    assert len(calls) == 1  # a steady pass pays no trims (each costs page faults later)
+    rss["now"] = 1800 * 2**20
+    heap.release_if_grown()
+    assert len(calls) == 2
