@@ -168,14 +168,11 @@ class LayerCapture:
         b, lengths = self.batch_size, self.lengths
         if b is None:
             raise RuntimeError("LayerCapture did not see the model's batch: pass batch_size=")
-        grads = list(grads)
-        for k, n in enumerate(names):
-            # Each layer's input and output are let go of once its terms are formed: with a
-            # bias the input is copied (the ones column), and holding every original beside
-            # its copy raised the capture's peak memory.
+        for n, g in zip(names, grads, strict=True):
+            # Each layer's input is let go of once its terms are formed: with a bias the input
+            # is copied (the ones column), and holding every original beside its copy raised
+            # the capture's peak memory.
             out, x = self.outputs.pop(n), self.inputs.pop(n)
-            g = grads[k]
-            grads[k] = None
             g = torch.zeros_like(out) if g is None else g
             key = (id(x), self.infos[n].bias)
             if key not in shared:
@@ -189,7 +186,6 @@ class LayerCapture:
                     f"layer {n!r}: inputs {list(x.shape)} and outputs "
                     f"{list(out.shape)} do not have the same tokens; exclude it with `modules=`"
                 )
-            del out, x, g
         self.inputs.clear()
         self.outputs.clear()
         return terms

@@ -566,7 +566,7 @@ def _index_stages(
         # a layer's gradients and their rotation) and projected there: no dense
         # preconditioned queries. That work follows the backward, whose graph is freed by
         # then: the pass's peak is the larger of the two (summing them planned 34% over the
-        # measured peak once the eigenvectors were stored in the model's dtype).
+        # measured peak once a float32 model's eigenvectors were stored in float32).
         widest = max(i.numel for i in infos.values())
         work = max(_workspace_bytes(infos, bq, t, isz), 2 * bq * widest * isz) + widest * isz
         query_pass = q_vectors + max(score_cost.peak(bq), score_cost.term_bytes(bq) + work)
