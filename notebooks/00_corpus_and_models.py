@@ -195,7 +195,7 @@ report.table(
 
 # %%
 with report.stage("train_suite"):
-    trained = train_suite(preset, seed, train_seeds, device=device, progress=True)
+    trained = train_suite(preset, seed, train_seeds, device=device, progress=False)
     suites = {
         s: load_suite(preset, seed, device=device, progress=False, train_seed=s)
         for s in train_seeds

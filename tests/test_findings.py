@@ -61,7 +61,9 @@ def test_the_notebook_verdict_rule():
     assert findings.overall([agree, agree, nc])[0] == "agrees"
     assert findings.overall([disagree, disagree])[0] == "disagrees"
     assert findings.overall([unsure, nc])[0] == "inconclusive"
-    assert findings.overall([nc])[0] == "not comparable"
+    assert findings.overall([nc]) == ("not comparable", "scale.")
+    assert findings.overall([agree, agree]) == ("agrees", "x, x.")  # the verdict is not repeated
+    assert findings.overall([agree, nc])[1] == "agree: x; not comparable: scale."
     verdict, reason = findings.overall([agree, disagree, unsure, nc])
     assert verdict == "mixed: 1 of 3 agree"
     assert reason == "agree: x; disagree: x; inconclusive: x; not comparable: scale."

@@ -187,12 +187,12 @@ def overall(findings: Sequence[Finding]) -> tuple[str, str]:
         verdict = INCONCLUSIVE
     else:
         verdict = f"{MIXED}: {k} of {n} agree"
-    parts = []
+    present = [v for v in VERDICTS if by[v]]
+    if len(present) == 1:  # the verdict already says it: "agrees: a, b", not "agrees: agree: a, b"
+        return verdict, ", ".join(by[present[0]]) + "."
     labels = {AGREES: "agree", DISAGREES: "disagree", INCONCLUSIVE: "inconclusive",
               NOT_COMPARABLE: "not comparable"}  # fmt: skip
-    for v in VERDICTS:
-        if by[v]:
-            parts.append(f"{labels[v]}: {', '.join(by[v])}")
+    parts = [f"{labels[v]}: {', '.join(by[v])}" for v in present]
     return verdict, "; ".join(parts) + "."
 
 
