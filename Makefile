@@ -1,7 +1,7 @@
 # The two commands a reader types:
 #   make reproduce   installs into .venv, runs the whole study (PRESET=default), renders reports/
 #   make test        installs into .venv, ruff + unit tests + nbval of every notebook (smoke)
-# Options: make reproduce PRESET=smoke|default|large ONLY=01_ihvp_accuracy DEVICE=cuda SEED=0
+# Options: make reproduce PRESET=smoke|default|large|validation ONLY=01_ihvp_accuracy DEVICE=cuda SEED=0
 
 PRESET ?= default
 ONLY ?=
@@ -40,7 +40,7 @@ ONLY_ARGS := $(if $(strip $(ONLY)),--only "$(ONLY)")
 all: help
 
 help:
-	@echo "make reproduce [PRESET=default|smoke|large] [ONLY=NN_topic] [DEVICE=cpu|cuda]"
+	@echo "make reproduce [PRESET=default|smoke|large|validation] [ONLY=NN_topic] [DEVICE=cpu|cuda]"
 	@echo "make test      ruff, unit tests, nbval of every notebook at the smoke preset"
 	@echo "make notebooks refresh notebooks/*.ipynb outputs (smoke preset) from the .py sources"
 	@echo "make bench     EK-FAC speed benchmark"

@@ -361,8 +361,9 @@ report.table(
 # PBRF and retraining with added copies run too (`influence/study/lm_validation.py` says what
 # each validates). At the `default` preset only the smallest model at the study's damping
 # runs here; the full validation (every size) is the `validation` preset's report of this
-# notebook, whose four tables (`lm_validation`, `lm_damping_sweep`, `lm_pbrf`,
-# `retrain_check`) go to its JSON record.
+# notebook, committed in `reports/validation/`, whose four tables (`lm_validation`,
+# `lm_damping_sweep`, `lm_pbrf`, `retrain_check`) go to its JSON record. Notebooks 02–07 cite,
+# for each size they use, EK-FAC's row of the same trained model from either report.
 
 # %%
 with report.stage("language_model"):
@@ -371,7 +372,9 @@ with report.stage("language_model"):
         suite, preset, seed=seed, device=device, progress=False, config=cfg["language_model"]
     )
 report.table(
-    with_intervals(lm.lm_validation).assign(estimator=lambda d: d.estimator.map(ia.LABELS)),
+    with_intervals(lm.lm_validation.drop(columns="model")).assign(
+        estimator=lambda d: d.estimator.map(ia.LABELS)
+    ),
     caption="Each estimator against exact CG at the study's damping, per size: mean Pearson and "
     "Spearman over the queries whose CG solve converged (95% bootstrap intervals), with CG's "
     "worst relative residual among them, its converged share and the queries it excluded, and "
@@ -436,17 +439,23 @@ report.table(
 
 # %%
 checks = {
-    "dense_check": "CG against the explicit damped inverse of G on a few sequences.",
-    "lm_pbrf": "EK-FAC and CG against the PBRF over its converged training examples.",
-    "retrain_check": "Predicted against actual change of the measurement after retraining "
-    "with k added copies.",
+    "dense_check": ("dense", "CG against the explicit damped inverse of G on a few sequences."),
+    "lm_pbrf": ("pbrf", "EK-FAC and CG against the PBRF over its converged training examples."),
+    "retrain_check": (
+        "retrain",
+        "Predicted against actual change of the measurement after retraining with k added copies.",
+    ),
 }
-for name, caption in checks.items():
+for name, (part, caption) in checks.items():
     frame = getattr(lm, name)
     if len(frame):
-        report.table(with_intervals(frame), caption=f"{name}: {caption}")
+        report.table(with_intervals(frame.drop(columns="model", errors="ignore")),
+                     caption=f"{name}: {caption}")  # fmt: skip
     else:
-        display(Markdown(f"`{name}`: not run at the {preset} preset."))  # noqa: F821
+        asked = ", ".join(lm.settings["parts"][part]) or "no size"
+        limit = " and at most `dense_max_params` tracked parameters" if part == "dense" else ""
+        display(Markdown(f"`{name}`: no rows in this run (asked at {asked} by "  # noqa: F821
+                         f"`language_model.{part}_sizes`{limit})."))  # fmt: skip
 report.table(
     lm.costs.groupby(["size", "part"])[["wall_s", "cpu_s"]].sum().reset_index(),
     caption="What each part of the language-model validation cost, wall and CPU seconds "

@@ -61,6 +61,7 @@ from influence.study.influence_scores import study_scores
 from influence.study.parameters import notebook_config
 from influence.study.reporting import Report
 from influence.study.suite import load_suite
+from influence.study.validation_citation import cite_validation
 
 cfg = notebook_config("02_sparsity_and_tails", globals())
 report = Report("02_sparsity_and_tails", preset=preset, device=device, seed=seed, params=cfg)
@@ -95,6 +96,16 @@ report.table(
 )  # fmt: skip
 stage_build_s = float(sc.timings.fit_s.sum() + sc.timings.score_s.sum())
 stage_cpu_s = float(sc.timings[["fit_cpu_s", "score_cpu_s"]].to_numpy().sum())
+
+# %% [markdown]
+# ## Is EK-FAC checked at these sizes?
+# Every score here is EK-FAC's. Notebook 01 compares EK-FAC with exact damped Gauss–Newton CG
+# on the suite's language models; the table cites that check for each size used (the row of
+# the same trained model, from notebook 01's report at this preset or the committed
+# `validation` report). The answer at the top of the page repeats it beside the verdict.
+
+# %%
+report.cite_validation(cite_validation(suite, order, preset))
 
 # %% [markdown]
 # ## Per-copy influence over the whole corpus

@@ -55,6 +55,7 @@ from influence.study.influence_scores import study_scores
 from influence.study.parameters import notebook_config
 from influence.study.reporting import Report
 from influence.study.suite import load_suite
+from influence.study.validation_citation import cite_validation
 
 cfg = notebook_config("03_abstraction_with_scale", globals())
 report = Report("03_abstraction_with_scale", preset=preset, device=device, seed=seed, params=cfg)
@@ -70,6 +71,16 @@ small, large = order[0], order[-1]
 k0 = ks[0]
 sizes = pd.DataFrame({"model": order, "params": [params[m] for m in order]})
 report.table(sizes, caption=f"The model sizes; N = {st.n_train:,} training sequences.")
+
+# %% [markdown]
+# ## Is EK-FAC checked at these sizes?
+# Every score here is EK-FAC's. Notebook 01 compares EK-FAC with exact damped Gauss–Newton CG
+# on the suite's language models; the table cites that check for each size used (the row of
+# the same trained model, from notebook 01's report at this preset or the committed
+# `validation` report). The answer at the top of the page repeats it beside the verdict.
+
+# %%
+report.cite_validation(cite_validation(suite, order, preset))
 
 # %% [markdown]
 # ## What the top influences are, by relation to the query

@@ -53,6 +53,7 @@ from influence.study.influence_scores import study_scores
 from influence.study.parameters import notebook_config
 from influence.study.reporting import Report
 from influence.study.suite import load_suite
+from influence.study.validation_citation import cite_validation
 
 cfg = notebook_config("05_word_order", globals())
 wo.check_groups(cfg["token_groups"])
@@ -74,6 +75,16 @@ report.table(
     caption=f"The model sizes; {n_facts} word-order facts, {len(cands)} candidate sequences, "
     f"N = {st.n_train:,} training sequences.",
 )
+
+# %% [markdown]
+# ## Is EK-FAC checked at these sizes?
+# Every score here is EK-FAC's. Notebook 01 compares EK-FAC with exact damped Gauss–Newton CG
+# on the suite's language models; the table cites that check for each size used (the row of
+# the same trained model, from notebook 01's report at this preset or the committed
+# `validation` report). The answer at the top of the page repeats it beside the verdict.
+
+# %%
+report.cite_validation(cite_validation(suite, models, preset))
 
 # %% [markdown]
 # ## The six groups

@@ -50,6 +50,7 @@ from influence.study.influence_scores import study_scores
 from influence.study.parameters import notebook_config
 from influence.study.reporting import Report
 from influence.study.suite import load_suite
+from influence.study.validation_citation import cite_validation
 
 cfg = notebook_config("07_layers_and_tokens", globals())
 report = Report("07_layers_and_tokens", preset=preset, device=device, seed=seed, params=cfg)
@@ -71,6 +72,16 @@ report.table(
     + ".",
     headers={"layers": "tracked layers", **{t: f"{t} third" for t in lt.THIRDS}},
 )
+
+# %% [markdown]
+# ## Is EK-FAC checked at these sizes?
+# Every score here is EK-FAC's. Notebook 01 compares EK-FAC with exact damped Gauss–Newton CG
+# on the suite's language models; the table cites that check for each size used (the row of
+# the same trained model, from notebook 01's report at this preset or the committed
+# `validation` report). The answer at the top of the page repeats it beside the verdict.
+
+# %%
+report.cite_validation(cite_validation(suite, models, preset))
 
 # %% [markdown]
 # ## Where influence sits: block shares by query type

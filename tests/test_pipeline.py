@@ -175,6 +175,21 @@ def test_other_presets_never_write_committed_reports(study):
         assert re.search(r'<body class="[^"]*plumbing', html)
 
 
+def test_validation_preset_writes_its_own_committed_folder(study):
+    # notebook 01's validation at every size (issue 24) is committed beside the findings
+    assert pipeline.main(["--preset", "validation", "--only", "00"]) == 0
+    out = study / "reports" / "validation"
+    assert {"00_toy.html", "00_toy.json", "index.html"} <= {p.name for p in out.iterdir()}
+    assert not (study / "reports" / "00_toy.json").exists()  # the default's are untouched
+    assert (study / "figures" / "validation" / "00_toy" / "headline.png").is_file()
+    assert not (study / "artifacts" / "reports" / "validation").exists()
+    page = (out / "00_toy.html").read_text()
+    assert "Plumbing check" not in page and '<div class="plumbing-banner"' not in page
+    assert pipeline.main(["--preset", "validation", "--only", "00", "-p", "scale=3"]) == 0
+    page = (out / "00_toy.html").read_text()
+    assert "Parameters changed from the validation preset" in page
+
+
 def test_unknown_parameter_fails_at_once_listing_valid_ones(study, capsys):
     assert pipeline.main(["--preset", "smoke", "-p", "nope=1"]) == 1
     err = capsys.readouterr().err

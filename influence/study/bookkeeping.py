@@ -30,7 +30,7 @@ from typing import Any
 from influence.io import atomic_write_json
 
 from .cache import REPO_ROOT, artifacts_root
-from .run_context import COMMITTED_PRESET
+from .run_context import PUBLISHED_PRESETS
 
 PACKAGES = (
     "influence",
@@ -71,8 +71,9 @@ def reports_root() -> Path:
 
 
 def reports_dir(preset: str) -> Path:
-    if preset == COMMITTED_PRESET:
-        return reports_root()
+    """`reports/` (default), `reports/validation/`, else `artifacts/reports/<preset>/`."""
+    if preset in PUBLISHED_PRESETS:
+        return reports_root() / PUBLISHED_PRESETS[preset]
     return artifacts_root() / "reports" / preset
 
 
@@ -81,7 +82,9 @@ def runs_dir(preset: str) -> Path:
 
 
 def committed_reports(directory: Path) -> bool:
-    return directory.resolve() == (REPO_ROOT / "reports").resolve()
+    """Is `directory` one of the repository's committed report folders?"""
+    committed = {(REPO_ROOT / "reports" / sub).resolve() for sub in PUBLISHED_PRESETS.values()}
+    return directory.resolve() in committed
 
 
 def new_run_id() -> str:

@@ -646,7 +646,7 @@ def validate_size(
     p = make_problem(suite, name, c, preset, seed, device, progress)
     out: dict[str, list] = {k: [] for k in ("val", "sweep", "pq", "pbrf", "dense", "rt", "rp")}
     out["costs"] = []
-    common = {"size": name, "tracked": p.tracked, "n_train": len(p.rows)}
+    common = {"size": name, "model": p.key["model"], "tracked": p.tracked, "n_train": len(p.rows)}
     scores, record = reference(p, c, progress)
     out["costs"] += _cost_rows(name, "reference", record)
     cg_at = {}

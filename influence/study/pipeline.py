@@ -12,6 +12,7 @@ metrics and run-context files go to `artifacts/runs/<preset>/<run id>/`. The not
 interface between the two. On success the notebook's report page, its JSON record, the index
 (and, for the committed reports, the README's findings table) and its figures are published
 together (`bookkeeping.Publication`): `<reports>` is `reports/` (committed) at the `default`
+preset, `reports/validation/` (committed, cited by the default reports) at the `validation`
 preset and `artifacts/reports/<preset>/` otherwise; one run at a time writes it (a lock), and
 the committed reports are written only from a clean git tree (`--allow-dirty` overrides).
 
@@ -60,7 +61,14 @@ from .bookkeeping import (
 )
 from .parameters import check_device, check_seed, split_dotted, valid_names
 from .presets import PRESET_NAMES, SECTIONS, check_preset, preset_block, resolve
-from .run_context import COMMITTED_PRESET, ENV, THREADS, RunContext, figure_dir
+from .run_context import (
+    COMMITTED_PRESET,
+    ENV,
+    PUBLISHED_PRESETS,
+    THREADS,
+    RunContext,
+    figure_dir,
+)
 
 __all__ = ["PipelineError", "main", "plan", "run", "sync_notebooks"]
 
@@ -432,11 +440,11 @@ def run(
     _prepare_environment()
     jobs = plan(preset, only, device, seed, extra)
     out_dir = reports_dir(preset)
-    committed = preset == COMMITTED_PRESET and committed_reports(out_dir)
+    committed = preset in PUBLISHED_PRESETS and committed_reports(out_dir)
     if committed and not allow_dirty:
         check_clean_tree(git("status", "--porcelain", "--untracked-files=no"))
     readme = None
-    if committed:
+    if committed and preset == COMMITTED_PRESET:  # the findings table is the default's
         from .cache import REPO_ROOT
 
         readme = REPO_ROOT / "README.md"

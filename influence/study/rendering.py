@@ -25,7 +25,7 @@ from typing import Any
 from . import display
 from .bookkeeping import PipelineError, display_path
 from .findings import COLUMNS as FINDING_COLUMNS
-from .run_context import COMMITTED_PRESET
+from .run_context import COMMITTED_PRESET, PUBLISHED_PRESETS
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 PAPER_URL = "https://arxiv.org/abs/2308.03296"
@@ -54,11 +54,11 @@ def overrides(report: dict[str, Any]) -> dict[str, Any]:
 
 def is_plumbing(report: dict[str, Any]) -> bool:
     """A run that is not a committed finding: another preset, or changed parameters."""
-    return report.get("preset") != COMMITTED_PRESET or bool(overrides(report))
+    return report.get("preset") not in PUBLISHED_PRESETS or bool(overrides(report))
 
 
 def banner(preset: str, changed: dict[str, Any] | None = None) -> str:
-    if preset != COMMITTED_PRESET:
+    if preset not in PUBLISHED_PRESETS:
         text = (
             f"Plumbing check at the {html.escape(preset)} preset, not findings: this run only "
             "shows that the code runs end to end. Its corpus, models and query counts are too "
@@ -68,8 +68,8 @@ def banner(preset: str, changed: dict[str, Any] | None = None) -> str:
     else:
         shown = html.escape(json.dumps(changed, sort_keys=True))
         text = (
-            f"Parameters changed from the {COMMITTED_PRESET} preset ({shown}): a check, not the "
-            "committed findings; the verdicts are greyed."
+            f"Parameters changed from the {html.escape(preset)} preset ({shown}): a check, not "
+            "the committed findings; the verdicts are greyed."
         )
     return f'<div class="plumbing-banner" role="note">{text}</div>'
 
@@ -244,6 +244,13 @@ def report_header(report: dict[str, Any], toc: str, names: Sequence[str]) -> str
     if summary.get("verdict"):
         reason = f" — {html.escape(summary['reason'])}" if summary.get("reason") else ""
         answer.append(f"<p><b>Verdict:</b> {verdict_html(summary['verdict'])}{reason}</p>")
+    check = report.get("validation")
+    if check:
+        warn = "" if check.get("ok") else " report-validation-warn"
+        answer.append(
+            f'<p class="report-validation{warn}"><b>Estimator check.</b> '
+            f"{html.escape(check['sentence'])}</p>"
+        )
     if report.get("findings"):
         answer.append(findings_html(report["findings"]))
     if answer:

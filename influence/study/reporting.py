@@ -39,6 +39,7 @@ from . import style
 from .findings import Finding, overall
 from .presets import check_preset
 from .run_context import RunContext
+from .stats import format_number
 
 __all__ = ["Report"]
 
@@ -110,6 +111,7 @@ class Report:
         self.metrics: dict[str, Any] = {}
         self.findings: list[Finding] = []
         self.summary: dict[str, str] = {}
+        self.validation: dict[str, Any] | None = None
         self.stages: dict[str, float] = {}
         self.figures: dict[str, dict[str, Any]] = {}
         self.tables = 0
@@ -230,6 +232,35 @@ class Report:
         self.tables += 1
         _display_object(_display.table(frame, caption=f"Table {self.tables}. {caption}", **options))
 
+    def cite_validation(self, check: Any) -> None:
+        """Cite, for every size the notebook uses, notebook 01's check of EK-FAC against exact
+        CG (`validation_citation.cite_validation`): a table here, and its sentence in the
+        report's answer, next to the verdict it qualifies."""
+        self.validation = check.as_dict()
+        shown = check.table.assign(
+            pearson_ci=[
+                f"[{format_number(v[0], 2)}, {format_number(v[1], 2)}]" if v else "n/a"
+                for v in check.table["pearson_ci"]
+            ]
+        )
+        self.table(
+            shown,
+            caption="EK-FAC against exact damped Gauss–Newton CG at each size this notebook "
+            f"uses (notebook 01); 'tracks CG': the Pearson interval's lower end ≥ "
+            f"{check.as_dict()['threshold']:g}.",
+            headers={
+                "status": "EK-FAC",
+                "pearson_vs_cg": "Pearson vs CG",
+                "pearson_ci": "95% interval",
+                "spearman_vs_cg": "Spearman vs CG",
+                "n_queries": "queries",
+                "n_train": "training sequences",
+                "cg_converged_share": "CG converged",
+            },
+            digits=2,
+            percent=["cg_converged_share"],
+        )
+
     # -- conclusions ---------------------------------------------------------------------------
     def conclude(
         self,
@@ -269,6 +300,7 @@ class Report:
                 "metrics": self.metrics,
                 "summary": self.summary,
                 "findings": [f.as_dict() for f in self.findings],
+                "validation": self.validation,
                 "stages": self.stages,
                 "figures": self.figures,
                 "threads": self.context.threads,

@@ -26,6 +26,10 @@ from .cache import REPO_ROOT, artifacts_root
 ENV = "INFLUENCE_RUN_CONTEXT"
 THREADS = 1
 COMMITTED_PRESET = "default"
+# Presets whose reports and figures are committed, and the sub-folder of `reports/` and
+# `figures/` they go to: the study's findings (default) and notebook 01's validation at every
+# size of the suite (issue 24), which the default reports cite.
+PUBLISHED_PRESETS = {COMMITTED_PRESET: "", "validation": "validation"}
 
 
 def figures_root() -> Path:
@@ -35,9 +39,10 @@ def figures_root() -> Path:
 
 def figure_dir(notebook: str, preset: str) -> Path:
     """Where a notebook's figures end up: `figures/<notebook>/` at the committed preset,
+    `figures/validation/<notebook>/` at the validation preset,
     `artifacts/figures/<preset>/<notebook>/` otherwise."""
-    if preset == COMMITTED_PRESET:
-        return figures_root() / notebook
+    if preset in PUBLISHED_PRESETS:
+        return figures_root() / PUBLISHED_PRESETS[preset] / notebook
     return artifacts_root() / "figures" / preset / notebook
 
 

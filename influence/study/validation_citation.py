@@ -1,0 +1,172 @@
+"""Which sizes a notebook's verdicts rest on, and whether EK-FAC was checked there (issue 24).
+
+    check = cite_validation(suite, sizes, preset)   # reads notebook 01's reports
+    report.cite_validation(check)                   # table in the notebook, line in the answer
+
+Notebook 01 compares EK-FAC with exact damped Gauss–Newton CG on each language model of the
+suite (`lm_validation.validate_suite`, table `lm_validation`). Notebooks 02–07 compute every
+score with EK-FAC on those models, so each cites, for every size it uses, that comparison: the
+row of the same trained model (its cache entry, so a retrained or other-seed model is never
+credited with an old check), from notebook 01's report at the same preset, or from the
+committed report of the `validation` preset (`reports/validation/`), whichever covers the size
+with more queries.
+
+A size **tracks CG** when the lower end of the 95% bootstrap interval of EK-FAC's mean
+per-query Pearson correlation with CG is at least `TRACKS_CG` (0.8, fixed with the design);
+else it **does not track CG**; with no row for that model it is **not validated**. The answer
+line of a notebook says which sizes are which, so a verdict that rests on an unchecked or
+failing size says so.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from .bookkeeping import reports_dir, reports_root
+from .stats import format_number
+
+TRACKS_CG = 0.8  # the lowest acceptable lower bound of EK-FAC's Pearson with CG
+NOTEBOOK = "01_ihvp_accuracy"
+VALIDATION_PRESET = "validation"
+TRACKS, FAILS, UNCHECKED = "tracks CG", "does not track CG", "not validated"
+COLUMNS = (
+    "size",
+    "status",
+    "pearson_vs_cg",
+    "pearson_ci",
+    "spearman_vs_cg",
+    "n_queries",
+    "n_train",
+    "cg_converged_share",
+    "source",
+)
+
+
+def report_paths(preset: str) -> list[tuple[str, Path]]:
+    """(source label, path) of notebook 01's reports a notebook at `preset` may cite: the same
+    preset's, then the committed validation report."""
+    own = reports_dir(preset) / f"{NOTEBOOK}.json"
+    valid = reports_root() / VALIDATION_PRESET / f"{NOTEBOOK}.json"
+    out = [(f"report 01 ({preset} preset)", own)]
+    if valid.resolve() != own.resolve():
+        out.append((f"report 01 ({VALIDATION_PRESET} preset)", valid))
+    return out
+
+
+def read_evidence(paths: Sequence[tuple[str, Path]]) -> pd.DataFrame:
+    """EK-FAC's `lm_validation` rows of the reports that exist, with their source; rows
+    without the model's cache entry (reports older than this check) cannot be matched to a
+    model and are left out."""
+    rows = []
+    for label, path in paths:
+        if not Path(path).is_file():
+            continue
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        for row in data.get("lm_validation") or []:
+            if row.get("estimator") == "ekfac" and row.get("model"):
+                rows.append({**row, "source": label})
+    return pd.DataFrame(rows)
+
+
+def status(pearson_ci: Sequence[float] | None) -> str:
+    """TRACKS when the interval's lower end is at least `TRACKS_CG`, else FAILS."""
+    low = pearson_ci[0] if pearson_ci else float("nan")
+    return TRACKS if low is not None and math.isfinite(low) and low >= TRACKS_CG else FAILS
+
+
+@dataclass
+class ValidationCheck:
+    """Per size used: the EK-FAC-vs-CG row cited, its status, and one sentence for the answer."""
+
+    table: pd.DataFrame
+    sentence: str
+    ok: bool  # every size used tracks CG
+    sizes: dict[str, str] = field(default_factory=dict)  # size -> status
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "sentence": self.sentence,
+            "ok": self.ok,
+            "threshold": TRACKS_CG,
+            "sizes": self.sizes,
+            "rows": self.table.to_dict(orient="records"),
+        }
+
+
+def _describe(row: Mapping[str, Any]) -> str:
+    low, high = row["pearson_ci"]
+    return (
+        f"{row['size']} (Pearson {format_number(row['pearson_vs_cg'], 2)} "
+        f"[{format_number(low, 2)}, {format_number(high, 2)}])"
+    )
+
+
+def build_check(models: Mapping[str, str], evidence: pd.DataFrame) -> ValidationCheck:
+    """The check for sizes `models` (size -> the trained model's cache entry, in suite order)
+    against `evidence` (`read_evidence`)."""
+    if not models:
+        raise ValueError("no sizes to cite: pass the sizes whose scores the notebook uses")
+    rows = []
+    for size, model in models.items():
+        found = (
+            evidence[(evidence["size"] == size) & (evidence["model"] == model)]
+            if len(evidence)
+            else evidence
+        )
+        if len(found):
+            # the most queries, then the most sequences; a tie keeps the first report listed
+            best = found.loc[found[["n_queries", "n_train"]].apply(tuple, axis=1).idxmax()]
+            row = {c: best.get(c) for c in COLUMNS if c != "status"}
+            row["pearson_ci"] = [float(v) for v in best["pearson_ci"]]
+            row["status"] = status(row["pearson_ci"])
+        else:
+            row = {c: None for c in COLUMNS}
+            row.update(size=size, status=UNCHECKED, source="none")
+        rows.append(row)
+    table = pd.DataFrame(rows, columns=list(COLUMNS))
+    by = {s: [r for r in rows if r["status"] == s] for s in (TRACKS, FAILS, UNCHECKED)}
+    parts = []
+    if by[TRACKS]:
+        parts.append("tracks it at " + ", ".join(_describe(r) for r in by[TRACKS]))
+    if by[FAILS]:
+        parts.append("does not track it at " + ", ".join(_describe(r) for r in by[FAILS]))
+    if by[UNCHECKED]:
+        parts.append("was not checked at " + ", ".join(r["size"] for r in by[UNCHECKED]))
+    sources = sorted({r["source"] for r in rows if r["status"] != UNCHECKED})
+    where = f" ({'; '.join(sources)})" if sources else ""
+    sentence = (
+        f"EK-FAC against exact damped Gauss–Newton CG{where}: " + "; ".join(parts) + "; "
+        f"'tracks' means the lower end of the Pearson interval is at least {TRACKS_CG:g}."
+    )
+    bad = by[FAILS] + by[UNCHECKED]
+    if bad:
+        sentence += (
+            " The verdicts that rest on "
+            + ", ".join(r["size"] for r in bad)
+            + " rest on an estimator not shown to track the exact influence there."
+        )
+    return ValidationCheck(
+        table=table,
+        sentence=sentence,
+        ok=not bad,
+        sizes={r["size"]: r["status"] for r in rows},
+    )
+
+
+def cite_validation(suite: Any, sizes: Sequence[str], preset: str) -> ValidationCheck:
+    """The check for `sizes` of `suite` (their trained models' cache entries), from notebook
+    01's reports (`report_paths(preset)`)."""
+    unknown = [s for s in sizes if s not in suite.models]
+    if unknown:
+        raise ValueError(
+            f"sizes {unknown} have no trained model in this suite (sizes: {list(suite.models)})"
+        )
+    models = {s: (suite.paths[s].name if s in suite.paths else s) for s in sizes}
+    return build_check(models, read_evidence(report_paths(preset)))
