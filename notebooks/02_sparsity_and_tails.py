@@ -50,6 +50,7 @@ n_boot = None
 
 # %%
 import math
+import os
 
 import numpy as np
 import pandas as pd
@@ -145,9 +146,12 @@ report.figure(
 reps = tails.representative_queries(sc.selected, cfg["bootstrap_queries"])
 boot_sets = {(m, qs, q): cfg["bootstrap"] for m in order for qs, q in reps}
 with report.stage("tail_fits"):
+    # one process per CPU core: the fits are independent and seeded per query, so the table
+    # does not depend on the number of processes
     table = tails.query_table(
-        per_copy, cfg["tail_share"], cfg["min_tail"], bootstrap=boot_sets, seed=seed
-    )
+        per_copy, cfg["tail_share"], cfg["min_tail"], bootstrap=boot_sets, seed=seed,
+        workers=os.cpu_count() or 1,
+    )  # fmt: skip
 summary = tails.summarise(table, order)
 by_size = summary.reset_index()[
     ["model", "queries", "fitted", "median_alpha", "powerlaw_preferred_share",

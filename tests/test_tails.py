@@ -121,6 +121,11 @@ def test_query_table_summary_and_verdicts():
     assert summary.loc["a", "max_per_copy_no_quotes"] == per_copy[("a", "facts")].max()
     assert summary.loc["a", "ks_pvalue_queries"] == 1
     assert summary.loc["b", "powerlaw_preferred_share"] == 0.0  # exponential data
+    # two worker processes give the same table, row for row (each fit has its own seed)
+    two = tails.query_table(per_copy, 0.2, 20, bootstrap={("a", "facts", 0): 5}, workers=2)
+    pd.testing.assert_frame_equal(two, table)
+    with pytest.raises(ValueError, match="workers must be a positive integer"):
+        tails.query_table(per_copy, 0.2, 20, workers=0)
 
 
 def _synthetic_table(n, preferred, alpha, top1, n_half, model="l"):

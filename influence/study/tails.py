@@ -264,6 +264,22 @@ def fitted_ccdf(fit: dict, grid: np.ndarray) -> np.ndarray:
     return fit["n_tail"] / fit["n_positive"] * (grid / fit["xmin"]) ** (1.0 - fit["alpha"])
 
 
+def _query_row(item: tuple) -> dict:
+    """One row of `query_table` (a top-level function, so a worker process can run it)."""
+    m, qs, q, x, tail_share, min_tail, b, seed = item
+    fit = fit_tail(x, tail_share, min_tail, n_bootstrap=b, seed=seed + q)
+    return {
+        "model": m,
+        "query_set": qs,
+        "query": q,
+        "max_per_copy": float(x.max()),
+        "top1_share": top_share(x, 0.01),
+        "n_half": n_for_half(x),
+        "positive_frac": float((x > 0).mean()),
+        **fit,
+    }
+
+
 def query_table(
     per_copy: dict[tuple[str, str], np.ndarray],
     tail_share: float,
@@ -271,32 +287,47 @@ def query_table(
     bootstrap: dict[tuple[str, str, int], int] | None = None,
     seed: int = 0,
     progress: bool = False,
+    workers: int = 1,
 ) -> pd.DataFrame:
     """One row per (model, query set, query): sparsity statistics and the tail fit.
 
     `per_copy[(model, query_set)]` is a [Q, N] array of per-copy influences; `bootstrap`
-    maps (model, query_set, query) to a number of bootstrap data sets for the KS p-value."""
+    maps (model, query_set, query) to a number of bootstrap data sets for the KS p-value.
+    `workers` > 1 fits the queries in that many processes: each fit has its own seed
+    (`seed` + query), so the table is the same for any number of workers (a test)."""
     from tqdm import tqdm
 
+    if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
+        raise ValueError(f"workers must be a positive integer, got {workers!r}")
     bootstrap = bootstrap or {}
-    rows = []
-    items = [(m, qs, q) for (m, qs), arr in per_copy.items() for q in range(arr.shape[0])]
-    for m, qs, q in tqdm(items, desc="tail fits", disable=not progress, mininterval=10):
-        x = np.asarray(per_copy[(m, qs)][q], dtype=np.float64)
-        b = bootstrap.get((m, qs, q), 0)
-        fit = fit_tail(x, tail_share, min_tail, n_bootstrap=b, seed=seed + q)
-        rows.append(
-            {
-                "model": m,
-                "query_set": qs,
-                "query": q,
-                "max_per_copy": float(x.max()),
-                "top1_share": top_share(x, 0.01),
-                "n_half": n_for_half(x),
-                "positive_frac": float((x > 0).mean()),
-                **fit,
-            }
-        )
+    items = [
+        (m, qs, q, np.asarray(arr[q], dtype=np.float64), tail_share, min_tail,
+         bootstrap.get((m, qs, q), 0), seed)
+        for (m, qs), arr in per_copy.items()
+        for q in range(arr.shape[0])
+    ]  # fmt: skip
+    bar = tqdm(total=len(items), desc="tail fits", disable=not progress, mininterval=10)
+    if workers == 1 or len(items) < 2:
+        rows = []
+        for item in items:
+            rows.append(_query_row(item))
+            bar.update(1)
+    else:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
+
+        # The bootstrapped fits cost most: hand them out first so no worker is left with
+        # one at the end. "spawn": the parent holds torch's thread pools, which fork would copy.
+        order = sorted(range(len(items)), key=lambda i: -items[i][6])
+        rows = [None] * len(items)
+        with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
+            futures = {pool.submit(_query_row, items[i]): i for i in order}
+            from concurrent.futures import as_completed
+
+            for fut in as_completed(futures):
+                rows[futures[fut]] = fut.result()
+                bar.update(1)
+    bar.close()
     return pd.DataFrame(rows)
 
 
