@@ -188,6 +188,9 @@ def test_validation_preset_writes_its_own_committed_folder(study):
     assert pipeline.main(["--preset", "validation", "--only", "00", "-p", "scale=3"]) == 0
     page = (out / "00_toy.html").read_text()
     assert "Parameters changed from the validation preset" in page
+    # the default index links the validation reports once they exist
+    assert pipeline.main(["--preset", "default", "--only", "00"]) == 0
+    assert 'href="validation/index.html"' in (study / "reports" / "index.html").read_text()
 
 
 def test_unknown_parameter_fails_at_once_listing_valid_ones(study, capsys):

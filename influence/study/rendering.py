@@ -385,6 +385,13 @@ def index_page(entries: Sequence[dict[str, Any]], reports_dir: Path) -> str:
             f'<a href="{nb}.json">metrics and provenance</a></p>\n</section>'
         )
     head = "".join(f"<th>{h}</th>" for h in INDEX_COLUMNS)
+    validation = ""
+    if preset == COMMITTED_PRESET and (reports_dir / "validation" / "index.html").is_file():
+        validation = (
+            "<p>EK-FAC against exact Gauss–Newton CG on the suite's language models, beyond "
+            'what notebook 01 runs here: <a href="validation/index.html">the validation '
+            "reports</a>. Notebooks 02–07 cite the check for every size they use.</p>\n"
+        )
     table = (
         f'<div class="table-wrap"><table class="summary"><thead><tr>{head}</tr></thead>'
         f"<tbody>{''.join(rows)}</tbody></table></div>"
@@ -404,6 +411,7 @@ def index_page(entries: Sequence[dict[str, Any]], reports_dir: Path) -> str:
         "paper's direction and at least its stated threshold; disagrees when significant and "
         "opposite; is inconclusive otherwise; a notebook agrees only if all its comparable "
         "findings do, else it is mixed.</p>\n"
+        + validation
         + table
         + "\n"
         + "\n".join(sections)
