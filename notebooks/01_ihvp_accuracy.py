@@ -173,6 +173,8 @@ report.table(
         "pbrf_ground_truth": "PBRF is ground truth",
         "lissa_median_residual": "LiSSA median residual",
         "lissa_worst_residual": "LiSSA worst residual",
+        "lissa_scale": "LiSSA scale",
+        "lissa_diverged_attempts": "LiSSA runs diverged (scale then doubled)",
         "ekfac_median_residual": "EK-FAC median residual",
     },
     percent=["cg_converged_share", "pbrf_converged_share"],

@@ -319,6 +319,24 @@ def test_bad_input_fails_at_once_naming_the_value(tiny_suite):
         inf.CG(damping={"a": 0.0})
 
 
+def test_a_diverging_lissa_is_run_again_with_twice_the_scale(tiny_suite):
+    c = LV.settings("smoke", n_train=12)
+    p = LV.make_problem(tiny_suite, tiny_suite.names()[0], c, "smoke", 0, "cpu", False)
+    _, auto = LV.lissa(p, c, False)  # 2 × λ_max of the damped G: converges
+    assert [a["diverged"] for a in auto["attempts"]] == [None]
+    low = auto["scale"] / 16  # below a minibatch's curvature: diverges
+    c["lissa"] = {**c["lissa"], "scale": low}
+    scores, record = LV.lissa(p, c, False)
+    attempts = record["attempts"]
+    assert "LiSSA diverged" in attempts[0]["diverged"] and 2 <= len(attempts) <= 5
+    assert attempts[-1]["diverged"] is None and record["scale"] == attempts[-1]["scale"]
+    assert [a["scale"] for a in attempts] == [low * 2**i for i in range(len(attempts))]
+    assert torch.isfinite(scores["lissa"]).all()
+    c["lissa"]["scale"] = 1e-30  # no retry reaches the curvature: a clear error
+    with pytest.raises(FloatingPointError, match="diverged at every scale tried"):
+        LV.lissa(p, c, False)
+
+
 def test_validation_tables_on_a_tiny_suite(tiny_suite):
     kw = {"n_train": 12, "n_pbrf": 4, "cg_max_iter": 3000, "pbrf_steps": 40, "pbrf_tol": 1e-4}
     v = LV.validate_suite(tiny_suite, "smoke", progress=False, **kw)

@@ -388,31 +388,60 @@ def reference(p: Problem, c: dict, progress: bool) -> tuple[dict, dict]:
     return cached_stage(key, build)
 
 
+LISSA_RETRIES = 4  # a diverged LiSSA is run again with twice its scale, at most this often
+
+
 def lissa(p: Problem, c: dict, progress: bool) -> tuple[dict, dict]:
     """LiSSA's scores at the study's damping (scale 1), with its settings, cost and, per query,
     how far its recursion got: the true relative residual ‖(G + Λ)x − ∇m_q‖ / ‖∇m_q‖ with the
-    full G on S (one more Gauss–Newton pass)."""
-    key = {**p.key, "stage": "lissa", "lissa": c["lissa"], "residuals": True}
+    full G on S (one more Gauss–Newton pass).
+
+    LiSSA's 'auto' scale (2 × λ_max of the damped G on S) can be below the largest eigenvalue
+    of a minibatch's G, and then the recursion diverges; as a user would, the run is repeated
+    with twice the scale (at most `LISSA_RETRIES` times), every attempt recorded. A larger
+    scale converges more slowly at the same depth: the residual says how far it got."""
+    key = {
+        **p.key,
+        "stage": "lissa",
+        "lissa": c["lissa"],
+        "residuals": True,
+        "retries": LISSA_RETRIES,
+    }
 
     def build():
-        est = LiSSA(damping=p.lam(1.0), **c["lissa"])
-        with exact_float64():
-            est, fit = _timed(lambda: _fit(p, est, c))
-            est.progress_ = progress
+        attempts: list[dict] = []
+        settings = dict(c["lissa"])
+        for _ in range(LISSA_RETRIES + 1):
+            est = LiSSA(damping=p.lam(1.0), **settings)
+            with exact_float64():
+                est, fit = _timed(lambda est=est: _fit(p, est, c))
+                est.progress_ = progress
 
-            def solve_and_score():
-                g = _query_gradients(p, c, est.layers_)
-                x = est.solve(g)
-                return g, x, _train_products(p, x, est.layers_, c)
+                def solve_and_score(est=est):
+                    g = _query_gradients(p, c, est.layers_)
+                    x = est.solve(g)
+                    return g, x, _train_products(p, x, est.layers_, c)
 
-            (g, x, scores), cost = _timed(solve_and_score)
-            residual = (est.operator_.matvec(x) - g).norm(dim=1) / g.norm(dim=1)
-        record = {
-            "scale": est.scale_,
-            "relative_residuals": residual.tolist(),
-            "costs": {"lissa_fit": fit, "lissa_scores": cost},
-        }
-        return {"lissa": scores}, record
+                try:
+                    (g, x, scores), cost = _timed(solve_and_score)
+                except FloatingPointError as err:
+                    attempts.append({"scale": est.scale_, "diverged": str(err)})
+                    settings["scale"] = 2.0 * est.scale_
+                    continue
+                residual = (est.operator_.matvec(x) - g).norm(dim=1) / g.norm(dim=1)
+            attempts.append({"scale": est.scale_, "diverged": None})
+            record = {
+                "scale": est.scale_,
+                "attempts": attempts,
+                "relative_residuals": residual.tolist(),
+                "costs": {"lissa_fit": fit, "lissa_scores": cost},
+            }
+            return {"lissa": scores}, record
+        tried = ", ".join(f"{a['scale']:.3g}" for a in attempts)
+        raise FloatingPointError(
+            f"LiSSA diverged at every scale tried ({tried}): raise "
+            "`language_model.lissa.batch_size` or set a larger `language_model.lissa.scale`"
+        )
 
     return cached_stage(key, build)
 
@@ -693,6 +722,8 @@ def validate_size(
         row = _val_row(common, "lissa", p, summ, cg_at[1.0], len(keep1))
         row["lissa_median_residual"] = float(np.median(res))
         row["lissa_worst_residual"] = float(res.max())
+        row["lissa_scale"] = float(lrec["scale"])
+        row["lissa_diverged_attempts"] = sum(a["diverged"] is not None for a in lrec["attempts"])
         out["val"].append(row)
         df["size"], df["estimator"] = name, "lissa"
         out["pq"].append(df)
