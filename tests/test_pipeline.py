@@ -51,6 +51,9 @@ ax.plot([0, 1], [0, value])
 report.figure(fig, "headline", caption="A toy line that rises to the value.")
 report.table(pd.DataFrame({"query_set": ["a"], "p": [1e-7], "n": [3.0]}), caption="A toy table.")
 report.metrics["value"] = value
+from influence.study.validation_citation import build_check
+
+report.cite_validation(build_check({"xs": "toy-model"}, pd.DataFrame()))
 found = [
     judge("toy rise", "the toy rises", "rises", effect=Interval(value, value - 1, value + 1),
           test=Test("toy test", 0.01, 10), expected=+1, threshold=1, what="the rise"),
@@ -124,6 +127,9 @@ def test_run_renders_reports_then_a_failure_names_notebook_and_cell(study, capsy
     assert all({"claim", "verdict", "p", "ci", "reason"} <= set(f) for f in report["findings"])
     assert report["summary"]["verdict"] == "mixed: 1 of 2 agree"
     assert report["figures"]["headline"]["caption"] == "A toy line that rises to the value."
+    # the estimator check cited by the notebook reaches the record and the answer box
+    assert report["validation"]["sizes"] == {"xs": "not validated"}
+    assert '<p class="report-validation report-validation-warn"><b>Estimator check.</b>' in html
     assert set(report["wall_time_s"]["stages"]) == {"compute"}
     assert report["wall_time_s"]["total"] > 0
     prov = report["provenance"]

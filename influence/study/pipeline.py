@@ -329,6 +329,7 @@ def _record(job: Job, data: dict[str, Any], wall: float, started, run_id: str,
         "metrics": sorted(metrics),
         "summary": data.get("summary", {}),
         "findings": data.get("findings", []),
+        "validation": data.get("validation"),
         "figures": figures,
         "wall_time_s": {
             "total": round(wall, 3),
