@@ -314,7 +314,7 @@ def query_table(
             bar.update(1)
     else:
         import multiprocessing as mp
-        from concurrent.futures import ProcessPoolExecutor
+        from concurrent.futures import ProcessPoolExecutor, as_completed
 
         # The bootstrapped fits cost most: hand them out first so no worker is left with
         # one at the end. "spawn": the parent holds torch's thread pools, which fork would copy.
@@ -322,8 +322,6 @@ def query_table(
         rows = [None] * len(items)
         with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
             futures = {pool.submit(_query_row, items[i]): i for i in order}
-            from concurrent.futures import as_completed
-
             for fut in as_completed(futures):
                 rows[futures[fut]] = fut.result()
                 bar.update(1)
