@@ -247,7 +247,7 @@ class Report:
             shown,
             caption="EK-FAC against exact damped Gauss–Newton CG at each size this notebook "
             f"uses (notebook 01); 'tracks CG': the Pearson interval's lower end ≥ "
-            f"{check.as_dict()['threshold']:g}.",
+            f"{self.validation['threshold']:g}.",
             headers={
                 "status": "EK-FAC",
                 "pearson_vs_cg": "Pearson vs CG",
