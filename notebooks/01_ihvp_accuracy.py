@@ -458,6 +458,30 @@ for name, (part, caption) in checks.items():
         limit = " and at most `dense_max_params` tracked parameters" if part == "dense" else ""
         display(Markdown(f"`{name}`: no rows in this run (asked at {asked} by "  # noqa: F821
                          f"`language_model.{part}_sizes`{limit})."))  # fmt: skip
+
+# %% [markdown]
+# What a "nat per copy" means here: where sizes were retrained with k added copies, each
+# (query, sequence) pair's actual change of log p(completion) against the study's prediction
+# k × score / N. On the dashed line the prediction is exact; inside the grey band the change is
+# within the noise of retraining (a sequence only moved between batches).
+
+# %%
+if len(lm.retrain_pairs):
+    sizes_rt = list(lm.retrain_check["size"])
+    fig, axes = plt.subplots(1, len(sizes_rt), figsize=(4.6 * len(sizes_rt) + 0.4, 4.2),
+                             squeeze=False)  # fmt: skip
+    for ax, size in zip(axes[0], sizes_rt, strict=True):
+        ia.plot_retrain(lm.retrain_pairs, lm.retrain_check, ax, size)
+    axes[0][-1].legend(loc="upper left", bbox_to_anchor=(1.02, 1), fontsize=9)
+    fig.tight_layout()
+    report.figure(
+        fig,
+        "retrain_check",
+        caption="Retraining with k added copies of a training sequence, per size: the actual "
+        "change of each scored query's log p(completion) against the study's linear "
+        "prediction, k × score / N. Dashed: actual = predicted; grey: ±2 standard deviations "
+        "of the change when a sequence is only moved between batches (the noise floor).",
+    )
 report.table(
     lm.costs.groupby(["size", "part"])[["wall_s", "cpu_s"]].sum().reset_index(),
     caption="What each part of the language-model validation cost, wall and CPU seconds "
@@ -500,6 +524,12 @@ report.conclude(
     + f", LiSSA's median cost per query {stats.format_number(ratio, 2)}× EK-FAC's, and EK-FAC "
     "against exact CG on the language models "
     + ", ".join(f"{r.size} {stats.format_number(r.pearson_vs_cg, 2)}" for r in ek_lm.itertuples())
+    + "".join(
+        f"; retrained with k added copies at {r.size}, actual against predicted change slope "
+        f"{stats.format_number(r.slope, 2)}, Pearson "
+        f"{stats.format_number(r.pearson_predicted_vs_actual, 2)} over {r.n_pairs} pairs"
+        for r in lm.retrain_check.itertuples()
+    )
     + ".",
     findings=found,
     reference="§5.1, Figs. 6–7",

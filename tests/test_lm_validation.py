@@ -4,6 +4,9 @@ accounting of CG and the PBRF, retraining with copies, bad input."""
 
 from __future__ import annotations
 
+import shutil
+
+import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 import torch
@@ -14,6 +17,8 @@ import influence as inf
 from influence.cg import CG
 from influence.gnvp import GaussNewton, current_layout, exact_float64, layout_to_params
 from influence.gradients import flatten, per_example_gradients, unflatten
+from influence.study import cache
+from influence.study import ihvp_accuracy as IA
 from influence.study import lm_validation as LV
 from influence.study import retrain_check as RC
 from influence.study.suite import load_suite
@@ -355,9 +360,35 @@ def test_validation_tables_on_a_tiny_suite(tiny_suite):
     assert v.lm_pbrf.n_train.tolist() == [4]
     rt = v.retrain_check.iloc[0]
     assert rt.identical_to_suite and rt.n_pairs >= 2 and rt.k_values == [1, 2]
+    assert rt.model == val.model.iloc[0]  # so that notebooks 02–07 can cite it per model
+    fig, ax = plt.subplots()
+    IA.plot_retrain(v.retrain_pairs, v.retrain_check, ax, rt["size"])
+    drawn = sum(len(c.get_offsets()) for c in ax.collections if hasattr(c, "get_offsets"))
+    assert drawn == v.retrain_pairs.group.isin(["top", "other", "random"]).sum()
+    plt.close(fig)
     tables = v.tables()
     assert {"lm_validation", "lm_damping_sweep", "lm_pbrf", "retrain_check"} <= set(tables)
     # a rerun reads every stage from the cache
     again = LV.validate_suite(tiny_suite, "smoke", progress=False, **kw)
     assert again.costs.cached.all()
     assert again.lm_validation.equals(v.lm_validation)
+
+
+def test_pbrf_is_cached_per_example_and_an_interrupted_run_resumes(tiny_suite, monkeypatch):
+    c = LV.settings("smoke", n_train=12, n_pbrf=3, pbrf_steps=20, pbrf_tol=1e-4)
+    p = LV.make_problem(tiny_suite, tiny_suite.names()[0], c, "smoke", 0, "cpu", False)
+    first, rec = LV.pbrf(p, c, False)
+    idx = rec["indices"]
+    assert first["pbrf"].shape == (2, 3) and len(idx) == 3
+    assert len(rec["converged"]) == len(rec["steps"]) == len(rec["relative_gradient"]) == 3
+    solved = []
+    real = LV.pbrf_scores
+    monkeypatch.setattr(LV, "pbrf_scores", lambda *a, **k: solved.append(a[4]) or real(*a, **k))
+    again, rec2 = LV.pbrf(p, c, False)
+    assert solved == [] and rec2["cached"] and torch.equal(again["pbrf"], first["pbrf"])
+    # as if the run had been killed before its last example was written
+    shutil.rmtree(cache.entry_dir("lm_validation", {**LV.pbrf_key(p, c), "example": idx[-1]}))
+    resumed, rec3 = LV.pbrf(p, c, False)
+    assert solved == [[idx[-1]]] and not rec3["cached"]
+    assert torch.allclose(resumed["pbrf"], first["pbrf"], rtol=0, atol=1e-12)
+    assert rec3["converged"] == rec["converged"]

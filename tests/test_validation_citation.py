@@ -115,3 +115,31 @@ def test_the_answer_box_carries_the_sentence_and_flags_an_unchecked_size():
     ok = vc.build_check({"xs": "aaa"}, pd.DataFrame([{**_row("xs", "aaa", 0.9), "source": "r"}]))
     page = rendering.report_header({**report, "validation": ok.as_dict()}, "", ["03_x"])
     assert '<p class="report-validation"><b>Estimator check.</b>' in page
+
+
+def test_retraining_rows_of_the_same_model_are_cited_beside_the_check(tmp_path):
+    rt = {"slope": 0.4, "pearson_predicted_vs_actual": 0.7, "n_pairs": 24}
+    val = tmp_path / "validation.json"
+    val.write_text(
+        json.dumps(
+            {
+                "lm_validation": [_row("xs", "aaa", 0.85), _row("s", "bbb", 0.6)],
+                "retrain_check": [
+                    {"size": "xs", "model": "aaa", **rt},
+                    {"size": "s", "model": "old", **rt, "slope": 9.0},  # another model
+                ],
+            }
+        )
+    )
+    paths = [("validation", val)]
+    check = vc.build_check(
+        {"xs": "aaa", "s": "bbb"}, vc.read_evidence(paths), vc.read_retrain_evidence(paths)
+    )
+    row = check.table.set_index("size")
+    assert row.loc["xs", "retrain_slope"] == 0.4 and row.loc["xs", "retrain_pairs"] == 24
+    assert pd.isna(row.loc["s", "retrain_slope"])
+    assert "at xs slope 0.4, Pearson 0.7 over 24 pairs; not retrained at s." in check.sentence
+    assert "Retraining with k added copies (validation)" in check.sentence
+    plain = vc.build_check({"xs": "aaa"}, vc.read_evidence(paths))
+    assert "No size it uses was checked by retraining" in plain.sentence
+    json.dumps(check.as_dict())

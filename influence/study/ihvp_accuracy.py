@@ -35,7 +35,7 @@ from influence.lds import draw_subsets, lds, retrain_measurements
 from influence.lissa import LiSSA
 from influence.pbrf import pbrf_scores
 from influence.scores import preconditioned_queries
-from influence.study import stats
+from influence.study import stats, style
 from influence.study.cache import artifacts_root
 from influence.study.findings import Finding, judge, not_comparable
 from influence.study.ranges import count, share
@@ -1004,3 +1004,39 @@ def plot_correlation_bars(table: pd.DataFrame, ax, setting: str, metric: str = "
     ax.axhline(0, color="k", lw=0.5)
     ax.set_title(setting)
     ax.set_ylabel(f"{metric.capitalize()} correlation")
+
+
+RETRAIN_GROUPS = {  # group of a retraining pair: (label, colour)
+    "top": ("in the query's top influences", style.VERMILLION),
+    "other": ("a top sequence, another query", style.SKY),
+    "random": ("random sequence", style.GREY),
+}
+K_MARKERS = ("o", "s", "^", "D", "v")
+
+
+def plot_retrain(pairs: pd.DataFrame, summary: pd.DataFrame, ax, size: str) -> None:
+    """One size's retraining check: actual change of log p(completion) after retraining with
+    k added copies against k × the predicted per-copy change, per pair (colour: how the pair
+    was chosen; marker: k), with the identity line and the noise floor (±2 standard deviations
+    of the change when a sequence is only moved between batches)."""
+    d = pairs[(pairs["size"] == size) & pairs.group.isin(list(RETRAIN_GROUPS))]
+    ks = sorted(d.k.unique())
+    for group, (label, colour) in RETRAIN_GROUPS.items():
+        for j, k in enumerate(ks):
+            g = d[(d.group == group) & (d.k == k)]
+            if len(g):
+                ax.scatter(g.predicted, g.actual, s=16, color=colour, alpha=0.8,
+                           marker=K_MARKERS[j % len(K_MARKERS)],
+                           label=f"{label}, k={k}")  # fmt: skip
+    floor = float(summary.set_index("size").loc[size, "noise_floor"])
+    if np.isfinite(floor):
+        ax.axhspan(-2 * floor, 2 * floor, color=style.LIGHT_GREY, alpha=0.6, lw=0,
+                   label="noise floor (±2 sd)")  # fmt: skip
+    lim = float(np.nanmax(np.abs(d[["predicted", "actual"]].to_numpy()))) * 1.05 if len(d) else 1
+    ax.plot([-lim, lim], [-lim, lim], color=style.BLACK, lw=0.8, ls="--",
+            label="actual = predicted")  # fmt: skip
+    ax.set_xlim(-lim, lim)
+    ax.set_ylim(-lim, lim)
+    ax.set_xlabel("predicted: k × score / N (nats)")
+    ax.set_ylabel("actual change of log p (nats)")
+    ax.set_title(size)

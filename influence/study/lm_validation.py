@@ -55,6 +55,7 @@ from safetensors.torch import load_file, save_file
 from scipy.stats import pearsonr, spearmanr
 from torch import nn
 from torch.func import functional_call, jacrev
+from tqdm.auto import tqdm
 
 import influence as inf
 from influence.cg import CG
@@ -138,6 +139,9 @@ def check_settings(suite: Suite, c: dict) -> dict[str, list[str]]:
 
 
 # -- stages, cached -------------------------------------------------------------------------
+COST_UNITS = ("wall_s", "cpu_s")
+
+
 def _timed(fn: Callable[[], Any]) -> tuple[Any, dict[str, float]]:
     """fn(), with its wall and CPU seconds (the machine is shared: CPU time is the cost)."""
     w, c = time.perf_counter(), time.process_time()
@@ -549,54 +553,71 @@ def _asymmetry(op: GaussNewton, v: torch.Tensor) -> float:
 
 
 # -- PBRF -----------------------------------------------------------------------------------
-def pbrf(p: Problem, c: dict, progress: bool) -> tuple[dict, dict]:
-    """PBRF scores [Q, M] of `n_pbrf` random sequences of S at the study's damping, with each
-    example's convergence (both ±ε solves within `pbrf_tol`). `pbrf_preconditioner`: None,
-    "damping" (Λ⁻¹ per layer) or "ekfac" (fitted on S)."""
-    key = {
+def pbrf_key(p: Problem, c: dict) -> dict:
+    """What every PBRF solve of this problem depends on (each example's entry adds its index)."""
+    return {
         **p.key,
         "stage": "pbrf",
-        "n_pbrf": c["n_pbrf"],
         "tol": c["pbrf_tol"],
         "steps": c["pbrf_steps"],
         "preconditioner": c["pbrf_preconditioner"],
     }
 
-    def build():
-        rng = np.random.default_rng([p.key["fit_seed"], 11])
-        idx = sorted(int(i) for i in rng.choice(len(p.rows), c["n_pbrf"], replace=False))
-        lam = p.lam(1.0)
-        pre = c["pbrf_preconditioner"]
+
+def pbrf(p: Problem, c: dict, progress: bool) -> tuple[dict, dict]:
+    """PBRF scores [Q, M] of `n_pbrf` random sequences of S at the study's damping, with each
+    example's convergence (both ±ε solves within `pbrf_tol`). `pbrf_preconditioner`: None,
+    "damping" (Λ⁻¹ per layer) or "ekfac" (fitted on S). Each example's two solves are cached
+    on their own, so an interrupted run resumes at the first example not yet solved."""
+    key = pbrf_key(p, c)
+    rng = np.random.default_rng([p.key["fit_seed"], 11])
+    idx = sorted(int(i) for i in rng.choice(len(p.rows), c["n_pbrf"], replace=False))
+    lam = p.lam(1.0)
+    fitted: list = []
+
+    def preconditioner():
+        if c["pbrf_preconditioner"] != "ekfac":
+            return c["pbrf_preconditioner"]
+        if not fitted:  # measured slower than "damping" on the study's Llamas
+            fitted.append(_fit(p, inf.EKFAC(), c).with_damping(lam))
+        return fitted[0]
+
+    def solve(i: int) -> tuple[dict, dict]:
         with exact_float64():
-            if pre == "ekfac":  # measured slower than "damping" on the study's Llamas
-                pre = _fit(p, inf.EKFAC(), c).with_damping(lam)
             (scores, info), cost = _timed(
                 lambda: pbrf_scores(
                     p.model,
                     p.task,
                     p.queries,
                     p.train,
-                    idx,
+                    [i],
                     damping=lam,
                     tol=c["pbrf_tol"],
                     max_steps=c["pbrf_steps"],
                     batch_size=c["batch_size"],
-                    preconditioner=pre,
-                    progress=progress,
+                    preconditioner=preconditioner(),
+                    progress=False,
                     return_info=True,
                 )
             )
-        record = {
-            "indices": idx,
-            "converged": info["converged"],
-            "steps": info["steps"],
-            "relative_gradient": info["relative_gradient"],
-            "epsilon": info["epsilon"],
-            "costs": {"pbrf": cost},
-        }
-        return {"pbrf": scores}, record
+        record = {k: info[k] for k in ("converged", "steps", "relative_gradient", "epsilon")}
+        return {"pbrf": scores}, {**record, "costs": {"pbrf": cost}}
 
-    return cached_stage(key, build)
+    done = [
+        cached_stage({**key, "example": i}, lambda i=i: solve(i))
+        for i in tqdm(idx, desc=f"PBRF {p.size}", disable=not progress, leave=False)
+    ]
+    records = [r for _, r in done]
+    record = {
+        "indices": idx,
+        "epsilon": records[0]["epsilon"],
+        "cached": all(r["cached"] for r in records),
+        # as for every cached part: the seconds measured when each example was solved
+        "costs": {"pbrf": {u: sum(r["costs"]["pbrf"][u] for r in records) for u in COST_UNITS}},
+    }
+    for name in ("converged", "steps", "relative_gradient"):
+        record[name] = [v for r in records for v in r[name]]
+    return {"pbrf": torch.cat([t["pbrf"] for t, _ in done], dim=1)}, record
 
 
 # -- comparisons ----------------------------------------------------------------------------

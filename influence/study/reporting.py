@@ -247,7 +247,10 @@ class Report:
             shown,
             caption="EK-FAC against exact damped Gauss–Newton CG at each size this notebook "
             f"uses (notebook 01); 'tracks CG': the Pearson interval's lower end ≥ "
-            f"{self.validation['threshold']:g}.",
+            f"{self.validation['threshold']:g}. Where a size was retrained with k added copies "
+            "of training sequences: the slope and Pearson correlation of the actual change of "
+            "log p(completion) against k × EK-FAC's predicted per-copy change (slope 1: a "
+            "predicted nat per copy is a measured one).",
             headers={
                 "status": "EK-FAC",
                 "pearson_vs_cg": "Pearson vs CG",
@@ -256,6 +259,9 @@ class Report:
                 "n_queries": "queries",
                 "n_train": "training sequences",
                 "cg_converged_share": "CG converged",
+                "retrain_slope": "retrain slope",
+                "retrain_pearson": "retrain Pearson",
+                "retrain_pairs": "retrain pairs",
             },
             digits=2,
             percent=["cg_converged_share"],

@@ -251,7 +251,7 @@ def retrain_check(
                         }
                     )
     df = pd.DataFrame(pairs)
-    summary = _summary(name, df, c, records, check)
+    summary = {"size": name, "model": key0["model"], **_summary(name, df, c, records, check)}
     costs = [
         {"size": name, "part": "retrain", "step": "retrain", **r["costs"]["retrain"]}
         | {"cached": r["cached"]}

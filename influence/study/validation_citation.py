@@ -16,6 +16,12 @@ per-query Pearson correlation with CG is at least `TRACKS_CG` (0.8, fixed with t
 else it **does not track CG**; with no row for that model it is **not validated**. The answer
 line of a notebook says which sizes are which, so a verdict that rests on an unchecked or
 failing size says so.
+
+Where notebook 01 also retrained a size with k added copies of training sequences
+(`retrain_check`), the same row carries the slope and Pearson correlation of the actual change
+of log p(completion) against k × the predicted per-copy change, and the sentence states them:
+what one "nat per copy" of the study's scores turned out to mean at that size. They are
+reported, not turned into a status: no rule for them was fixed before they were measured.
 """
 
 from __future__ import annotations
@@ -46,7 +52,11 @@ COLUMNS = (
     "n_train",
     "cg_converged_share",
     "source",
+    "retrain_slope",
+    "retrain_pearson",
+    "retrain_pairs",
 )
+RETRAIN = {"slope": "retrain_slope", "pearson_predicted_vs_actual": "retrain_pearson"}
 
 
 def report_paths(preset: str) -> list[tuple[str, Path]]:
@@ -60,19 +70,28 @@ def report_paths(preset: str) -> list[tuple[str, Path]]:
     return out
 
 
-def read_evidence(paths: Sequence[tuple[str, Path]]) -> pd.DataFrame:
-    """EK-FAC's `lm_validation` rows of the reports that exist, with their source; rows
-    without the model's cache entry (reports older than this check) cannot be matched to a
-    model and are left out."""
+def _rows(paths: Sequence[tuple[str, Path]], table: str) -> pd.DataFrame:
+    """Rows of `table` in the reports that exist, with their source; rows without the model's
+    cache entry (reports older than this check) cannot be matched to a model and are left
+    out."""
     rows = []
     for label, path in paths:
         if not Path(path).is_file():
             continue
         data = json.loads(Path(path).read_text(encoding="utf-8"))
-        for row in data.get("lm_validation") or []:
-            if row.get("estimator") == "ekfac" and row.get("model"):
-                rows.append({**row, "source": label})
+        rows += [{**r, "source": label} for r in data.get(table) or [] if r.get("model")]
     return pd.DataFrame(rows)
+
+
+def read_evidence(paths: Sequence[tuple[str, Path]]) -> pd.DataFrame:
+    """EK-FAC's `lm_validation` rows of the reports that exist (`_rows`)."""
+    rows = _rows(paths, "lm_validation")
+    return rows[rows["estimator"] == "ekfac"].reset_index(drop=True) if len(rows) else rows
+
+
+def read_retrain_evidence(paths: Sequence[tuple[str, Path]]) -> pd.DataFrame:
+    """The `retrain_check` rows (one per size) of the reports that exist (`_rows`)."""
+    return _rows(paths, "retrain_check")
 
 
 def status(pearson_ci: Sequence[float] | None) -> str:
@@ -108,18 +127,43 @@ def _describe(row: Mapping[str, Any]) -> str:
     )
 
 
-def build_check(models: Mapping[str, str], evidence: pd.DataFrame) -> ValidationCheck:
+def _matching(frame: pd.DataFrame, size: str, model: str) -> pd.DataFrame:
+    if not len(frame):
+        return frame
+    return frame[(frame["size"] == size) & (frame["model"] == model)]
+
+
+def _retrain_sentence(rows: list[dict], retrained: pd.DataFrame) -> str:
+    done = [r for r in rows if r["retrain_pairs"]]
+    if not done:
+        return " No size it uses was checked by retraining with added copies."
+    sources = sorted(set(retrained["source"]))
+    said = "; ".join(
+        f"at {r['size']} slope {format_number(r['retrain_slope'], 2)}, Pearson "
+        f"{format_number(r['retrain_pearson'], 2)} over {r['retrain_pairs']} pairs"
+        for r in done
+    )
+    rest = [r["size"] for r in rows if not r["retrain_pairs"]]
+    return (
+        f" Retraining with k added copies ({'; '.join(sources)}): the actual change of "
+        f"log p(completion) against k × EK-FAC's predicted per-copy change, {said}"
+        + (f"; not retrained at {', '.join(rest)}" if rest else "")
+        + "."
+    )
+
+
+def build_check(
+    models: Mapping[str, str], evidence: pd.DataFrame, retrained: pd.DataFrame | None = None
+) -> ValidationCheck:
     """The check for sizes `models` (size -> the trained model's cache entry, in suite order)
-    against `evidence` (`read_evidence`)."""
+    against `evidence` (`read_evidence`) and, where given, `retrained`
+    (`read_retrain_evidence`)."""
+    retrained = pd.DataFrame() if retrained is None else retrained
     if not models:
         raise ValueError("no sizes to cite: pass the sizes whose scores the notebook uses")
     rows = []
     for size, model in models.items():
-        found = (
-            evidence[(evidence["size"] == size) & (evidence["model"] == model)]
-            if len(evidence)
-            else evidence
-        )
+        found = _matching(evidence, size, model)
         if len(found):
             # the most queries, then the most sequences; a tie keeps the first report listed
             best = found.loc[found[["n_queries", "n_train"]].apply(tuple, axis=1).idxmax()]
@@ -129,6 +173,12 @@ def build_check(models: Mapping[str, str], evidence: pd.DataFrame) -> Validation
         else:
             row = {c: None for c in COLUMNS}
             row.update(size=size, status=UNCHECKED, source="none")
+        again = _matching(retrained, size, model)
+        if len(again):
+            # the most pairs; a tie keeps the first report listed
+            best = again.loc[again["n_pairs"].idxmax()]
+            row.update({new: float(best[old]) for old, new in RETRAIN.items()})
+            row["retrain_pairs"] = int(best["n_pairs"])
         rows.append(row)
     table = pd.DataFrame(rows, columns=list(COLUMNS))
     by = {s: [r for r in rows if r["status"] == s] for s in (TRACKS, FAILS, UNCHECKED)}
@@ -152,6 +202,9 @@ def build_check(models: Mapping[str, str], evidence: pd.DataFrame) -> Validation
             + ", ".join(r["size"] for r in bad)
             + " rest on an estimator not shown to track the exact influence there."
         )
+    if len(retrained):
+        retrained = pd.concat([_matching(retrained, s, m) for s, m in models.items()])
+    sentence += _retrain_sentence(rows, retrained)
     return ValidationCheck(
         table=table,
         sentence=sentence,
@@ -169,4 +222,5 @@ def cite_validation(suite: Any, sizes: Sequence[str], preset: str) -> Validation
             f"sizes {unknown} have no trained model in this suite (sizes: {list(suite.models)})"
         )
     models = {s: (suite.paths[s].name if s in suite.paths else s) for s in sizes}
-    return build_check(models, read_evidence(report_paths(preset)))
+    paths = report_paths(preset)
+    return build_check(models, read_evidence(paths), read_retrain_evidence(paths))
