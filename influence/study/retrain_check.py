@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from scipy.stats import pearsonr
+from scipy.stats import mannwhitneyu, pearsonr
 
 from . import suite as suite_module
 from .influence_scores import study_scores
@@ -286,6 +286,16 @@ def _summary(name: str, df: pd.DataFrame, c: dict, records: list, check: dict | 
     }
     ratio = top.actual / top.predicted
     out["median_ratio_top"] = float(ratio.median()) if len(ratio) else float("nan")
+    # Do the sequences with the largest predicted influence raise their query's log p more
+    # than random ones do? One-sided Mann–Whitney over pairs: robust to the retraining noise.
+    rand = df[df.group == "random"].actual
+    out["median_actual_top"] = float(top.actual.median()) if len(top) else float("nan")
+    out["median_actual_random"] = float(rand.median()) if len(rand) else float("nan")
+    out["top_above_random_p"] = (
+        float(mannwhitneyu(top.actual, rand, alternative="greater").pvalue)
+        if len(top) and len(rand)
+        else float("nan")
+    )
     out["noise_floor"] = floor
     out["top_above_noise"] = float((top.actual.abs() > 2 * floor).mean()) if len(top) else 0.0
     out["max_predicted_top"] = float(top.predicted.max()) if len(top) else float("nan")
