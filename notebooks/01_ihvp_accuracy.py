@@ -525,7 +525,7 @@ report.conclude(
     "against exact CG on the language models "
     + ", ".join(f"{r.size} {stats.format_number(r.pearson_vs_cg, 2)}" for r in ek_lm.itertuples())
     + (
-        "; retraining with added copies, actual over predicted change (slope): "
+        "; retraining slope (actual/predicted) "
         + ", ".join(
             f"{r.size} {stats.format_number(r.slope, 2)}" for r in lm.retrain_check.itertuples()
         )
