@@ -448,11 +448,69 @@ checks = {
         "Predicted against actual change of the measurement after retraining with k added copies.",
     ),
 }
+readable = {
+    "lm_pbrf": {
+        "headers": {
+            "n_train": "PBRF examples",
+            "n_fit": "|S|",
+            "converged_share": "converged",
+            "n_converged": "converged examples",
+            "epsilon_times_n": "ε·|S| (copies)",
+            "pearson_ekfac_vs_pbrf": "EK-FAC vs PBRF (Pearson)",
+            "pearson_ekfac_vs_pbrf_ci": "EK-FAC 95% CI",
+            "pearson_cg_vs_pbrf": "CG vs PBRF (Pearson)",
+            "pearson_cg_vs_pbrf_ci": "CG 95% CI",
+        },
+        "percent": ["converged_share"],
+    },
+    "retrain_check": {
+        "headers": {
+            "n_top_pairs": "top pairs",
+            "n_random_pairs": "random pairs",
+            "k_values": "k (copies)",
+            "n_pairs": "pairs",
+            "pearson_predicted_vs_actual": "Pearson, all",
+            "slope": "slope, all",
+            "pearson_top": "Pearson, top",
+            "slope_top": "slope, top",
+            "pearson_random": "Pearson, random",
+            "slope_random": "slope, random",
+            "slope_top_by_k": "slope, top, per k",
+            "median_ratio_top": "median actual / predicted, top",
+            "median_actual_top": "median actual, top (nats)",
+            "median_actual_random": "median actual, random (nats)",
+            "top_above_random_p": "p (top > random)",
+            "noise_floor": "noise floor, sd (nats)",
+            "top_above_noise": "top above 2 sd",
+            "max_predicted_top": "largest predicted (nats)",
+            "n_retrains": "retrains",
+            "retrain_wall_s": "wall s per retrain",
+            "retrain_cpu_s": "CPU s per retrain",
+            "identical_to_suite": "k = 0 reproduces the suite",
+        },
+        "percent": ["top_above_noise"],
+    },
+}
+
+
+def as_text(frame):
+    """The frame with its list and per-k dict cells as short text (2–3 significant figures)."""
+    out = frame.copy()
+    for col in out.columns:
+        if out[col].map(lambda v: isinstance(v, dict)).any():
+            out[col] = out[col].map(
+                lambda d: ", ".join(f"{k}: {stats.format_number(v, 2)}" for k, v in d.items())
+            )
+        elif out[col].map(lambda v: isinstance(v, list)).any():
+            out[col] = out[col].map(lambda v: ", ".join(str(x) for x in v))
+    return out
+
+
 for name, (part, caption) in checks.items():
     frame = getattr(lm, name)
     if len(frame):
-        report.table(with_intervals(frame.drop(columns="model", errors="ignore")),
-                     caption=f"{name}: {caption}")  # fmt: skip
+        shown = as_text(with_intervals(frame.drop(columns="model", errors="ignore")))
+        report.table(shown, caption=f"{name}: {caption}", **readable.get(name, {}))
     else:
         asked = ", ".join(lm.settings["parts"][part]) or "no size"
         limit = " and at most `dense_max_params` tracked parameters" if part == "dense" else ""
