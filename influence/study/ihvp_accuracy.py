@@ -1030,7 +1030,8 @@ def plot_retrain(pairs: pd.DataFrame, summary: pd.DataFrame, ax, size: str) -> N
                            label=f"{label}, k={k}")  # fmt: skip
     floor = float(summary.set_index("size").loc[size, "noise_floor"])
     if np.isfinite(floor):
-        ax.axhspan(-2 * floor, 2 * floor, color=style.LIGHT_GREY, alpha=0.6, lw=0,
+        # under the points (zorder 0), so that pairs inside the band keep their colour
+        ax.axhspan(-2 * floor, 2 * floor, color=style.LIGHT_GREY, alpha=0.6, lw=0, zorder=0,
                    label="noise floor (±2 sd)")  # fmt: skip
     lim = float(np.nanmax(np.abs(d[["predicted", "actual"]].to_numpy()))) * 1.05 if len(d) else 1
     ax.plot([-lim, lim], [-lim, lim], color=style.BLACK, lw=0.8, ls="--",
