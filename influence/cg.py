@@ -8,7 +8,9 @@ damping Λ = diag(λ_ℓ) it is the answer every other estimator approximates.
 from __future__ import annotations
 
 import copy
+import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -18,6 +20,7 @@ from . import checks
 from .estimator import Estimator, Grads, check_damping
 from .gnvp import GaussNewton, damping_vector, mean_fisher_diagonal, resolve_full_damping
 from .gradients import flatten, unflatten
+from .io import atomic_path
 
 
 class _FullCurvature(Estimator):
@@ -285,7 +288,13 @@ class CG(_FullCurvature):
             info["warning"] = msg
         return x
 
-    def solve_scaled(self, b: torch.Tensor, scales: Sequence[float]) -> dict[float, torch.Tensor]:
+    def solve_scaled(
+        self,
+        b: torch.Tensor,
+        scales: Sequence[float],
+        checkpoint: str | Path | None = None,
+        checkpoint_seconds: float = 120.0,
+    ) -> dict[float, torch.Tensor]:
         """(G + sΛ)⁻¹ B for every damping scale s at once; B [Q, P] flat; returns {s: X_s}.
 
         Multi-shift CG (Jegerlehner 1996, hep-lat/9612014) on Λ^-½ G Λ^-½ + sI, whose Krylov
@@ -296,7 +305,14 @@ class CG(_FullCurvature):
         rescaling symmetry leaves without curvature, and converged more slowly on the study's
         Llamas.) Each (query, scale) stops on its residual; at the end every TRUE residual is
         computed and one above tol is refined by CG from its x within the iterations left.
-        Appends one record per scale (with its "scale") to `meta_["solves"]`."""
+        Appends one record per scale (with its "scale") to `meta_["solves"]`.
+
+        checkpoint: a file that keeps the shared iteration's state, written atomically at most
+            every `checkpoint_seconds` (0: every iteration) and removed when the solve
+            returns. A solve that finds it resumes where the killed one stopped and gives the
+            same iterates (bit for bit at the same thread count). It is checked against this
+            problem (right-hand sides, scales, damping, tol and one GNVP of a fixed vector): a
+            checkpoint of another problem raises, naming what differs."""
         checks.check_finite_rhs(b, self.layers_, "CG")
         if self.block_only or self.preconditioner is not None:
             raise ValueError(
@@ -326,7 +342,21 @@ class CG(_FullCurvature):
         iterations = torch.zeros(q, dtype=torch.long)
         history: list[float] = []
         it = 0
-        bar = tqdm(total=self.max_iter, desc="CG", disable=not self.progress_, leave=False)
+        state_names = ("r", "p", "ps", "y", "zeta", "zeta_prev", "alpha_prev", "beta_prev")
+        state_names += ("rr", "done", "active", "iterations")
+        store = None
+        if checkpoint is not None:
+            store = _Checkpoint(checkpoint, checkpoint_seconds, self, b, scales)
+            saved = store.load()
+            if saved is not None:
+                on_device = [saved[k].to(b.device) for k in state_names[:-1]]
+                r, p, ps, y, zeta, zeta_prev, alpha_prev, beta_prev, rr, done, active = on_device
+                iterations, it, history = saved["iterations"], saved["it"], saved["history"]
+        resumed_at = it
+        before = store.before if store is not None else {"wall_s": 0.0, "cpu_s": 0.0}
+        bar = tqdm(
+            total=self.max_iter, initial=it, desc="CG", disable=not self.progress_, leave=False
+        )
         while active.any() and it < self.max_iter:
             idx = active.nonzero().squeeze(1)
             ap = d * op.gnvp(d * p[idx]) + s0 * p[idx]
@@ -357,6 +387,10 @@ class CG(_FullCurvature):
             history.append(float(rec.max()))
             it += 1
             bar.update(1)
+            if store is not None:
+                values = (r, p, ps, y, zeta, zeta_prev, alpha_prev, beta_prev, rr, done, active)
+                state = dict(zip(state_names, (*values, iterations), strict=True))
+                store.maybe_save(state, it, history)
         bar.close()
         x = y * d
         # TRUE residuals of every (scale, query), one batched product
@@ -369,7 +403,12 @@ class CG(_FullCurvature):
         for j, v in enumerate(scales):
             rows = (res[j] > self.tol).nonzero().squeeze(1)
             its = iterations.clone()
-            info_extra = {"scale": v, "shared_iterations": it}
+            info_extra = {
+                "scale": v,
+                "shared_iterations": it,
+                "resumed_at": resumed_at,
+                "seconds_before_resume": before,
+            }
             if rows.numel() and it < left:
                 # refine from x: plain CG on this scale's system, within the iterations left
                 cap, self.max_iter = self.max_iter, left - it
@@ -385,4 +424,79 @@ class CG(_FullCurvature):
                 its[rows.cpu()] += torch.tensor(refined["iterations_per_rhs"])
                 info_extra["refined"] = rows.tolist()
             out[v] = self._finish(x[j], res[j], its, it, int(rows.numel()), history, **info_extra)
+        if store is not None:
+            store.remove()
         return out
+
+
+class _Checkpoint:
+    """The state of a multi-shift CG solve on disk, tied to its problem (`CG.solve_scaled`)."""
+
+    def __init__(self, path, seconds: float, cg: CG, b: torch.Tensor, scales: Sequence[float]):
+        if not isinstance(seconds, (int, float)) or isinstance(seconds, bool) or seconds < 0:
+            raise ValueError(f"checkpoint_seconds must be a number >= 0, got {seconds!r}")
+        self.path, self.seconds = Path(path), float(seconds)
+        op = cg.operator_
+        # One GNVP of a fixed vector identifies the model, data and loss of the operator.
+        gen = torch.Generator().manual_seed(0)
+        probe = torch.randn(1, op.dim, generator=gen, dtype=torch.float64).to(op.device)
+        self.problem = {
+            "b": b.detach().cpu(),
+            "lam": op.lam.detach().cpu().double(),
+            "gnvp_probe": op.gnvp(probe).cpu(),
+            "scales": torch.tensor(list(scales), dtype=torch.float64),
+            "tol": torch.tensor([cg.tol], dtype=torch.float64),
+        }
+        self.last = time.monotonic()
+        # seconds spent on the solve by the processes killed before this one (saved states)
+        self.before = {"wall_s": 0.0, "cpu_s": 0.0}
+        self.start = (time.perf_counter(), time.process_time())
+
+    def load(self) -> dict | None:
+        """The saved state, or None when there is no checkpoint yet."""
+        if not self.path.exists():
+            return None
+        try:
+            saved = torch.load(self.path, map_location="cpu", weights_only=True)
+        except Exception as err:  # a file that is not a checkpoint: say so, never guess
+            raise ValueError(
+                f"cannot read the CG checkpoint {self.path} ({type(err).__name__}: {err}); "
+                "delete it to start the solve again"
+            ) from None
+        for name, want in self.problem.items():
+            got = saved["problem"].get(name)
+            # relative to the whole tensor: other thread counts move the last bits only
+            if (
+                got is None
+                or got.shape != want.shape
+                or float((got - want).norm()) > 1e-9 * float(want.norm())
+            ):
+                raise ValueError(
+                    f"the CG checkpoint {self.path} belongs to another problem (its {name} "
+                    "differs: other right-hand sides, scales, damping, tol, model or data); "
+                    "delete it or pass another checkpoint path"
+                )
+        self.before = dict(saved["state"]["spent"])
+        return saved["state"]
+
+    def maybe_save(self, state: dict, it: int, history: list[float]) -> None:
+        if time.monotonic() - self.last < self.seconds:
+            return
+        blob = {
+            "problem": self.problem,
+            "state": {
+                **{k: v.detach().cpu() for k, v in state.items()},
+                "it": it,
+                "history": list(history),
+                "spent": {
+                    "wall_s": self.before["wall_s"] + time.perf_counter() - self.start[0],
+                    "cpu_s": self.before["cpu_s"] + time.process_time() - self.start[1],
+                },
+            },
+        }
+        with atomic_path(self.path) as tmp:
+            torch.save(blob, tmp)
+        self.last = time.monotonic()
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)

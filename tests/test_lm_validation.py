@@ -216,6 +216,50 @@ def test_multi_shift_cg_equals_dense_solves_at_every_scale(llama_problem):
         )
 
 
+def test_killed_multi_shift_cg_resumes_from_its_checkpoint_bit_for_bit(llama_problem, tmp_path):
+    model, task, data, _, _, lam, _, gq, _ = llama_problem
+    scales = [0.1, 1.0, 10.0]
+
+    def fitted():
+        return CG(damping=lam, tol=1e-10, max_iter=3000).fit(model, task, data, progress=False)
+
+    whole = fitted().solve_scaled(gq, scales)
+    ckpt = tmp_path / "cg.pt"
+    cg = fitted()
+    gnvp, calls = cg.operator_.gnvp, []
+
+    def killed_after_20(v, *args, **kw):
+        calls.append(1)
+        if len(calls) > 21:  # the checkpoint's probe, then 20 iterations
+            raise KeyboardInterrupt
+        return gnvp(v, *args, **kw)
+
+    cg.operator_.gnvp = killed_after_20
+    with pytest.raises(KeyboardInterrupt):
+        cg.solve_scaled(gq, scales, checkpoint=ckpt, checkpoint_seconds=0)
+    assert ckpt.exists()
+    resumed_cg = fitted()
+    resumed = resumed_cg.solve_scaled(gq, scales, checkpoint=ckpt, checkpoint_seconds=0)
+    for s in scales:
+        assert torch.equal(resumed[s], whole[s]), s
+    assert {r["resumed_at"] for r in resumed_cg.meta_["solves"]} == {20}
+    before = resumed_cg.meta_["solves"][0]["seconds_before_resume"]
+    assert before["wall_s"] > 0 and before["cpu_s"] > 0  # the killed run's time is counted
+    assert not ckpt.exists()  # removed once the solve returned
+    # a checkpoint of another problem is refused, naming what differs
+    calls.clear()
+    with pytest.raises(KeyboardInterrupt):
+        cg.solve_scaled(gq, scales, checkpoint=ckpt, checkpoint_seconds=0)
+    assert ckpt.exists()
+    with pytest.raises(ValueError, match="belongs to another problem .its b differs"):
+        fitted().solve_scaled(2 * gq, scales, checkpoint=ckpt)
+    with pytest.raises(ValueError, match="its scales differs"):
+        fitted().solve_scaled(gq, [0.2, 1.0, 10.0], checkpoint=ckpt)
+    ckpt.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="cannot read the CG checkpoint"):
+        fitted().solve_scaled(gq, scales, checkpoint=ckpt)
+
+
 def test_unconverged_cg_is_recorded_per_right_hand_side(llama_problem):
     model, task, data, _, ek, lam, _, gq, _ = llama_problem
     cg = CG(damping=lam, tol=1e-12, max_iter=2, strict=False).fit(model, task, data, progress=False)

@@ -46,6 +46,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -310,6 +311,7 @@ def _scores(p: Problem, est, c: dict, progress: bool, train=None) -> torch.Tenso
 def _solve_record(solve: dict) -> dict:
     """What the validation keeps of one CG solve record (`CG.meta_["solves"]`)."""
     keep = ("iterations", "restarts", "relative_residuals", "converged", "iterations_per_rhs")
+    keep += ("resumed_at",)
     return {**{k: solve[k] for k in keep}, "history": solve["history"]}
 
 
@@ -335,11 +337,14 @@ def _train_products(p: Problem, x: torch.Tensor, infos, c: dict) -> torch.Tensor
     return torch.cat(parts, dim=-1)
 
 
-def cg_scores(p: Problem, cg: CG, scales: Sequence[float], c: dict) -> dict[float, torch.Tensor]:
+def cg_scores(
+    p: Problem, cg: CG, scales: Sequence[float], c: dict, checkpoint: Path | None = None
+) -> dict[float, torch.Tensor]:
     """CG's scores [Q, |S|] at every scale: x_q = (G + sΛ)⁻¹ ∇m_q for all queries and scales
-    in one multi-shift solve (`CG.solve_scaled`), then x_q · ∇L(z_m) for every m of S."""
+    in one multi-shift solve (`CG.solve_scaled`, resumable from `checkpoint`), then
+    x_q · ∇L(z_m) for every m of S."""
     infos = cg.layers_
-    xs = cg.solve_scaled(_query_gradients(p, c, infos), scales)
+    xs = cg.solve_scaled(_query_gradients(p, c, infos), scales, checkpoint=checkpoint)
     x = torch.stack([xs[float(s)] for s in scales])  # [S, Q, P]
     scores = _train_products(p, x, infos, c)
     return {float(s): scores[j] for j, s in enumerate(scales)}
@@ -383,7 +388,13 @@ def reference(p: Problem, c: dict, progress: bool) -> tuple[dict, dict]:
                 c,
             )
             cg.progress_ = progress
-            solved, costs["cg"] = _timed(lambda: cg_scores(p, cg, scales, c))
+            # hours at the larger sizes: a killed run resumes the solve where it stopped
+            ckpt = cache.artifacts_root() / "checkpoints" / "lm_validation"
+            ckpt = ckpt / f"{cache.config_hash(key)}-cg.pt"
+            solved, costs["cg"] = _timed(lambda: cg_scores(p, cg, scales, c, ckpt))
+            # a resumed solve: add the seconds its killed runs spent (saved in the checkpoint)
+            before = cg.meta_["solves"][-1]["seconds_before_resume"]
+            costs["cg"] = {u: costs["cg"][u] + before[u] for u in COST_UNITS}
         for scale, sc in solved.items():
             out[f"cg@{scale:g}"] = sc
         solves = {f"{r['scale']:g}": _solve_record(r) for r in cg.meta_["solves"]}
