@@ -287,6 +287,32 @@ report.table(
 )
 
 # %% [markdown]
+# ## Exploratory: the meaning share against how well the model answers the query
+#
+# Added after the shares above were seen, so it carries no verdict. It asks whether a query's
+# top influences follow where its loss still has a gradient: a seen fact the model has learned
+# (log p near 0) has a small gradient, and so do the other statements of that fact. Per model
+# and fact query type: Spearman's ρ over queries between the model's log p(completion) and
+# the meaning share of the query's top-k.
+
+# %%
+with report.stage("fit"):
+    fit = A.meaning_vs_fit(labeled[k0], A.completion_logprobs(st, suite.tokenizer), order)
+report.table(
+    fit,
+    caption=f"Per fact query type and model: Spearman's ρ over queries between log p(completion) "
+    f"and the meaning share of the top-{k0}, its p, the median log p (nats) and the mean "
+    "share. Exploratory (chosen after the results were seen): no verdict rests on it.",
+    headers={
+        "query_type": "query type",
+        "median_logprob": "median log p (nats)",
+        "mean_share": "mean meaning share",
+        "spearman": "Spearman ρ",
+    },
+    percent=["mean_share"],
+)
+
+# %% [markdown]
 # ## The top sequences of a few queries, side by side (the paper's Fig. 1)
 #
 # Each cell: the sequence (cut at 90 characters), its relation to the query and its
@@ -389,6 +415,7 @@ Markdown(
   nats). Per-copy values are not comparable in size with the paper's: the corpus has
   {st.n_train:,} sequences, not millions, so one added copy is a much larger share of the data.
 * **Hubs.** {checks[large].describe()[0].upper() + checks[large].describe()[1:]}.
+* **Exploratory, no verdict: the share against the model's fit.** {A.describe_fit(fit)}
 * **Uncertainty.** Shares are means over queries with bootstrap intervals over queries;
   changes with size are per-query slopes against log(parameters) over every size, tested over
   queries (Wilcoxon signed-rank); with fewer than six queries that change no test can reach

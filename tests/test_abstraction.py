@@ -256,3 +256,49 @@ def test_jaccard_and_query_types():
     assert A.jaccard(set(), set()) == 0.0
     with pytest.raises(ValueError, match="query_set must be one of"):
         A.query_types(pd.DataFrame(), "quotes")
+
+
+def _meaning_rows(model, query_type, query_set, shares, k=4):
+    """Labeled top-k rows whose meaning share per query is `shares[q]` (multiples of 1/k)."""
+    rows = []
+    for q, share in enumerate(shares):
+        hits = round(share * k)
+        for r in range(k):
+            rel = A.MEANING["fact"] if r < hits else R.UNRELATED
+            rows.append({"model": model, "query_type": query_type, "query_set": query_set,
+                         "query": q, "rank": r + 1, "relation": rel})  # fmt: skip
+    return rows
+
+
+def test_meaning_vs_fit_is_spearman_over_queries_per_model_and_type():
+    shares_m = [0.0, 0.25, 0.5, 0.75, 1.0]  # rises with log p: ρ = +1
+    shares_l = [1.0, 0.75, 0.5, 0.25, 0.0]  # falls with log p: ρ = -1
+    shares_c = [0.5, 0.5, 0.5, 0.5, 0.5]  # constant share: ρ undefined, never 0
+    labeled = pd.DataFrame(
+        _meaning_rows("m", "facts", "facts", shares_m)
+        + _meaning_rows("l", "facts", "facts", shares_l)
+        + _meaning_rows("m", "paraphrase (near)", "paraphrase", shares_c)
+    )
+    lp = np.array([-5.0, -2.0, -1.0, -0.5, -0.1])
+    logprobs = pd.DataFrame(
+        [{"model": m, "query_set": qs, "query": q, "logprob": v}
+         for m in ("m", "l") for qs in ("facts", "paraphrase") for q, v in enumerate(lp)]
+    )  # fmt: skip
+    out = A.meaning_vs_fit(labeled, logprobs, order=["m", "l"]).set_index(["query_type", "model"])
+    assert out.loc[("facts", "m"), "spearman"] == pytest.approx(1.0)
+    assert out.loc[("facts", "l"), "spearman"] == pytest.approx(-1.0)
+    assert out.loc[("facts", "m"), "p"] < 0.05 and out.loc[("facts", "m"), "queries"] == 5
+    assert out.loc[("facts", "m"), "median_logprob"] == pytest.approx(-1.0)
+    assert out.loc[("facts", "l"), "mean_share"] == pytest.approx(0.5)
+    assert np.isnan(out.loc[("paraphrase (near)", "m"), "spearman"])
+    assert ("paraphrase (near)", "l") not in out.index  # no rows for that model
+    # the log p of the right query set and model is used: shuffle another set, nothing moves
+    other = logprobs.copy()
+    other.loc[other.query_set == "paraphrase", "logprob"] = lp[::-1].tolist() * 2
+    again = A.meaning_vs_fit(labeled, other, order=["m", "l"]).set_index(["query_type", "model"])
+    assert again.loc[("facts", "m"), "spearman"] == pytest.approx(1.0)
+    text = A.describe_fit(out.reset_index())
+    assert "facts: ρ from -1 to 1, p < 0.05 at 2 of 2 sizes (negative or positive there)" in text
+    assert "paraphrase (near): ρ undefined at every size" in text
+    with pytest.raises(ValueError, match="logprobs lack queries"):
+        A.meaning_vs_fit(labeled, logprobs[logprobs["query"] != 3], order=["m", "l"])

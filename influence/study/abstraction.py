@@ -361,6 +361,87 @@ def summarize_by_model(
     return pd.DataFrame(recs)
 
 
+# -- exploratory: the meaning share against how well the model answers the query ----------------
+def completion_logprobs(
+    st: Any, tokenizer: Any, query_sets: Sequence[str] = ("facts", "paraphrase")
+) -> pd.DataFrame:
+    """log p(completion | prompt) of every scored query under every model of the stage:
+    columns model, query_set, query (the row of the score tensors), logprob."""
+    from .suite import completion_scores  # the suite's teacher-forced scoring, one pass
+
+    frames = []
+    for qs in query_sets:
+        if qs not in st.query_sets:
+            continue
+        q = st.queries(qs)
+        for m in st.models:
+            with torch.no_grad():
+                lp = completion_scores(st.model(m), tokenizer, q)["logprob"]
+            frames.append(
+                pd.DataFrame({"model": m, "query_set": qs, "query": q.index, "logprob": lp})
+            )
+    if not frames:
+        raise ValueError(f"none of {list(query_sets)} was scored; scored: {st.query_sets}")
+    return pd.concat(frames, ignore_index=True)
+
+
+def meaning_vs_fit(
+    labeled: pd.DataFrame, logprobs: pd.DataFrame, order: Sequence[str]
+) -> pd.DataFrame:
+    """Per fact query type × model: Spearman's ρ (and its p) over queries between the model's
+    log p(completion) of a query and the meaning share of the query's top-k (`labeled`), with
+    the number of queries and the median log p. Exploratory: it asks whether a query's
+    influences follow where its loss still has a gradient, and carries no verdict."""
+    rows = []
+    for qt in [t for t in FACT_TYPES if t in set(labeled["query_type"])]:
+        share = per_query_share(labeled, qt, [MEANING["fact"]])
+        qs = QUERY_TYPES[qt][0]
+        for m in [m for m in order if m in share.columns]:
+            sh = share[m].dropna()
+            lp = logprobs[(logprobs.query_set == qs) & (logprobs.model == m)]
+            lp = lp.set_index("query")["logprob"].reindex(sh.index)
+            if lp.isna().any():
+                raise ValueError(f"logprobs lack queries of {qs!r} under model {m!r}")
+            res = sstats.spearmanr(lp.to_numpy(), sh.to_numpy())
+            constant = sh.nunique() < 2 or lp.nunique() < 2  # ρ undefined
+            rows.append(
+                {
+                    "query_type": qt,
+                    "model": m,
+                    "queries": len(sh),
+                    "median_logprob": float(lp.median()),
+                    "mean_share": float(sh.mean()),
+                    "spearman": float("nan") if constant else float(res.statistic),
+                    "p": float("nan") if constant else float(res.pvalue),
+                }
+            )
+    return pd.DataFrame(rows)
+
+
+def describe_fit(fit: pd.DataFrame, alpha: float = 0.05) -> str:
+    """One sentence per query type of `meaning_vs_fit`: the range of ρ over sizes and at how
+    many sizes it is significant, with its sign there."""
+    parts = []
+    for qt, sub in fit.groupby("query_type", sort=False):
+        rho = sub["spearman"].dropna()
+        if rho.empty:
+            parts.append(f"{qt}: ρ undefined at every size (a constant share or log p)")
+            continue
+        sig = sub[sub["p"] < alpha]
+        signs = sorted({"positive" if v > 0 else "negative" for v in sig["spearman"]})
+        where = f"p < {alpha:g} at {len(sig)} of {len(sub)} sizes"
+        if len(sig):
+            where += f" ({' or '.join(signs)} there)"
+        parts.append(
+            f"{qt}: ρ from {stats.format_number(rho.min(), 2)} to "
+            f"{stats.format_number(rho.max(), 2)}, {where}"
+        )
+    return (
+        "Spearman's ρ between a query's log p(completion) and its meaning share, per "
+        "size: " + "; ".join(parts) + "."
+    )
+
+
 # -- magnitudes and examples -------------------------------------------------------------------
 def max_per_copy(st: Any, query_sets: Sequence[str] = QUERY_SETS) -> pd.DataFrame:
     """Per model × query: the largest per-copy influence (nats per added copy) on the query."""
