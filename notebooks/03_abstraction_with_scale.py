@@ -373,6 +373,7 @@ report.metrics["composition_intervals"] = comp.round(4).to_dict(orient="records"
 report.metrics["trends"] = trends.round(4).to_dict(orient="records")
 report.metrics["max_per_copy_median"] = {m: mx_table[m].round(4).to_dict() for m in order}
 report.metrics["hubs"] = {m: c.as_dict() for m, c in checks.items()}
+report.metrics["meaning_vs_fit"] = fit.round(4).to_dict(orient="records")  # exploratory
 report.save()
 
 # %%
