@@ -405,8 +405,11 @@ class GradientIndex:
             del terms, a0
         if not parts:
             raise ValueError("query data is empty")
-        order = torch.argsort(torch.cat(indices))
-        x = torch.cat(parts)[order.to(parts[0].device)]
+        # Back into the caller's order, one batch at a time and letting each go: a
+        # concatenation and a reordered copy held three copies of all the vectors at once.
+        x = parts[0].new_empty(sum(len(i) for i in indices), self.row_size)
+        while parts:
+            x[indices.pop().to(x.device)] = parts.pop()
         checks.check_finite_queries({"all layers": x})
         return x
 
@@ -461,10 +464,22 @@ class GradientIndex:
         return dense
 
     def _blocks(self, like: torch.Tensor, memory_cap: int):
+        """Blocks of rows in `like`'s dtype and device. A converted block goes into one
+        reused buffer (valid until the next block): a fresh copy per block kept the caller's
+        previous block alive while the next was converted, two copies at once."""
+        converted = None
         for start, rows in storage.iter_blocks(
             self.path, self.shards, self.bytes_per_example, self.dtype, memory_cap
         ):
-            yield start, rows.to(like.device, like.dtype, non_blocking=True)
+            if rows.dtype == like.dtype and rows.device == like.device:
+                yield start, rows
+                continue
+            if converted is None or len(converted) < len(rows):
+                converted = None  # let the smaller buffer go before the larger one exists
+                converted = torch.empty(rows.shape, dtype=like.dtype, device=like.device)
+            view = converted[: len(rows)]
+            view.copy_(rows)
+            yield start, view
 
     def scores(
         self,
