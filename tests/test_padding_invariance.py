@@ -22,6 +22,18 @@ t = pytest.importorskip("transformers")
 datasets = pytest.importorskip("datasets")
 
 TIGHT = 1e-10
+# transformers' Llama computes RMSNorm and RoPE in float32 whatever the model's dtype, so a
+# float64 Llama carries float32 rounding, and the vectorised float32 kernels round differently
+# for batches of other shapes: 2.3e-8 to 7.1e-8 relative under AVX2, below 1e-10 with
+# ATEN_CPU_CAPABILITY=default (measured on an AMD EPYC). A padding leak moves results by
+# orders of magnitude more (39% for GPT-2's left padding, NaN for Llama's).
+FLOAT32_ISLANDS = {"llama": 1e-6}
+
+
+def tolerance(case: str) -> float:
+    return FLOAT32_ISLANDS.get(case, TIGHT)
+
+
 EXTRA = 5  # extra right padding
 LENGTHS = [5, 8, 3, 7, 4, 6]
 QUERY_LENGTHS = [6, 2]
@@ -146,7 +158,7 @@ def test_padding_and_batch_size_change_no_factor_and_no_score(case, est_name):
         got = results(model, task, est_cls, train_batch, query_batch, batch_size=len(train))
         assert set(got) == set(alone)
         for k, v in alone.items():
-            assert rel(got[k], v) < TIGHT, (what, k, rel(got[k], v))
+            assert rel(got[k], v) < tolerance(case), (what, k, rel(got[k], v))
 
 
 @pytest.mark.parametrize("case", ["bert", "t5"])
@@ -225,7 +237,7 @@ def test_left_padding_gives_the_scores_of_right_padding(case):
                     tokens[:, i] = tokens[:, i].roll(-shift, dims=-1)
             got[side]["by token"] = tokens
     for k, v in got["right"].items():
-        assert rel(got["left"][k], v) < TIGHT, (k, rel(got["left"][k], v))
+        assert rel(got["left"][k], v) < tolerance(case), (k, rel(got["left"][k], v))
 
 
 def test_left_padding_gives_right_padding_cg_and_pbrf_scores():
