@@ -22,16 +22,53 @@ t = pytest.importorskip("transformers")
 datasets = pytest.importorskip("datasets")
 
 TIGHT = 1e-10
-# transformers' Llama computes RMSNorm and RoPE in float32 whatever the model's dtype, so a
-# float64 Llama carries float32 rounding, and the vectorised float32 kernels round differently
-# for batches of other shapes: 2.3e-8 to 7.1e-8 relative under AVX2, below 1e-10 with
-# ATEN_CPU_CAPABILITY=default (measured on an AMD EPYC). A padding leak moves results by
-# orders of magnitude more (39% for GPT-2's left padding, NaN for Llama's).
-FLOAT32_ISLANDS = {"llama": 1e-6}
 
 
-def tolerance(case: str) -> float:
-    return FLOAT32_ISLANDS.get(case, TIGHT)
+def float64_llama():
+    """The test's Llama with transformers' float32 islands made float64: its RMSNorm, RoPE and
+    eager softmax run in float32 whatever the model's dtype, and on AVX2 the vectorised float32
+    kernels round differently for batches of other shapes (2.3e-8 to 7.1e-8 relative between
+    padded and unpadded batches, below 1e-10 with ATEN_CPU_CAPABILITY=default). What is tested
+    here is the library's handling of padding, at 1e-10."""
+    import types
+
+    model = build("llama")
+
+    def rms_norm(self, h):
+        return self.weight * (
+            h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        )
+
+    def rope(self, x, position_ids):
+        freqs = position_ids[..., None].to(x.dtype) * self.inv_freq.to(x.device, x.dtype)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos() * self.attention_scaling, emb.sin() * self.attention_scaling
+
+    for m in model.modules():
+        if type(m).__name__ == "LlamaRMSNorm":
+            m.forward = types.MethodType(rms_norm, m)
+        elif type(m).__name__ == "LlamaRotaryEmbedding":
+            m.forward = types.MethodType(rope, m)
+    return model
+
+
+@pytest.fixture(autouse=True)
+def float64_softmax(request, monkeypatch):
+    """In the Llama cases, eager attention's softmax in float64 where transformers asks for
+    float32 on float64 scores (the third float32 island)."""
+    if (
+        getattr(request.node, "callspec", None) is None
+        or request.node.callspec.params.get("case") != "llama"
+    ):
+        return
+    softmax = torch.nn.functional.softmax
+
+    def float64_softmax(x, dim=None, dtype=None, **kw):
+        if x.dtype == torch.float64 and dtype == torch.float32:
+            dtype = None
+        return softmax(x, dim=dim, dtype=dtype, **kw)
+
+    monkeypatch.setattr(torch.nn.functional, "softmax", float64_softmax)
 
 
 EXTRA = 5  # extra right padding
@@ -92,7 +129,7 @@ CASES = {
     "t5-equal-lengths": (lambda: seq2seq("t5"), inf.Seq2SeqLMTask(), "seq2seq-equal"),
     "bart-equal-lengths": (lambda: seq2seq("bart"), inf.Seq2SeqLMTask(), "seq2seq-equal"),
     "gpt2": (lambda: build("gpt2"), inf.LanguageModelingTask(), "lm"),
-    "llama": (lambda: build("llama"), inf.LanguageModelingTask(), "lm"),
+    "llama": (float64_llama, inf.LanguageModelingTask(), "lm"),
 }
 
 
@@ -158,7 +195,7 @@ def test_padding_and_batch_size_change_no_factor_and_no_score(case, est_name):
         got = results(model, task, est_cls, train_batch, query_batch, batch_size=len(train))
         assert set(got) == set(alone)
         for k, v in alone.items():
-            assert rel(got[k], v) < tolerance(case), (what, k, rel(got[k], v))
+            assert rel(got[k], v) < TIGHT, (what, k, rel(got[k], v))
 
 
 @pytest.mark.parametrize("case", ["bert", "t5"])
@@ -237,7 +274,7 @@ def test_left_padding_gives_the_scores_of_right_padding(case):
                     tokens[:, i] = tokens[:, i].roll(-shift, dims=-1)
             got[side]["by token"] = tokens
     for k, v in got["right"].items():
-        assert rel(got["left"][k], v) < tolerance(case), (k, rel(got["left"][k], v))
+        assert rel(got["left"][k], v) < TIGHT, (k, rel(got["left"][k], v))
 
 
 def test_left_padding_gives_right_padding_cg_and_pbrf_scores():
