@@ -50,7 +50,7 @@ CHILD = textwrap.dedent(
         width, n, q, bs, seq, vocab = 512, 96, 16, 16, 64, 8192
         compression, dtype, cap = inf.EigenCompression(32, 32), torch.float16, 2**20
     elif case == "blocks":  # 16-bit rows read in full 64 MiB blocks and converted: reading
-        # dominates the search (two converted blocks at once once planned at 0.6 of it)
+        # dominates the search (with two converted blocks alive at once, the plan was 0.64 of it)
         width, n, q, bs, seq, vocab = 512, 512, 16, 16, 16, 8192
         compression, dtype, cap = inf.EigenCompression(128, 128), torch.float16, 64 * 2**20
     elif case == "random":  # queries in the eigenbasis, one layer at a time
