@@ -13,13 +13,14 @@ Per size, in its own process (so that peaks are per size), each stage timed once
 CPU time (`time.process_time`, both threads):
 1. epoch: one plain forward+backward pass (weight gradients) over the accuracy subset, and
    the EK-FAC fit on the first `--fit` sequences (the estimator every index is built with);
-2. `pairwise_scores` of the queries over the first S/4, S/2 and S sequences (S =
-   `--subset`): its time is linear in N (a line through the three fits each within the
-   printed share), so the pass over all N is extrapolated by that line, unless `--exact-all`
-   scores all N; the scores of the S sequences are the exact EK-FAC reference of every
+2. `pairwise_scores` of the queries over the first S/4, S/2 and S sequences (S = `--subset`): a
+   line fits its times there (each within the printed share), and the pass over all N is
+   extrapolated by that line, unless `--exact-all` scores all N (at 6M the measured pass took
+   1,021 s against the line's 844 s: the line underestimates, which makes the ratios to it
+   conservative); the scores of the S sequences are the exact EK-FAC reference of every
    accuracy figure. How well that reference's top 10 is defined: its scores at ranks 1-12 as
-   z-scores over the S sequences, and the metric's noise ceiling, the top-10 recall and
-   Pearson of EK-FAC refitted with other sampled labels (seed 1) against it;
+   z-scores over the S sequences, and the metric's noise ceiling, the top-10 recall and Pearson
+   of EK-FAC refitted with other sampled labels (seed 1) against it;
 3. the table: for each compression an index of the S sequences, its Pearson correlation
    with the exact scores (per query, over the S sequences, averaged over queries), its top-10
    recall (the share of each query's exact top 10 it puts in its own top 10), beside it the
@@ -152,12 +153,16 @@ def recall(approx, exact, k: int = 10) -> float:
     return hits / (k * len(approx))
 
 
+def zscores(scores):
+    """Each query's scores as z-scores over the scored sequences."""
+    return (scores - scores.mean(1, keepdim=True)) / scores.std(1, keepdim=True)
+
+
 def recall_separated(approx, exact, k: int = 10, z_min: float = 3.0) -> float:
     """Top-k recall restricted to the exact top k's separated members: those whose exact score
     is at least `z_min` standard deviations above the query's mean over the scored sequences.
     Not the issue's metric: shown beside it to tell missed outliers from reordered near-ties."""
-    z = (exact - exact.mean(1, keepdim=True)) / exact.std(1, keepdim=True)
-    ta, (zt, tb) = approx.topk(k, dim=1).indices, z.topk(k, dim=1)
+    ta, (zt, tb) = approx.topk(k, dim=1).indices, zscores(exact).topk(k, dim=1)
     hits = total = 0
     for x, y, zy in zip(ta, tb, zt, strict=True):
         sep = set(y[zy >= z_min].tolist())
@@ -276,8 +281,7 @@ def run_size(args) -> None:
     # How separated is the exact top 10 from the rest? Scores as z-scores over the subset (per
     # query, median over queries): ranks that sit in the bulk are near-ties that any
     # approximation may reorder.
-    z = (exact - exact.mean(1, keepdim=True)) / exact.std(1, keepdim=True)
-    z_ranks = z.sort(1, descending=True).values[:, :12].median(0).values
+    z_ranks = zscores(exact).sort(1, descending=True).values[:, :12].median(0).values
     print(
         "exact z-score at ranks 1-12 (median over queries): "
         + " ".join(f"{v:.2f}" for v in z_ranks)
