@@ -142,6 +142,8 @@ def test_run_renders_reports_then_a_failure_names_notebook_and_cell(study, capsy
     assert 'href="00_toy.html"' in index
     assert "../figures/00_toy/headline.png" in index
     assert "value 6" in index and "it does" in index
+    assert report["cache_at_start"] == []  # the toy's artifacts folder started empty
+    assert "in one run from an empty artifacts folder" in index
     assert not list(study.rglob(".*.new")) and not (reports / ".publish.json").exists()
     (run,) = (study / "artifacts" / "runs" / "default").iterdir()  # this run's own folder
     assert run.name == report["run_id"]
@@ -615,3 +617,40 @@ def test_index_reads_a_report_whose_figures_are_plain_file_lists(tmp_path):
     old = {"figures": {"headline": [str(png), str(png.with_suffix(".svg"))]}}
     fig = rendering.headline_figure(old, reports)
     assert fig == {"src": "../figures/01/headline.png", "width": None, "caption": ""}
+
+
+def test_cached_kinds_counts_complete_entries_only(study):
+    root = study / "artifacts"
+    assert bookkeeping.cached_kinds() == []  # no folder at all
+    (root / "suite" / "abc").mkdir(parents=True)  # an entry being built: no marker yet
+    (root / "runs" / "default" / "r1").mkdir(parents=True)
+    (root / "runs" / "default" / "r1" / ".complete").write_text("{}")
+    assert bookkeeping.cached_kinds() == []
+    (root / "suite" / "abc" / ".complete").write_text("{}")
+    (root / "corpus" / "def").mkdir(parents=True)
+    (root / "corpus" / "def" / ".complete").write_text("{}")
+    assert bookkeeping.cached_kinds() == ["corpus", "suite"]
+
+
+def _timed(nb: str, run_id: str, cache: list[str] | None, stages: dict[str, float]) -> dict:
+    return {
+        "notebook": nb,
+        "run_id": run_id,
+        "cache_at_start": cache,
+        "wall_time_s": {"total": sum(stages.values()), "stages": stages},
+    }
+
+
+def test_the_index_says_how_its_wall_times_were_measured():
+    cold = [
+        _timed("00", "r1", [], {"train_suite": 2600.0, "evaluate": 130.0, "corpus": 0.1}),
+        _timed("02", "r1", [], {"influence_scores": 1600.0, "tail_fits": 800.0}),
+    ]
+    assert rendering.stage_times(cold[0]) == "train suite 43 min 20 s, evaluate 2 min 10 s"
+    assert rendering.stage_times(_timed("03", "r1", [], {})) == ""
+    sentence = rendering.run_sentence(cold)
+    assert "took 85 min 30 s in one run from an empty artifacts folder" in sentence
+    warm = [_timed("00", "r2", ["corpus", "suite"], {"evaluate": 130.0})]
+    assert "found corpus, suite cached by an earlier run" in rendering.run_sentence(warm)
+    mixed = [cold[0], warm[0] | {"notebook": "01"}, _timed("03", "r0", None, {"fit": 5.0})]
+    assert "over 3 runs" in rendering.run_sentence(mixed)

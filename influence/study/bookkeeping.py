@@ -29,7 +29,7 @@ from typing import Any
 
 from influence.io import atomic_write_json
 
-from .cache import REPO_ROOT, artifacts_root
+from .cache import MARKER, REPO_ROOT, artifacts_root
 from .run_context import PUBLISHED_PRESETS
 
 PACKAGES = (
@@ -79,6 +79,22 @@ def reports_dir(preset: str) -> Path:
 
 def runs_dir(preset: str) -> Path:
     return artifacts_root() / "runs" / preset
+
+
+def cached_kinds() -> list[str]:
+    """The kinds of artifact (`corpus`, `suite`, ...) with at least one complete entry in the
+    artifacts folder now; empty for a run that starts from nothing. Run records and rendered
+    reports are no cache and are not counted."""
+    root = artifacts_root()
+    if not root.is_dir():
+        return []
+    return sorted(
+        kind.name
+        for kind in root.iterdir()
+        if kind.is_dir()
+        and kind.name not in {"runs", "reports"}
+        and any((entry / MARKER).is_file() for entry in kind.iterdir() if entry.is_dir())
+    )
 
 
 def committed_reports(directory: Path) -> bool:

@@ -47,6 +47,7 @@ from . import rendering
 from .bookkeeping import (
     PipelineError,
     Publication,
+    cached_kinds,
     check_clean_tree,
     committed_reports,
     display_path,
@@ -309,7 +310,8 @@ def _console(name: str, progress_file: Path) -> Iterator[None]:
 
 
 def _record(job: Job, data: dict[str, Any], wall: float, started, run_id: str,
-            out_dir: Path, final_figures: Path) -> dict[str, Any]:  # fmt: skip
+            out_dir: Path, final_figures: Path,
+            cache_at_start: list[str] | None = None) -> dict[str, Any]:  # fmt: skip
     """The report record (`<reports>/<notebook>.json`) of a finished notebook."""
     figures = {
         name: {**rec, "files": [display_path(final_figures / f) for f in rec.get("files", [])]}
@@ -337,6 +339,9 @@ def _record(job: Job, data: dict[str, Any], wall: float, started, run_id: str,
         },
         "started_at": started.isoformat(timespec="seconds"),
         "run_id": run_id,
+        # What the run found cached when it began ([] = an empty artifacts folder): the index
+        # says whether its wall times include training and the influence stage.
+        "cache_at_start": cache_at_start,
         "provenance": provenance(job.parameters["device"]),
     }
     fig = rendering.headline_figure(report, out_dir)
@@ -351,7 +356,13 @@ def _record(job: Job, data: dict[str, Any], wall: float, started, run_id: str,
 
 
 def run_job(
-    job: Job, *, run_dir: Path, out_dir: Path, readme: Path | None, log_output: bool = False
+    job: Job,
+    *,
+    run_dir: Path,
+    out_dir: Path,
+    readme: Path | None,
+    log_output: bool = False,
+    cache_at_start: list[str] | None = None,
 ) -> dict[str, Any]:
     """Execute one notebook and publish its outputs together; raises PipelineError on
     failure (nothing of the notebook published then)."""
@@ -412,7 +423,9 @@ def run_job(
                 f"(executed notebook: {display_path(executed)})"
             )
         data = json.loads(context.metrics_path.read_text())
-        report = _record(job, data, wall, started, run_dir.name, out_dir, final_figures)
+        report = _record(
+            job, data, wall, started, run_dir.name, out_dir, final_figures, cache_at_start
+        )
         others = [e for e in rendering.read_reports(out_dir) if e["notebook"] != job.name]
         entries = sorted([*others, report], key=lambda e: e["notebook"])
         names = [p.stem for p in discover()]
@@ -452,6 +465,7 @@ def run(
     run_id = new_run_id()
     run_dir = runs_dir(preset) / run_id
     results = []
+    cache_at_start = cached_kinds()
     with reports_lock(out_dir, run_id):
         done = recover(out_dir)
         if done:
@@ -463,7 +477,12 @@ def run(
                 flush=True,
             )
             report = run_job(
-                job, run_dir=run_dir, out_dir=out_dir, readme=readme, log_output=log_output
+                job,
+                run_dir=run_dir,
+                out_dir=out_dir,
+                readme=readme,
+                log_output=log_output,
+                cache_at_start=cache_at_start,
             )
             print(
                 f"[pipeline] {job.name}: done in "

@@ -333,20 +333,61 @@ def headline_figure(report: dict[str, Any], reports_dir: Path) -> dict[str, Any]
     return None
 
 
+def stage_times(entry: dict[str, Any], share: float = 0.05, minute: float = 60.0) -> str:
+    """The stages that took a minute or `share` of a notebook's wall time, in the order they
+    ran ("train suite 43 min 10 s, evaluate 2 min 10 s"); empty when none did."""
+    wall = entry.get("wall_time_s", {})
+    total = wall.get("total")
+    if not isinstance(total, int | float) or total <= 0:
+        return ""
+    return ", ".join(
+        f"{name.replace('_', ' ')} {duration(seconds)}"
+        for name, seconds in (wall.get("stages") or {}).items()
+        if isinstance(seconds, int | float) and seconds >= min(minute, share * total)
+    )
+
+
+def run_sentence(entries: Sequence[dict[str, Any]]) -> str:
+    """How the index's wall times were measured: in one run or several, and whether the run
+    started from an empty artifacts folder (so that training and the influence stage are in
+    the times) or found artifacts cached (`cache_at_start` of each report)."""
+    total = sum(
+        w for e in entries if isinstance(w := e.get("wall_time_s", {}).get("total"), int | float)
+    )
+    runs = {e.get("run_id") for e in entries}
+    caches = [e.get("cache_at_start") for e in entries]
+    if len(runs) == 1 and caches and caches[0] == []:
+        return (
+            f"the whole study took {duration(total)} in one run from an empty artifacts "
+            "folder, training the suite and computing its influence scores included (the "
+            "stages of each notebook are under its wall time)"
+        )
+    if len(runs) == 1 and caches and caches[0]:
+        return (
+            f"the whole study took {duration(total)} in one run that found "
+            f"{', '.join(caches[0])} cached by an earlier run, so training and the influence "
+            "stage are not all in its times"
+        )
+    return (
+        f"its notebooks took {duration(total)} in all, over {len(runs)} runs, some of which "
+        "found artifacts cached by earlier runs, so training and the influence stage are not "
+        "all in these times"
+    )
+
+
 def index_page(entries: Sequence[dict[str, Any]], reports_dir: Path) -> str:
     """`index.html`: the question, the paper's finding, ours, the verdict with its reason and
     the wall time of every notebook, then each notebook's headline figure."""
     preset = entries[0]["preset"] if entries else "?"
     plumbing = any(is_plumbing(e) for e in entries)
     rows, sections = [], []
-    total = 0.0
     for entry in entries:
         nb = entry["notebook"]
         summary = entry.get("summary") or {}
         wall = entry.get("wall_time_s", {}).get("total")
-        total += wall if isinstance(wall, int | float) else 0.0
         verdict = summary.get("verdict") or "not comparable"
         reason = summary.get("reason") or ""
+        stages = stage_times(entry)
         cell = verdict_html(verdict) + (
             f'<div class="reason">{html.escape(reason)}</div>' if reason else ""
         )
@@ -356,7 +397,7 @@ def index_page(entries: Sequence[dict[str, Any]], reports_dir: Path) -> str:
             html.escape(summary.get("paper", "")),
             html.escape(summary.get("here") or ""),
             cell,
-            duration(wall),
+            duration(wall) + (f'<div class="reason">{html.escape(stages)}</div>' if stages else ""),
         ]
         rows.append(
             "<tr>"
@@ -406,8 +447,8 @@ def index_page(entries: Sequence[dict[str, Any]], reports_dir: Path) -> str:
         + (banner(preset, overrides(entries[0])) if plumbing and entries else "")
         + f"<p>{PAPER} asked, of models up to 52B parameters, which training sequences make "
         "a model say what it says. We ask each of their questions again on a suite of small "
-        f"models trained here. Preset <b>{html.escape(preset)}</b>; the whole study took "
-        f"{duration(total)}. A finding agrees when it is significant (p &lt; 0.05), in the "
+        f"models trained here. Preset <b>{html.escape(preset)}</b>; {run_sentence(entries)}. "
+        "A finding agrees when it is significant (p &lt; 0.05), in the "
         "paper's direction and at least its stated threshold; disagrees when significant and "
         "opposite; is inconclusive otherwise; a notebook agrees only if all its comparable "
         "findings do, else it is mixed.</p>\n"
