@@ -135,6 +135,7 @@ def test_run_renders_reports_then_a_failure_names_notebook_and_cell(study, capsy
     prov = report["provenance"]
     assert {"git_commit", "python", "platform", "device", "packages"} <= set(prov)
     assert prov["packages"]["torch"] and prov["packages"]["numpy"]
+    assert prov["device"]["cpu_model"]["torch_capability"]  # the host that made the numbers
     # default preset: figures in the committed figures/ root, linked from the index
     assert (study / "figures" / "00_toy" / "headline.png").is_file()
     assert (study / "figures" / "00_toy" / "headline.svg").is_file()

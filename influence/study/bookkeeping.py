@@ -139,11 +139,34 @@ def package_versions() -> dict[str, str | None]:
     return versions
 
 
+def cpu_model() -> dict[str, str]:
+    """The CPU's model name, family and model from /proc/cpuinfo (Linux; empty elsewhere), and
+    the vector instruction set torch computes with. Trained weights differ between hosts at
+    rounding level, and 8 epochs of training amplify it, so a report names its host."""
+    wanted = {"model name": "model_name", "cpu family": "family", "model": "model"}
+    info: dict[str, str] = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() in wanted and wanted[key.strip()] not in info:
+                info[wanted[key.strip()]] = value.strip()
+    except OSError:
+        pass
+    try:
+        import torch
+
+        info["torch_capability"] = torch.backends.cpu.get_cpu_capability()
+    except Exception as exc:  # noqa: BLE001 - provenance must never fail a run
+        info["torch_capability_error"] = repr(exc)
+    return info
+
+
 def device_info(device: str) -> dict[str, Any]:
     info: dict[str, Any] = {
         "requested": device,
         "cpu": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),
+        "cpu_model": cpu_model(),
     }
     if device.startswith("cuda"):
         try:
