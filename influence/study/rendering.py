@@ -334,8 +334,8 @@ def headline_figure(report: dict[str, Any], reports_dir: Path) -> dict[str, Any]
 
 
 def stage_times(entry: dict[str, Any], share: float = 0.05, minute: float = 60.0) -> str:
-    """The stages that took a minute or `share` of a notebook's wall time, in the order they
-    ran ("train suite 43 min 10 s, evaluate 2 min 10 s"); empty when none did."""
+    """The stages that took a minute or `share` of a notebook's wall time, in the order of its
+    record ("evaluate 2 min 10 s, train suite 43 min 10 s"); empty when none did."""
     wall = entry.get("wall_time_s", {})
     total = wall.get("total")
     if not isinstance(total, int | float) or total <= 0:
