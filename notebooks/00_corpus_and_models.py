@@ -46,11 +46,19 @@ import pandas as pd
 from IPython.display import Markdown
 
 from influence.study import design_log
-from influence.study.capability import acceptance, by_language, capability
+from influence.study.capability import (
+    acceptance,
+    by_language,
+    outcomes,
+    size_steps,
+    steps_beyond_noise,
+    summarise,
+)
 from influence.study.corpus import build_corpus
 from influence.study.findings import headline, not_comparable
 from influence.study.parameters import notebook_config
 from influence.study.reporting import Report
+from influence.study.stats import format_p
 from influence.study.suite import completion_scores, load_suite, train_suite
 from influence.study.tokenizer import encode_text, name_overlap, stats
 
@@ -326,10 +334,11 @@ report.figure(
 
 # %%
 with report.stage("evaluate"):
-    rows = []
+    rows, items = [], {}
     for s, su in suites.items():
         for inf_ in su.info:
             m = su.models[inf_["name"]]
+            items[inf_["name"], s] = outcomes(m, su.tokenizer, corpus)
             rows.append(
                 {
                     "size": inf_["name"],
@@ -337,7 +346,7 @@ with report.stage("evaluate"):
                     "non_embedding_params": inf_["non_embedding_params"],
                     "seed": s,
                     "train_tokens": inf_["tokens_seen"],
-                    **capability(m, su.tokenizer, corpus),
+                    **summarise(items[inf_["name"], s]),
                     "train_cpu_seconds": inf_["train_cpu_seconds"],
                 }
             )
@@ -373,6 +382,15 @@ report.table(
 )
 mean = scaling.groupby("size", sort=False)[measures].mean()
 checks = acceptance(scaling)
+steps = size_steps(items, order, seed=seed)
+step_measures = list(dict.fromkeys(steps["measure"]))
+
+
+def noise(name):
+    measure = next((m for m in step_measures if name.startswith(m + " ")), None)
+    return steps_beyond_noise(steps, measure) if measure else ""
+
+
 report.table(
     pd.DataFrame(
         [
@@ -383,11 +401,49 @@ report.table(
                     f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"
                     for k, v in c["values"].items()
                 ),
+                "size steps beyond noise": noise(name),
             }
             for name, c in checks.items()
         ]
     ),
-    caption=f"Issue 23's acceptance criteria on the mean over the {len(train_seeds)} seeds.",
+    caption=f"Issue 23's acceptance criteria on the mean over the {len(train_seeds)} seeds. "
+    "A criterion on every size step is met when the seed means move the required way; the "
+    "last column says how many of those steps are also beyond the noise (next table).",
+)
+
+# %% [markdown]
+# Is each size step beyond the noise? Two kinds of noise can move a step: the finite query
+# sets (the interval: a bootstrap over queries, or held-out sequences for the loss, of the
+# change in the mean over seeds, each query averaged over the seeds of its size first; the
+# p of a Wilcoxon signed-rank test over the same queries) and training (the seed pairings:
+# of the 4 pairings of a seed of the smaller size with a seed of the larger, how many move
+# the required way). A step counts as a rise (or fall) only when the 95% interval excludes
+# zero on the required side and every pairing moves that way; "reverses" when both point
+# the other way; otherwise it is within noise. A step within noise can flip with another
+# seed, or on another machine: the same code retrained on a second host of the same CPU
+# model gives models that differ as two seeds do (README, *Determinism*).
+
+# %%
+report.table(
+    steps.assign(
+        measure=steps["measure"].map(measure_headers),
+        change=[
+            f"{e:+.3g} [{lo:+.3g}, {hi:+.3g}]"
+            for e, lo, hi in zip(steps["change"], steps["low"], steps["high"], strict=True)
+        ],
+        p=steps["p"].map(format_p),
+        seed_pairs=[
+            f"{k} of {n}" for k, n in zip(steps["seed_pairs"], steps["pairings"], strict=True)
+        ],
+    )[["measure", "step", "change", "p", "seed_pairs", "verdict"]],
+    caption="Each size step of the acceptance: the change in the mean over seeds with its 95% "
+    "bootstrap interval over queries (held-out sequences for the loss), the Wilcoxon p over "
+    "the same, the seed pairings that move the required way, and the verdict.",
+    headers={
+        "change": "change [95% interval]",
+        "p": "p (Wilcoxon)",
+        "seed_pairs": "seed pairings moving the required way",
+    },
 )
 
 # %%
@@ -499,16 +555,22 @@ def pct(x):
 
 
 def trend(col):
-    return " → ".join(pct(mean.loc[m, col]) for m in order)
+    return "→".join(pct(mean.loc[m, col]) for m in order)
 
 
-losses = " → ".join(f"{mean.loc[m, 'heldout_loss']:.2f}" for m in order)
+def beyond(measure):
+    return int(steps.loc[steps["measure"] == measure, "verdict"].isin(["rises", "falls"]).sum())
+
+
+losses = "→".join(f"{mean.loc[m, 'heldout_loss']:.2f}" for m in order)
 here = (
     f"{len(order)} models of {params[0]:,} to {params[-1]:,} parameters, "
     f"{len(train_seeds)} seeds each, on {int(train['tokens'].sum()):,} generated tokens; "
     f"smallest to largest (mean over seeds): held-out loss {losses}, near paraphrases "
     f"{trend('near_paraphrase_accuracy')}, cross-lingual {trend('cross_lingual_accuracy')}; "
-    f"{passed} of {len(checks)} acceptance criteria met."
+    f"{passed} of {len(checks)} acceptance criteria met; size steps beyond query and seed "
+    f"noise (of {len(order) - 1}): loss {beyond('heldout_loss')}, near "
+    f"{beyond('near_paraphrase_accuracy')}, cross-lingual {beyond('cross_lingual_accuracy')}."
 )
 found = [
     not_comparable(
@@ -551,6 +613,10 @@ report.metrics.update(
         "seq_len": suite.seq_len,
         "models": models[cols].to_dict("records"),
         "acceptance": checks,
+        "size_steps": [
+            {k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}
+            for r in steps.to_dict("records")
+        ],
         "accuracy_by_language": per_lang,
         "other_accuracy": {
             m: dict(zip(g["query set"], g.accuracy.round(3), strict=True))

@@ -341,6 +341,14 @@ def test_provenance_is_dirty_only_for_changed_sources(monkeypatch):
     assert bookkeeping.provenance("cpu")["git_dirty"] is True
 
 
+@pytest.mark.skipif(not Path("/proc/cpuinfo").exists(), reason="reads Linux's /proc/cpuinfo")
+def test_cpu_model_names_the_host_without_its_whole_flag_list():
+    info = bookkeeping.cpu_model()
+    assert info["model_name"] and info["torch_capability"]
+    assert "flags" not in info and re.fullmatch(r"[0-9a-f]{12}", info["flags_sha256"])
+    assert json.loads(json.dumps(info)) == info  # goes into the report's JSON as is
+
+
 def test_committed_reports_need_a_clean_tree():
     bookkeeping.check_clean_tree("")
     bookkeeping.check_clean_tree(" M reports/01.html\n M figures/a.png\n M README.md\n")

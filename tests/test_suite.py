@@ -183,3 +183,18 @@ def test_completion_scores_match_greedy_generation(corpus_tok):
             ids = torch.cat([ids, nxt.view(1, 1)], 1)
         assert bool(sc["correct"][i]) == (ids[0, len(p) :].tolist() == c)
         assert sc["logprob"][i] <= 0
+
+
+def test_heldout_token_losses_are_per_sequence_in_input_order(corpus_tok):
+    corpus, tok = corpus_tok
+    torch.manual_seed(0)
+    model = S.LlamaForCausalLM(S.llama_config(TINY[0], len(tok), 96, tok)).eval()
+    seqs = [encode_text(tok, t) for t in corpus.heldout["text"]][:9]
+    got = S.heldout_token_losses(model, seqs, tok.pad_token_id, batch_size=4)
+    assert got.shape == (len(seqs), 2)
+    with torch.no_grad():
+        for row, s in zip(got, seqs, strict=True):  # alone, unpadded
+            ids = torch.tensor([s])
+            assert row[1] == len(s) - 1
+            loss = float(model(input_ids=ids, labels=ids).loss)
+            assert row[0] == pytest.approx(loss * row[1], rel=1e-5)

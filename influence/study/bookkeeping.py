@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import fcntl
+import hashlib
 import json
 import os
 import platform
@@ -140,10 +141,18 @@ def package_versions() -> dict[str, str | None]:
 
 
 def cpu_model() -> dict[str, str]:
-    """The CPU's model name, family and model from /proc/cpuinfo (Linux; empty elsewhere), and
-    the vector instruction set torch computes with. Trained weights differ between hosts at
-    rounding level, and 8 epochs of training amplify it, so a report names its host."""
-    wanted = {"model name": "model_name", "cpu family": "family", "model": "model"}
+    """The CPU's model name, family, model and microcode from /proc/cpuinfo (Linux; empty
+    elsewhere), a short sha256 of its feature flags, its cache sizes (sysfs), and the vector
+    instruction set torch computes with. Trained weights differ between hosts at rounding
+    level, and 8 epochs of training amplify it, so a report names its host closely enough to
+    tell two hosts with one model name apart."""
+    wanted = {
+        "model name": "model_name",
+        "cpu family": "family",
+        "model": "model",
+        "microcode": "microcode",
+        "flags": "flags",
+    }
     info: dict[str, str] = {}
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -152,6 +161,18 @@ def cpu_model() -> dict[str, str]:
                 info[wanted[key.strip()]] = value.strip()
     except OSError:
         pass
+    if "flags" in info:  # ~100 words: a digest is enough to tell two hosts apart
+        flags = " ".join(sorted(info.pop("flags").split()))
+        info["flags_sha256"] = hashlib.sha256(flags.encode()).hexdigest()[:12]
+    for index in sorted(Path("/sys/devices/system/cpu/cpu0/cache").glob("index*")):
+        try:
+            level = (index / "level").read_text().strip()
+            kind = (index / "type").read_text().strip().lower()
+            size = (index / "size").read_text().strip()
+        except OSError:
+            continue
+        name = f"cache_l{level}" + ("" if kind == "unified" else f"_{kind[0]}")
+        info[name] = size
     try:
         import torch
 

@@ -2,6 +2,7 @@
 
     row = capability(model, tokenizer, corpus)        # one row of notebook 00's scaling table
     checks = acceptance(pd.DataFrame(rows))           # issue 23's criteria, on seed means
+    steps = size_steps(outcomes_by_model, order)      # is each step beyond the noise?
 
 A fact query is right when greedy decoding reproduces the whole object name
 (`suite.completion_scores`). The measures:
@@ -25,7 +26,8 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
-from .suite import completion_scores, heldout_loss
+from . import stats
+from .suite import completion_scores, heldout_token_losses
 from .tokenizer import encode_text
 from .world import LOCALIZED, SHARED
 
@@ -35,8 +37,7 @@ FALLING = ("heldout_loss",)
 MIN_SEEN_SMALLEST = 0.30
 
 
-def _mean(ok: np.ndarray, mask: np.ndarray | None = None) -> float:
-    ok = ok if mask is None else ok[mask]
+def _mean(ok: np.ndarray) -> float:
     return float(ok.mean()) if len(ok) else float("nan")
 
 
@@ -50,27 +51,46 @@ def role_play_completion(model, tokenizer, queries) -> dict[str, tuple[int, int]
     return {g: (int(ok[group == g].sum()), int((group == g).sum())) for g in sorted(set(group))}
 
 
-def capability(model, tokenizer, corpus) -> dict[str, float]:
-    """The capability measures (module doc) of one model on `corpus`."""
+def outcomes(model, tokenizer, corpus) -> dict[str, np.ndarray]:
+    """The per-query outcomes behind `capability`: for each accuracy measure, 1.0 or 0.0 per
+    query (query-set order, so the same query has the same position for every model); for
+    `heldout_loss`, [summed token loss, predicted tokens] per held-out sequence ([n, 2])."""
     q = corpus.queries
     ok = {
-        qs: completion_scores(model, tokenizer, q[qs])["correct"]
-        for qs in ("facts", "paraphrase", "cross_lingual")
+        qs: completion_scores(model, tokenizer, q[qs])["correct"].astype(float)
+        for qs in ("facts", "paraphrase", "cross_lingual", "role_play")
     }
     para = np.asarray(q["paraphrase"]["group"])
     names = np.asarray(q["cross_lingual"]["names"])
-    done, n = role_play_completion(model, tokenizer, q["role_play"]).get("seen_completion", (0, 0))
+    role = np.asarray(q["role_play"]["group"])
     held = [encode_text(tokenizer, t) for t in corpus.heldout["text"]]
     return {
-        "heldout_loss": heldout_loss(model, held, tokenizer.pad_token_id),
-        "seen_fact_accuracy": _mean(ok["facts"]),
-        "near_paraphrase_accuracy": _mean(ok["paraphrase"], para == "near"),
-        "far_paraphrase_accuracy": _mean(ok["paraphrase"], para == "far"),
-        "cross_lingual_accuracy": _mean(ok["cross_lingual"]),
-        "cross_lingual_localized": _mean(ok["cross_lingual"], names == LOCALIZED),
-        "cross_lingual_shared": _mean(ok["cross_lingual"], names == SHARED),
-        "role_play_completion": done / n if n else float("nan"),
+        "heldout_loss": heldout_token_losses(model, held, tokenizer.pad_token_id),
+        "seen_fact_accuracy": ok["facts"],
+        "near_paraphrase_accuracy": ok["paraphrase"][para == "near"],
+        "far_paraphrase_accuracy": ok["paraphrase"][para == "far"],
+        "cross_lingual_accuracy": ok["cross_lingual"],
+        "cross_lingual_localized": ok["cross_lingual"][names == LOCALIZED],
+        "cross_lingual_shared": ok["cross_lingual"][names == SHARED],
+        "role_play_completion": ok["role_play"][role == "seen_completion"],
     }
+
+
+def summarise(items: dict[str, np.ndarray]) -> dict[str, float]:
+    """The capability measures from their `outcomes`: shares for the accuracies (NaN for an
+    empty set), tokens-weighted mean loss for `heldout_loss`."""
+    out = {}
+    for name, v in items.items():
+        if name == "heldout_loss":
+            out[name] = float(v[:, 0].sum() / v[:, 1].sum())
+        else:
+            out[name] = _mean(v)
+    return out
+
+
+def capability(model, tokenizer, corpus) -> dict[str, float]:
+    """The capability measures (module doc) of one model on `corpus`."""
+    return summarise(outcomes(model, tokenizer, corpus))
 
 
 def by_language(model, tokenizer, corpus, sets: Sequence[str]) -> dict[str, dict[str, float]]:
@@ -112,3 +132,98 @@ def acceptance(table: pd.DataFrame) -> dict[str, dict]:
         "values": {order[-1]: round(float(loss.iloc[-1]), 4), "lowest": str(loss.idxmin())},
     }
     return out
+
+
+def _per_query(items: list[np.ndarray], loss: bool) -> tuple[np.ndarray, ...]:
+    """The outcomes of one size averaged over its seeds, query by query: (share,) for an
+    accuracy, (summed loss, tokens) for the loss."""
+    if len({len(v) for v in items}) != 1:
+        raise ValueError("every model must be scored on the same queries (one corpus)")
+    mean = np.mean(np.stack(items), axis=0)
+    return (mean[:, 0], mean[:, 1]) if loss else (mean,)
+
+
+def size_steps(
+    items: dict[tuple[str, int], dict[str, np.ndarray]],
+    order: Sequence[str],
+    *,
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> pd.DataFrame:
+    """Whether each step of the acceptance (every RISING measure rises, every FALLING one
+    falls, from one size to the next) is beyond the noise of the measurement.
+
+    `items`: {(size, training seed): `outcomes(...)`}; `order`: the sizes, small to large.
+    One row per measure and step: `change` (larger size minus smaller, means over seeds);
+    `low`, `high`, the 95% percentile bootstrap interval of the change over queries (held-out
+    sequences for the loss), each query's outcome averaged over the seeds of each size first;
+    `p`, a Wilcoxon signed-rank test of the per-query differences (per-token for the loss);
+    `seed_pairs` of `pairings`, the (smaller-size seed, larger-size seed) pairings whose
+    values move the required way. The interval measures query noise, the pairings training
+    noise (two seeds give four pairings; a step that holds in only some of them could flip
+    with the next seed, or on another host). `verdict`: "rises" / "falls" as required when
+    the interval excludes zero on the required side and every pairing moves that way,
+    "reverses" when both point the other way, otherwise "within noise"."""
+    unknown = sorted({s for s, _ in items} - set(order))
+    if unknown:
+        raise ValueError(f"sizes {unknown} are not in the order {list(order)}")
+    rows = []
+    for measure, sign in [(c, 1) for c in RISING] + [(c, -1) for c in FALLING]:
+        loss = measure == "heldout_loss"
+        by_size = {
+            size: [v[measure] for (s, _), v in sorted(items.items()) if s == size] for size in order
+        }
+        for small, large in zip(order, order[1:], strict=False):
+            a, b = _per_query(by_size[small], loss), _per_query(by_size[large], loss)
+            if len(a[0]) != len(b[0]):
+                raise ValueError(f"{small} and {large} were scored on different queries")
+            if loss:
+                diff, tokens = b[0] - a[0], a[1]
+                ci = stats.bootstrap(
+                    (diff, tokens),
+                    lambda d, t, axis: d.sum(axis) / t.sum(axis),
+                    n_boot=n_boot,
+                    seed=seed,
+                )
+                test = stats.wilcoxon(diff / tokens, over="held-out sequences")
+            else:
+                diff = b[0] - a[0]
+                ci = stats.bootstrap(diff, n_boot=n_boot, seed=seed)
+                test = stats.wilcoxon(diff, over="queries")
+            values = {
+                size: [summarise({measure: v})[measure] for v in by_size[size]]
+                for size in (small, large)
+            }
+            pairs = [sign * (vb - va) > 0 for va in values[small] for vb in values[large]]
+            if sign * ci.low > 0 and all(pairs):
+                verdict = "rises" if sign > 0 else "falls"
+            elif sign * ci.high < 0 and not any(pairs):
+                verdict = "reverses"
+            else:
+                verdict = "within noise"
+            rows.append(
+                {
+                    "measure": measure,
+                    "step": f"{small} → {large}",
+                    "change": ci.estimate,
+                    "low": ci.low,
+                    "high": ci.high,
+                    "p": test.p,
+                    "seed_pairs": int(sum(pairs)),
+                    "pairings": len(pairs),
+                    "verdict": verdict,
+                }
+            )
+    return pd.DataFrame(rows)
+
+
+def steps_beyond_noise(steps: pd.DataFrame, measure: str) -> str:
+    """ "3 of 4 steps beyond noise; within noise: l → xl" for one measure of `size_steps`."""
+    sub = steps[steps["measure"] == measure]
+    good = sub["verdict"].isin(["rises", "falls"])
+    text = f"{int(good.sum())} of {len(sub)} steps beyond noise"
+    for verdict in ("within noise", "reverses"):
+        which = sub.loc[sub["verdict"] == verdict, "step"].tolist()
+        if which:
+            text += f"; {verdict}: {', '.join(which)}"
+    return text

@@ -286,26 +286,35 @@ def train_model(
 
 
 @torch.no_grad()
-def heldout_loss(model, seqs: list[list[int]], pad_id: int, batch_size: int = 64) -> float:
-    """Mean token loss (nats) of `seqs` (<bos> … <eos>), every predicted token weighing the
-    same; batches of similar length, so padding costs little."""
+def heldout_token_losses(model, seqs: list[list[int]], pad_id: int, batch_size: int = 64):
+    """Per sequence of `seqs` (<bos> … <eos>), in their order: [summed token loss (nats),
+    predicted tokens], an [n, 2] float64 array. Batches of similar length, so padding costs
+    little."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     order = sorted(range(len(seqs)), key=lambda i: (len(seqs[i]), i))
-    total, count = 0.0, 0
+    out = np.zeros((len(seqs), 2))
     for s in range(0, len(order), batch_size):
-        chunk = [seqs[i] for i in order[s : s + batch_size]]
+        idx = order[s : s + batch_size]
+        chunk = [seqs[i] for i in idx]
         batch = {k: v.to(device) for k, v in _pad(chunk, len(chunk[-1]), pad_id).items()}
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         tgt = batch["labels"][:, 1:]
         nll = torch.nn.functional.cross_entropy(
-            logits[:, :-1].float().transpose(1, 2), tgt, ignore_index=IGNORE, reduction="sum"
+            logits[:, :-1].float().transpose(1, 2), tgt, ignore_index=IGNORE, reduction="none"
         )
-        total += float(nll)
-        count += int((tgt != IGNORE).sum())
+        out[idx, 0] = nll.detach().sum(-1).double().cpu().numpy()
+        out[idx, 1] = (tgt != IGNORE).sum(-1).cpu().numpy()
     model.train(was_training)
-    return total / count
+    return out
+
+
+def heldout_loss(model, seqs: list[list[int]], pad_id: int, batch_size: int = 64) -> float:
+    """Mean token loss (nats) of `seqs` (<bos> … <eos>), every predicted token weighing the
+    same (`heldout_token_losses` gives it per sequence)."""
+    per_seq = heldout_token_losses(model, seqs, pad_id, batch_size)
+    return float(per_seq[:, 0].sum() / per_seq[:, 1].sum())
 
 
 def _train_model(size, train, tokenizer, seqs, context, seed, device, progress, heldout, tie):
