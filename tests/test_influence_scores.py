@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import influence as inf
+from influence.io import load_safetensors
 from influence.study import influence_scores as IS
 from influence.study.corpus import QUERY_SETS
 from influence.study.suite import load_suite, query_dataset, sequence_dataset, train_dataset
@@ -239,3 +240,24 @@ def test_fitted_estimator_and_self_influence_come_from_the_stage(env, monkeypatc
     assert torch.equal(sc.self_influence("t"), si)
     with pytest.raises(ValueError, match=r"unknown model size \['xl'\]"):
         sc.estimator("xl")
+
+
+def test_two_workers_give_the_same_entries_as_one(tmp_path, monkeypatch):
+    """Models fitted and scored in spawned processes: the same files, bit for bit."""
+    monkeypatch.setenv("INFLUENCE_ARTIFACTS", str(tmp_path / "one"))
+    sizes = [TINY[0], {**TINY[0], "name": "u", "hidden": 24, "intermediate": 48}]
+    suite = load_suite("smoke", sizes=sizes, train=TRAIN, progress=False)
+    one = IS.study_scores(suite, "smoke", progress=False, workers=1, **STAGE)
+    monkeypatch.setenv("INFLUENCE_ARTIFACTS", str(tmp_path / "two"))
+    two = IS.study_scores(suite, "smoke", progress=False, workers=2, **STAGE)
+    assert not two.timings["cached"].any() and list(two.models) == ["t", "u"]
+    for name in ("t", "u"):
+        assert two.paths[name] != one.paths[name]
+        assert two.paths[name].name == one.paths[name].name  # the key ignores `workers`
+        for f in ("scores.safetensors", "ekfac.safetensors"):
+            # tensors and metadata, not bytes: safetensors writes metadata keys in hash order
+            (a, meta_a), (b, meta_b) = (load_safetensors(s.paths[name] / f) for s in (one, two))
+            assert meta_a == meta_b and a.keys() == b.keys()
+            assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(ValueError, match="workers"):
+        IS.study_scores(suite, "smoke", progress=False, workers=0, **STAGE)

@@ -33,10 +33,12 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import multiprocessing
 import shutil
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -390,24 +392,89 @@ class StudyScores:
         return data["self"].clone()
 
 
+@dataclass
+class _BuildJob:
+    """One model to fit and score, and where to save it (picklable: runs in a spawned process
+    with the parent's torch thread count, so its scores are the same bit for bit)."""
+
+    suite: Suite  # holding only the model to score
+    name: str
+    cfg: dict
+    selected: dict[str, list[int]]
+    entry: str
+    threads: int
+
+
+def _run_build(job: _BuildJob) -> float:
+    """Build one entry in a worker process; returns its wall seconds."""
+    torch.set_num_threads(job.threads)
+    t0 = time.perf_counter()
+    _build(job.suite, job.name, job.cfg, job.selected, Path(job.entry), False)
+    return time.perf_counter() - t0
+
+
+def _build_all(suite, todo: dict[str, Path], cfg, selected, progress) -> dict[str, float]:
+    """Build the missing entries, `cfg["workers"]` models at a time (spawned processes,
+    largest first, as the suite's training does); returns each model's build wall seconds."""
+    workers = min(cfg.get("workers") or 1, len(todo))
+    walls = {}
+    if workers <= 1:
+        for name, entry in todo.items():
+            t0 = time.perf_counter()
+            _build(suite, name, cfg, selected, entry, progress)
+            walls[name] = time.perf_counter() - t0
+        return walls
+    size = {name: sum(p.numel() for p in suite.models[name].parameters()) for name in todo}
+    jobs = [
+        _BuildJob(
+            replace(suite, models={name: suite.models[name]}),
+            name,
+            cfg,
+            selected,
+            str(entry),
+            torch.get_num_threads(),
+        )
+        for name, entry in sorted(todo.items(), key=lambda kv: -size[kv[0]])
+    ]
+    if progress:
+        names = ", ".join(j.name for j in jobs)
+        print(f"fitting and scoring {len(jobs)} model(s), {workers} at a time: {names}")
+    ctx = multiprocessing.get_context("spawn")  # fork would copy the parent's thread pools
+    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+        futures = {pool.submit(_run_build, j): j.name for j in jobs}
+        for fut in as_completed(futures):
+            walls[futures[fut]] = fut.result()
+            if progress:
+                print(f"scored {futures[fut]}: {walls[futures[fut]]:.0f} s", flush=True)
+    return walls
+
+
 def study_scores(
     suite: Suite, preset: str = "default", *, progress: bool = True, **overrides: Any
 ) -> StudyScores:
     """Fit (or load) EK-FAC and the scores of every query set for every model of the stage.
 
     Overrides: single values of the preset section `influence_scores` (e.g. `sizes=["l"]`,
-    `query_sets=["facts"]`). Unknown sizes, query sets or parameters fail at once."""
+    `query_sets=["facts"]`, `workers=1`). Unknown sizes, query sets or parameters fail at
+    once. With `workers` > 1 the missing models are fitted and scored in that many spawned
+    processes; the scores are the same as with one (a test)."""
     cfg = stage_config(suite, preset, **overrides)
     selected = select_queries(suite, cfg)
-    tensors, layers, paths, rec = {}, {}, {}, []
-    for name in cfg["sizes"]:
-        entry = cache.entry_dir("influence_scores", entry_key(suite, name, cfg, selected))
-        cached = _valid(entry)
-        t0 = time.perf_counter()
-        if not cached:
+    entries = {
+        name: cache.entry_dir("influence_scores", entry_key(suite, name, cfg, selected))
+        for name in cfg["sizes"]
+    }
+    todo = {}
+    for name, entry in entries.items():
+        if not _valid(entry):
             if entry.exists():  # truncated, missing or altered files: never use them
                 shutil.rmtree(entry)
-            _build(suite, name, cfg, selected, entry, progress)
+            todo[name] = entry
+    built = _build_all(suite, todo, cfg, selected, progress)
+    tensors, layers, paths, rec = {}, {}, {}, []
+    for name, entry in entries.items():
+        cached = name not in todo
+        t0 = time.perf_counter() - built.get(name, 0.0)
         manifest = json.loads((entry / "manifest.json").read_text())
         data, _ = load_scores(entry / "scores.safetensors")
         # Copies: safetensors may map the file, and a later rebuild must not change them.

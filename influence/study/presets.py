@@ -272,7 +272,9 @@ SECTIONS: dict[str, dict[str, dict[str, Any]]] = {
     },
     # Owned by influence/study/influence_scores.py (issue 10): the scores every notebook from
     # 02 on reads. sizes/query_sets None = all of the suite's / corpus's; max_queries caps the
-    # large sets (drawn without replacement with sample_seed).
+    # large sets (drawn without replacement with sample_seed). workers: models fitted and
+    # scored at a time in spawned processes (the scores do not depend on it; not in the cache
+    # key): 2 on the 2-core default machine, 1 for large, which is meant for one GPU.
     "influence_scores": {
         "smoke": {
             "sizes": None,
@@ -284,6 +286,7 @@ SECTIONS: dict[str, dict[str, dict[str, Any]]] = {
             "fit_seed": 0,
             "batch_size": 32,
             "dtype": "float32",
+            "workers": 1,
         },
         "default": {
             "sizes": None,
@@ -295,6 +298,7 @@ SECTIONS: dict[str, dict[str, dict[str, Any]]] = {
             "fit_seed": 0,
             "batch_size": 32,
             "dtype": "float32",
+            "workers": 2,
         },
         "large": {
             "sizes": None,
@@ -306,6 +310,7 @@ SECTIONS: dict[str, dict[str, dict[str, Any]]] = {
             "fit_seed": 0,
             "batch_size": 32,
             "dtype": "float32",
+            "workers": 1,
         },
     },
 }
@@ -325,7 +330,12 @@ QUESTION_MODULES = (
 # section -> parameter -> allowed values, for the sections defined above; a question module
 # declares its own next to its preset block.
 RANGES: dict[str, dict[str, Range]] = {
-    "influence_scores": {"sample_seed": count(0), "fit_seed": count(0), "batch_size": count(1)},
+    "influence_scores": {
+        "sample_seed": count(0),
+        "fit_seed": count(0),
+        "batch_size": count(1),
+        "workers": count(1),
+    },
 }
 for _module in QUESTION_MODULES:
     if _module.SECTION in SECTIONS:
