@@ -74,6 +74,8 @@ def test_size_steps_refuses_unknown_sizes_and_mismatched_queries():
     items = _items({("a", 0): 0.1, ("b", 0): 0.5, ("z", 0): 0.9})
     with pytest.raises(ValueError, match="'z'"):
         C.size_steps(items, ["a", "b"])
+    with pytest.raises(ValueError, match=r"no scored model of sizes \['c'\]"):
+        C.size_steps(_items({("a", 0): 0.1, ("b", 0): 0.5}), SIZES)
     items = _items({("a", 0): 0.1, ("b", 0): 0.5})
     items[("b", 0)]["near_paraphrase_accuracy"] = np.ones(7)
     with pytest.raises(ValueError, match="different queries"):

@@ -167,6 +167,9 @@ def size_steps(
     unknown = sorted({s for s, _ in items} - set(order))
     if unknown:
         raise ValueError(f"sizes {unknown} are not in the order {list(order)}")
+    missing = [size for size in order if not any(s == size for s, _ in items)]
+    if missing:
+        raise ValueError(f"no scored model of sizes {missing}")
     rows = []
     for measure, sign in [(c, 1) for c in RISING] + [(c, -1) for c in FALLING]:
         loss = measure == "heldout_loss"
