@@ -661,5 +661,14 @@ def test_the_index_says_how_its_wall_times_were_measured():
     assert "took 85 min 30 s in one run from an empty artifacts folder" in sentence
     warm = [_timed("00", "r2", ["corpus", "suite"], {"evaluate": 130.0})]
     assert "found corpus, suite cached by an earlier run" in rendering.run_sentence(warm)
+    assert "every costly stage is in its times" in rendering.run_sentence(warm)
+    trained = [_timed("00", "r2", ["corpus", "model", "tokenizer"], {"evaluate": 130.0})]
+    assert rendering.run_sentence(trained).endswith(
+        "cached by an earlier run, so training the suite is not in its times"
+    )
+    scored = [_timed("00", "r2", ["model", "influence_scores"], {"evaluate": 130.0})]
+    assert rendering.run_sentence(scored).endswith(
+        "so training the suite and the influence stage are not in its times"
+    )
     mixed = [cold[0], warm[0] | {"notebook": "01"}, _timed("03", "r0", None, {"fit": 5.0})]
     assert "over 3 runs" in rendering.run_sentence(mixed)
