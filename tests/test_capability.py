@@ -78,7 +78,7 @@ def test_size_steps_refuses_unknown_sizes_and_mismatched_queries():
         C.size_steps(_items({("a", 0): 0.1, ("b", 0): 0.5}), SIZES)
     items = _items({("a", 0): 0.1, ("b", 0): 0.5})
     items[("b", 0)]["near_paraphrase_accuracy"] = np.ones(7)
-    with pytest.raises(ValueError, match="different queries"):
+    with pytest.raises(ValueError, match="different queries for near_paraphrase_accuracy"):
         C.size_steps(items, ["a", "b"])
 
 

@@ -1,8 +1,9 @@
 """What a model of the suite learned, from accuracies and losses only (no influence scores).
 
-    row = capability(model, tokenizer, corpus)        # one row of notebook 00's scaling table
+    items = outcomes(model, tokenizer, corpus)        # per-query outcomes of one model
+    row = summarise(items)                            # one row of notebook 00's scaling table
     checks = acceptance(pd.DataFrame(rows))           # issue 23's criteria, on seed means
-    steps = size_steps(outcomes_by_model, order)      # is each step beyond the noise?
+    steps = size_steps({(size, seed): items}, order)  # is each step beyond the noise?
 
 A fact query is right when greedy decoding reproduces the whole object name
 (`suite.completion_scores`). The measures:
@@ -52,9 +53,10 @@ def role_play_completion(model, tokenizer, queries) -> dict[str, tuple[int, int]
 
 
 def outcomes(model, tokenizer, corpus) -> dict[str, np.ndarray]:
-    """The per-query outcomes behind `capability`: for each accuracy measure, 1.0 or 0.0 per
-    query (query-set order, so the same query has the same position for every model); for
-    `heldout_loss`, [summed token loss, predicted tokens] per held-out sequence ([n, 2])."""
+    """The per-query outcomes behind the capability measures (module doc; `summarise` turns
+    them into the measures): for each accuracy measure, 1.0 or 0.0 per query (query-set order,
+    so the same query has the same position for every model); for `heldout_loss`, [summed
+    token loss, predicted tokens] per held-out sequence ([n, 2])."""
     q = corpus.queries
     ok = {
         qs: completion_scores(model, tokenizer, q[qs])["correct"].astype(float)
@@ -86,11 +88,6 @@ def summarise(items: dict[str, np.ndarray]) -> dict[str, float]:
         else:
             out[name] = _mean(v)
     return out
-
-
-def capability(model, tokenizer, corpus) -> dict[str, float]:
-    """The capability measures (module doc) of one model on `corpus`."""
-    return summarise(outcomes(model, tokenizer, corpus))
 
 
 def by_language(model, tokenizer, corpus, sets: Sequence[str]) -> dict[str, dict[str, float]]:
@@ -137,8 +134,6 @@ def acceptance(table: pd.DataFrame) -> dict[str, dict]:
 def _per_query(items: list[np.ndarray], loss: bool) -> tuple[np.ndarray, ...]:
     """The outcomes of one size averaged over its seeds, query by query: (share,) for an
     accuracy, (summed loss, tokens) for the loss."""
-    if len({len(v) for v in items}) != 1:
-        raise ValueError("every model must be scored on the same queries (one corpus)")
     mean = np.mean(np.stack(items), axis=0)
     return (mean[:, 0], mean[:, 1]) if loss else (mean,)
 
@@ -173,13 +168,14 @@ def size_steps(
     rows = []
     for measure, sign in [(c, 1) for c in RISING] + [(c, -1) for c in FALLING]:
         loss = measure == "heldout_loss"
+        lengths = {key: len(v[measure]) for key, v in sorted(items.items())}
+        if len(set(lengths.values())) > 1:
+            raise ValueError(f"models were scored on different queries for {measure}: {lengths}")
         by_size = {
             size: [v[measure] for (s, _), v in sorted(items.items()) if s == size] for size in order
         }
         for small, large in zip(order, order[1:], strict=False):
             a, b = _per_query(by_size[small], loss), _per_query(by_size[large], loss)
-            if len(a[0]) != len(b[0]):
-                raise ValueError(f"{small} and {large} were scored on different queries")
             if loss:
                 diff, tokens = b[0] - a[0], a[1]
                 ci = stats.bootstrap(
