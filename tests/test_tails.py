@@ -51,6 +51,59 @@ def test_power_law_exponent_recovered():
     assert fit["R_exponential"] > 0  # a power law beats an exponential on power-law data
 
 
+@pytest.mark.parametrize("alpha", [3.5, 4.2])
+def test_exponents_above_three_are_recovered(alpha):
+    # powerlaw 2.0's default range for α is (0, 3): without FIT_RANGES both fits return 3.0.
+    # 4,000 points above x_min = 1: SE of the MLE (α−1)/√4000 ≤ 0.051; allow 0.25 for the scan.
+    fit = tails.fit_tail(pareto(alpha, 4000, seed=11), tail_share=1.0, min_tail=50)
+    assert fit["alpha"] == pytest.approx(alpha, abs=0.25)
+
+
+def _powerlaw_scan(pos, lo, hi):
+    import warnings
+
+    import powerlaw
+
+    with warnings.catch_warnings(), np.errstate(all="ignore"):
+        warnings.simplefilter("ignore")
+        pl = powerlaw.Fit(pos, xmin=(lo, hi), parameter_ranges=tails.FIT_RANGES, verbose=0)
+        return pl.power_law.xmin, pl.power_law.alpha, pl.power_law.D
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        "pareto 2.5 over a lognormal body",
+        "pareto 3.5 over a lognormal body",
+        "lognormal",
+        "exponential",
+        "ties",
+    ],
+)
+def test_closed_form_scan_picks_powerlaws_xmin(data):
+    rng = np.random.default_rng(7)
+    body = rng.lognormal(0.0, 1.0, 600)
+    x = {
+        "pareto 2.5 over a lognormal body": np.concatenate([body, pareto(2.5, 200, 8, 3.0)]),
+        "pareto 3.5 over a lognormal body": np.concatenate([body, pareto(3.5, 200, 9, 3.0)]),
+        "lognormal": body,
+        "exponential": rng.exponential(1.0, 800),
+        # duplicated sequences have identical influence: the empirical CDF steps by k/n there
+        "ties": np.repeat(np.round(pareto(2.2, 300, 10), 2), 3),
+    }[data]
+    pos = np.sort(x)
+    lo, hi = tails._candidates(pos, pos.size, 0.5, 20)
+    xmin, alpha, dist = tails.scan_xmin(pos, lo, hi)
+    ref_xmin, ref_alpha, ref_dist = _powerlaw_scan(pos, lo, hi)
+    assert xmin == ref_xmin
+    assert alpha == pytest.approx(ref_alpha, rel=1e-6)
+    assert dist == pytest.approx(ref_dist, rel=1e-6)
+
+
+def test_closed_form_scan_needs_two_candidates():
+    assert tails.scan_xmin(np.array([1.0, 2.0, 3.0]), 2.5, 3.5) is None
+
+
 def test_exponential_data_prefers_exponential():
     x = np.random.default_rng(2).exponential(1.0, 5000)
     fit = tails.fit_tail(x, tail_share=0.2, min_tail=50)
