@@ -306,7 +306,7 @@ report.table(
 
 # %%
 with report.stage("self_influence"):
-    self_inf = {m: sc.self_influence(m) for m in order}
+    self_inf = sc.self_influences(order)  # the missing ones `workers` models at a time
 checks = {
     m: hubs.hub_check([sc.scores(m, qs) for qs in SETS], self_inf[m], model=m, k=cfg["top_k"],
                       **boot)

@@ -259,5 +259,15 @@ def test_two_workers_give_the_same_entries_as_one(tmp_path, monkeypatch):
             (a, meta_a), (b, meta_b) = (load_safetensors(s.paths[name] / f) for s in (one, two))
             assert meta_a == meta_b and a.keys() == b.keys()
             assert all(torch.equal(a[k], b[k]) for k in a)
+    # self-influence of both models in two spawned processes: the same values as one by one
+    both = two.self_influences(workers=2)  # the artifacts folder is still "two"
+    assert torch.equal(two.self_influences(["u"], workers=2)["u"], both["u"])  # cached
+    monkeypatch.setenv("INFLUENCE_ARTIFACTS", str(tmp_path / "one"))
+    serial = {name: one.self_influence(name) for name in ("t", "u")}
+    assert list(both) == ["t", "u"] and all(torch.equal(both[m], serial[m]) for m in serial)
     with pytest.raises(ValueError, match="workers"):
         IS.study_scores(suite, "smoke", progress=False, workers=0, **STAGE)
+    with pytest.raises(ValueError, match="workers"):
+        two.self_influences(workers=0)
+    with pytest.raises(ValueError, match=r"unknown model size \['xl'\]"):
+        two.self_influences(["xl"])

@@ -8,6 +8,7 @@
     scores.top_k("l", "facts", k=10)                   # top-k training sequences per query
     est = scores.estimator("l")                        # the fitted EK-FAC of model "l"
     scores.self_influence("l")                         # [N] self-influence (cached)
+    scores.self_influences(workers=2)                  # every model's, two processes
     scores.candidate_scores("l", "word_order")         # [Q, C] against hypothetical sequences
 
 For each model of the suite (at the stage's `sizes`): EK-FAC fitted on the whole training
@@ -377,19 +378,86 @@ class StudyScores:
     def self_influence(self, model: str, *, progress: bool = False) -> torch.Tensor:
         """[N] self-influence ∇L(z)ᵀ(G + λI)⁻¹∇L(z) of every training sequence under `model`'s
         fitted EK-FAC (`influence.self_scores`), cached next to the stage's entry."""
-        check_names("model size", [model], self.models)
-        key = {"scores_entry": self.paths[model].name, "kind": "self_influence", "version": 1}
-        entry = cache.entry_dir("self_influence", key)
-        if not cache.verified(entry):
-            net, est = self.model(model), self.estimator(model)
-            train = train_dataset(self.suite, self.suite.corpus)
-            values = inf.self_scores(
-                net, self.task, est, train, batch_size=self.config["batch_size"], progress=progress
+        return self.self_influences([model], progress=progress)[model]
+
+    def self_influences(
+        self,
+        models: Sequence[str] | None = None,
+        *,
+        workers: int | None = None,
+        progress: bool = False,
+    ) -> dict[str, torch.Tensor]:
+        """`self_influence` of each of `models` (default: all), the missing ones computed
+        `workers` at a time (default: the stage's `workers`) in spawned processes, largest
+        first; the values are the same as one at a time (a test)."""
+        models = list(self.models if models is None else models)
+        check_names("model size", models, self.models)
+        workers = (self.config.get("workers") or 1) if workers is None else workers
+        if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
+            raise ValueError(f"workers must be a positive integer, got {workers!r}")
+        entries = {
+            m: cache.entry_dir(
+                "self_influence",
+                {"scores_entry": self.paths[m].name, "kind": "self_influence", "version": 1},
             )
-            with cache.building(entry) as tmp:
-                save_scores(tmp / "self_influence.safetensors", {"self": values}, model=model)
-        data, _ = load_scores(entry / "self_influence.safetensors")
-        return data["self"].clone()
+            for m in models
+        }
+        todo = [m for m in models if not cache.verified(entries[m])]
+        jobs = [
+            _SelfJob(
+                replace(self.suite, models={m: self.suite.models[m]}),
+                m,
+                self.config,
+                str(self.paths[m]),
+                str(entries[m]),
+                torch.get_num_threads(),
+                progress and (workers == 1 or len(todo) == 1),
+            )
+            for m in sorted(todo, key=lambda m: -self._params(m))
+        ]
+        _run_jobs(_run_self, jobs, workers, progress, "self-influence")
+        out = {}
+        for m in models:
+            data, _ = load_scores(entries[m] / "self_influence.safetensors")
+            out[m] = data["self"].clone()
+        return out
+
+    def _params(self, model: str) -> int:
+        return sum(p.numel() for p in self.suite.models[model].parameters())
+
+
+@dataclass
+class _SelfJob:
+    """One model's self-influence, from its stage entry's EK-FAC (picklable, like
+    `_BuildJob`)."""
+
+    suite: Suite  # holding only the model
+    name: str
+    cfg: dict
+    scores_entry: str
+    entry: str
+    threads: int
+    progress: bool = False
+
+
+def _run_self(job: _SelfJob) -> float:
+    """Compute and cache one model's self-influence; returns its wall seconds."""
+    torch.set_num_threads(job.threads)
+    t0 = time.perf_counter()
+    dtype = getattr(torch, job.cfg["dtype"])
+    net = job.suite.models[job.name]
+    if next(net.parameters()).dtype != dtype:  # a copy: the caller's model stays as it was
+        net = copy.deepcopy(net).to(dtype)
+    net.eval()
+    task = inf.LanguageModelingTask(modules=job.cfg["modules"])
+    est = inf.EKFAC.load(Path(job.scores_entry) / "ekfac.safetensors", net, task)
+    train = train_dataset(job.suite, job.suite.corpus)
+    values = inf.self_scores(
+        net, task, est, train, batch_size=job.cfg["batch_size"], progress=job.progress
+    )
+    with cache.building(Path(job.entry)) as tmp:
+        save_scores(tmp / "self_influence.safetensors", {"self": values}, model=job.name)
+    return time.perf_counter() - t0
 
 
 @dataclass
@@ -403,27 +471,44 @@ class _BuildJob:
     selected: dict[str, list[int]]
     entry: str
     threads: int
+    progress: bool = False
 
 
 def _run_build(job: _BuildJob) -> float:
-    """Build one entry in a worker process; returns its wall seconds."""
+    """Build one entry (in a worker process, or in this one); returns its wall seconds."""
     torch.set_num_threads(job.threads)
     t0 = time.perf_counter()
-    _build(job.suite, job.name, job.cfg, job.selected, Path(job.entry), False)
+    _build(job.suite, job.name, job.cfg, job.selected, Path(job.entry), job.progress)
     return time.perf_counter() - t0
+
+
+def _run_jobs(fn, jobs: list, workers: int, progress: bool, what: str) -> dict[str, float]:
+    """`fn(job)` for every job, in this process when `workers` ≤ 1 or there is one job, else
+    in `workers` spawned processes (fork would copy the parent's thread pools), in the jobs'
+    order; returns each job's wall seconds by its model name."""
+    walls: dict[str, float] = {}
+    if workers <= 1 or len(jobs) <= 1:
+        for job in jobs:
+            walls[job.name] = fn(job)
+        return walls
+    workers = min(workers, len(jobs))
+    if progress:
+        names = ", ".join(j.name for j in jobs)
+        print(f"{what}: {len(jobs)} model(s), {workers} at a time: {names}")
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+        futures = {pool.submit(fn, j): j.name for j in jobs}
+        for fut in as_completed(futures):
+            walls[futures[fut]] = fut.result()
+            if progress:
+                print(f"{what} {futures[fut]}: {walls[futures[fut]]:.0f} s", flush=True)
+    return walls
 
 
 def _build_all(suite, todo: dict[str, Path], cfg, selected, progress) -> dict[str, float]:
     """Build the missing entries, `cfg["workers"]` models at a time (spawned processes,
     largest first, as the suite's training does); returns each model's build wall seconds."""
-    workers = min(cfg.get("workers") or 1, len(todo))
-    walls = {}
-    if workers <= 1:
-        for name, entry in todo.items():
-            t0 = time.perf_counter()
-            _build(suite, name, cfg, selected, entry, progress)
-            walls[name] = time.perf_counter() - t0
-        return walls
+    workers = cfg.get("workers") or 1
     size = {name: sum(p.numel() for p in suite.models[name].parameters()) for name in todo}
     jobs = [
         _BuildJob(
@@ -433,20 +518,11 @@ def _build_all(suite, todo: dict[str, Path], cfg, selected, progress) -> dict[st
             selected,
             str(entry),
             torch.get_num_threads(),
+            progress and (workers == 1 or len(todo) == 1),
         )
         for name, entry in sorted(todo.items(), key=lambda kv: -size[kv[0]])
     ]
-    if progress:
-        names = ", ".join(j.name for j in jobs)
-        print(f"fitting and scoring {len(jobs)} model(s), {workers} at a time: {names}")
-    ctx = multiprocessing.get_context("spawn")  # fork would copy the parent's thread pools
-    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-        futures = {pool.submit(_run_build, j): j.name for j in jobs}
-        for fut in as_completed(futures):
-            walls[futures[fut]] = fut.result()
-            if progress:
-                print(f"scored {futures[fut]}: {walls[futures[fut]]:.0f} s", flush=True)
-    return walls
+    return _run_jobs(_run_build, jobs, workers, progress, "fitting and scoring")
 
 
 def study_scores(
