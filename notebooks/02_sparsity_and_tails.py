@@ -137,8 +137,8 @@ report.figure(
 # For every query and model: x_min is chosen by the KS distance among the largest
 # `tail_share` · N positive per-copy values (at least `min_tail` points kept in the tail); α by
 # maximum likelihood, with no upper bound (the `powerlaw` package bounds α to (0, 3) unless told
-# otherwise, which turns every steeper tail into α = 3.0; reports before 2026-12-06 carry that
-# cap); Vuong log-likelihood ratios R against the lognormal and the exponential
+# otherwise, which turns every steeper tail into α = 3.0; reports before commit 6467261 carry
+# that cap); Vuong log-likelihood ratios R against the lognormal and the exponential
 # (R > 0 favours the power law). The bootstrap KS p-value (the share of synthetic data sets
 # drawn from the fitted model whose refitted KS distance is at least the observed one) costs
 # one full refit per synthetic set, so it is computed for a fixed set of representative

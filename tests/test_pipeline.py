@@ -672,3 +672,12 @@ def test_the_index_says_how_its_wall_times_were_measured():
     )
     mixed = [cold[0], warm[0] | {"notebook": "01"}, _timed("03", "r0", None, {"fit": 5.0})]
     assert "over 3 runs" in rendering.run_sentence(mixed)
+    assert "some of which found artifacts cached" in rendering.run_sentence(mixed)
+    # two runs that both found the suite trained: training is surely not in the times, the
+    # influence stage may be (the second run built what the first found cached, or the reverse)
+    rerun = _timed("02", "r3", ["corpus", "lm_validation", "model", "tokenizer"], {"fit": 5.0})
+    assert rendering.run_sentence([trained[0], rerun]).endswith(
+        "over 2 runs, each of which found corpus, model, tokenizer cached by an earlier run, so "
+        "training the suite is not in these times"
+    )
+    assert "some of which" in rendering.run_sentence([warm[0], rerun])  # nothing costly in both

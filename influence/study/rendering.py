@@ -383,6 +383,16 @@ def run_sentence(entries: Sequence[dict[str, Any]]) -> str:
             f"the whole study took {duration(total)} in one run that found "
             f"{', '.join(caches[0])} cached by an earlier run, {missing}"
         )
+    # Several runs: a costly stage is surely missing from the times when every run found it
+    # cached (one run may have built what another found cached, so nothing less is certain).
+    always = set.intersection(*map(set, caches)) if caches and None not in caches else set()
+    costly = [label for kind, label in COSTLY_KINDS.items() if kind in always]
+    if costly:
+        return (
+            f"its notebooks took {duration(total)} in all, over {len(runs)} runs, each of which "
+            f"found {', '.join(sorted(always))} cached by an earlier run, so "
+            f"{' and '.join(costly)} {'is' if len(costly) == 1 else 'are'} not in these times"
+        )
     return (
         f"its notebooks took {duration(total)} in all, over {len(runs)} runs, some of which "
         "found artifacts cached by earlier runs, so training and the influence stage are not "
