@@ -390,7 +390,7 @@ class StudyScores:
         """`self_influence` of each of `models` (default: all), the missing ones computed
         `workers` at a time (default: the stage's `workers`) in spawned processes, largest
         first; the values are the same as one at a time (a test)."""
-        models = list(self.models if models is None else models)
+        models = list(dict.fromkeys(self.models if models is None else models))
         check_names("model size", models, self.models)
         workers = (self.config.get("workers") or 1) if workers is None else workers
         if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:

@@ -150,7 +150,7 @@ def _candidates(pos: np.ndarray, n: int, tail_share: float, min_tail: int):
 # candidates at the wrong α (a pure α = 3.5 tail was fitted as 3.0). CSN's estimator has no
 # upper bound; α > 1 keeps the continuous power law normalisable.
 FIT_RANGES = {"alpha": [1.0, None]}
-# candidates × distinct values evaluated at once by `scan_xmin` (bounds its memory, ~32 MB)
+# candidates × distinct values evaluated at once by `scan_xmin`: 32 MB per temporary array
 _SCAN_BLOCK = 1 << 22
 
 
@@ -181,7 +181,8 @@ def scan_xmin(pos: np.ndarray, lo: float, hi: float) -> tuple[float, float, floa
     step = max(1, _SCAN_BLOCK // log_grid.size)
     for s in range(0, cands.size, step):
         sl = slice(s, s + step)
-        # 1 − fitted CDF = (x / x_min)^(1−α); the empirical CDF of the tail is (i − k)/(n − k)
+        # |fitted − empirical CDF of the tail| = |(x / x_min)^(1−α) − (n − i)/(n − k)| at each
+        # distinct x, i the values strictly below x, k those below the candidate
         with np.errstate(over="ignore", invalid="ignore"):
             ccdf_fit = np.exp((1.0 - alpha[sl, None]) * (log_grid - log_c[sl, None]))
             gap = np.abs(ccdf_fit - (n - below) / (n - k[sl, None]))
