@@ -236,7 +236,8 @@ fig = tails.plot_by_size(table, order)
 report.figure(
     fig,
     "alpha_top1_by_size",
-    caption="Left: fitted exponents per model size (the paper's range shaded). Middle: the "
+    caption="Left: fitted exponents per model size, on a log scale (the paper's range shaded). "
+    "Middle: the "
     "share of the positive influence held by the top 1% of sequences (the paper's 12–52% "
     "shaded). Right: the largest per-copy influence of each query set (1 nat dotted).",
 )

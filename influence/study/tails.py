@@ -665,7 +665,12 @@ def plot_by_size(table: pd.DataFrame, order: Sequence[str]):
     axes[0].boxplot([fitted[fitted.model == m].alpha.to_numpy() for m in order],
                     tick_labels=list(order))  # fmt: skip
     axes[0].axhspan(*ALPHA_RANGE, color=style.GREEN, alpha=0.15, label="paper")
-    axes[0].set_ylabel("exponent α")
+    # log scale: a few short, steep tails fit α > 10 and would flatten the boxes on a linear one
+    axes[0].set_yscale("log")
+    axes[0].yaxis.set_major_locator(plt.FixedLocator([1.5, 2, 3, 4.3, 6, 10, 20]))
+    axes[0].yaxis.set_major_formatter(plt.FuncFormatter(lambda v, _: f"{v:g}"))
+    axes[0].yaxis.set_minor_locator(plt.NullLocator())
+    axes[0].set_ylabel("exponent α (log scale)")
     axes[1].boxplot([table[table.model == m].top1_share.to_numpy() for m in order],
                     tick_labels=list(order))  # fmt: skip
     axes[1].axhspan(*TOP1_RANGE, color=style.GREEN, alpha=0.15, label="paper")
@@ -680,7 +685,7 @@ def plot_by_size(table: pd.DataFrame, order: Sequence[str]):
     axes[2].set_yscale("log")
     axes[2].set_ylabel("largest per-copy influence (nats)")
     axes[2].legend(loc="center left", bbox_to_anchor=(1.0, 0.5))
-    axes[0].legend(loc="upper right")
+    axes[0].legend(loc="best")
     for ax in axes:
         ax.set_xlabel("model size")
     fig.tight_layout()
