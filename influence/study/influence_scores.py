@@ -405,13 +405,13 @@ class StudyScores:
         todo = [m for m in models if not cache.verified(entries[m])]
         jobs = [
             _SelfJob(
-                replace(self.suite, models={m: self.suite.models[m]}),
-                m,
-                self.config,
-                str(self.paths[m]),
-                str(entries[m]),
-                torch.get_num_threads(),
-                progress and (workers == 1 or len(todo) == 1),
+                suite=replace(self.suite, models={m: self.suite.models[m]}),
+                name=m,
+                cfg=self.config,
+                entry=str(entries[m]),
+                threads=torch.get_num_threads(),
+                progress=progress and (workers == 1 or len(todo) == 1),
+                scores_entry=str(self.paths[m]),
             )
             for m in sorted(todo, key=lambda m: -self._params(m))
         ]
@@ -426,18 +426,24 @@ class StudyScores:
         return sum(p.numel() for p in self.suite.models[model].parameters())
 
 
-@dataclass
-class _SelfJob:
-    """One model's self-influence, from its stage entry's EK-FAC (picklable, like
-    `_BuildJob`)."""
+@dataclass(kw_only=True)
+class _Job:
+    """One model's work, to run in this process or a spawned one (picklable; with the parent's
+    torch thread count, so its results are the same bit for bit)."""
 
     suite: Suite  # holding only the model
     name: str
     cfg: dict
-    scores_entry: str
-    entry: str
+    entry: str  # the cache entry it writes
     threads: int
     progress: bool = False
+
+
+@dataclass(kw_only=True)
+class _SelfJob(_Job):
+    """One model's self-influence, from its stage entry's EK-FAC."""
+
+    scores_entry: str
 
 
 def _run_self(job: _SelfJob) -> float:
@@ -460,18 +466,11 @@ def _run_self(job: _SelfJob) -> float:
     return time.perf_counter() - t0
 
 
-@dataclass
-class _BuildJob:
-    """One model to fit and score, and where to save it (picklable: runs in a spawned process
-    with the parent's torch thread count, so its scores are the same bit for bit)."""
+@dataclass(kw_only=True)
+class _BuildJob(_Job):
+    """One model to fit and score on the selected queries."""
 
-    suite: Suite  # holding only the model to score
-    name: str
-    cfg: dict
     selected: dict[str, list[int]]
-    entry: str
-    threads: int
-    progress: bool = False
 
 
 def _run_build(job: _BuildJob) -> float:
@@ -512,13 +511,13 @@ def _build_all(suite, todo: dict[str, Path], cfg, selected, progress) -> dict[st
     size = {name: sum(p.numel() for p in suite.models[name].parameters()) for name in todo}
     jobs = [
         _BuildJob(
-            replace(suite, models={name: suite.models[name]}),
-            name,
-            cfg,
-            selected,
-            str(entry),
-            torch.get_num_threads(),
-            progress and (workers == 1 or len(todo) == 1),
+            suite=replace(suite, models={name: suite.models[name]}),
+            name=name,
+            cfg=cfg,
+            entry=str(entry),
+            threads=torch.get_num_threads(),
+            progress=progress and (workers == 1 or len(todo) == 1),
+            selected=selected,
         )
         for name, entry in sorted(todo.items(), key=lambda kv: -size[kv[0]])
     ]
