@@ -413,7 +413,7 @@ class StudyScores:
                 progress=progress and (workers == 1 or len(todo) == 1),
                 scores_entry=str(self.paths[m]),
             )
-            for m in sorted(todo, key=lambda m: -self._params(m))
+            for m in sorted(todo, key=lambda m: -_n_params(self.suite.models[m]))
         ]
         _run_jobs(_run_self, jobs, workers, progress, "self-influence")
         out = {}
@@ -422,8 +422,10 @@ class StudyScores:
             out[m] = data["self"].clone()
         return out
 
-    def _params(self, model: str) -> int:
-        return sum(p.numel() for p in self.suite.models[model].parameters())
+
+def _n_params(net: torch.nn.Module) -> int:
+    """Parameter count: the jobs run largest first, so no worker is left with one at the end."""
+    return sum(p.numel() for p in net.parameters())
 
 
 @dataclass(kw_only=True)
@@ -508,7 +510,6 @@ def _build_all(suite, todo: dict[str, Path], cfg, selected, progress) -> dict[st
     """Build the missing entries, `cfg["workers"]` models at a time (spawned processes,
     largest first, as the suite's training does); returns each model's build wall seconds."""
     workers = cfg.get("workers") or 1
-    size = {name: sum(p.numel() for p in suite.models[name].parameters()) for name in todo}
     jobs = [
         _BuildJob(
             suite=replace(suite, models={name: suite.models[name]}),
@@ -519,7 +520,7 @@ def _build_all(suite, todo: dict[str, Path], cfg, selected, progress) -> dict[st
             progress=progress and (workers == 1 or len(todo) == 1),
             selected=selected,
         )
-        for name, entry in sorted(todo.items(), key=lambda kv: -size[kv[0]])
+        for name, entry in sorted(todo.items(), key=lambda kv: -_n_params(suite.models[kv[0]]))
     ]
     return _run_jobs(_run_build, jobs, workers, progress, "fitting and scoring")
 
