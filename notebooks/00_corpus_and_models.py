@@ -543,6 +543,7 @@ report.table(
     log_table,
     caption="Design log: every world and recipe tried, in order, with what it gave and what "
     "was decided (capability measures only, never influence results).",
+    stacked=True,
 )
 
 # %%

@@ -150,9 +150,9 @@ ATTEMPTS: list[dict[str, str]] = [
             "leaves xs and s as they were, so the next rebuild of the suite uses it. It does "
             "not meet the criteria on its own: from l to xl near paraphrases barely move "
             "(65% -> 66%) and cross-lingual accuracy falls (15% -> 12%), xs still completes "
-            "1% of its seen facts. Not applied yet: the committed reports are of the "
-            "0.72 / width suite, and a rebuild (training about 52 min, every notebook about "
-            "70 min) did not fit this session beside the probes"
+            "1% of its seen facts. Not applied yet: the reports are of the 0.72 / width "
+            "suite; applying it means retraining the suite (about 52 min) and re-rendering "
+            "every notebook (about 70 min)"
         ),
     },
 ]
