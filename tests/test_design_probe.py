@@ -4,23 +4,10 @@ learning rate changes the model, and bad input fails naming the value."""
 from __future__ import annotations
 
 import pytest
+from test_suite import TINY, TRAIN
 
 from influence.study import capability, design_probe
 from influence.study import suite as S
-
-TINY = [{"name": "t", "hidden": 16, "layers": 1, "intermediate": 32, "heads": 1}]
-TRAIN = {
-    "epochs": 2,
-    "batch_size": 32,
-    "lr": 3e-3,
-    "warmup_frac": 0.1,
-    "min_lr_ratio": 0.1,
-    "weight_decay": 0.0,
-    "log_every": 2,
-    "eval_points": 3,
-    "threads": 1,
-    "workers": 1,
-}
 
 
 def test_probe_reproduces_the_suite_model_and_a_new_lr_changes_it(tmp_path, monkeypatch):
