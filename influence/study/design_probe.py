@@ -38,7 +38,16 @@ def probe(
     `suite.load_suite`. Returns the recipe values used, the capability
     measures (`capability.summarise`), the mean training loss per epoch, the held-out loss
     curve and the training CPU seconds."""
-    params, corpus, tok = suite._prepare(preset, seed, None, overrides)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)  # training and evaluation alike
+    try:
+        return _probe(size, lr, epochs, preset, seed, train_seed, threads, overrides)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _probe(size, lr, epochs, preset, seed, train_seed, threads, overrides) -> dict[str, Any]:
+    params, corpus, tok = suite.prepare(preset, seed, None, overrides)
     sizes = {s["name"]: s for s in params["sizes"]}
     if size not in sizes:
         raise ValueError(f"unknown size {size!r}; the {preset} suite has {list(sizes)}")
@@ -88,7 +97,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--train-seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
     row = probe(
         args.size,
         lr=args.lr,

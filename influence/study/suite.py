@@ -460,7 +460,9 @@ def _run_job(job: _Job, progress: bool = False) -> dict:
     return log["info"]
 
 
-def _prepare(preset, seed, corpus_overrides, overrides) -> tuple[dict, Corpus, Any]:
+def prepare(preset, seed, corpus_overrides, overrides) -> tuple[dict, Corpus, Any]:
+    """The suite parameters of `preset` (with `overrides`, plus the corpus's `seq_len`), the
+    corpus of `seed` and its tokenizer, built or read from the cache."""
     params = suite_config(preset, seed, **overrides)
     corpus = build_corpus(preset, seed, **(corpus_overrides or {}))
     tok = build_tokenizer(corpus, params["vocab_size"])
@@ -484,7 +486,7 @@ def train_suite(
     """Train every (size, training seed) model of the preset that is not cached yet, on the
     corpus of `seed`, `train.workers` models at a time (spawned processes, largest first);
     returns the info rows of the models trained now."""
-    params, corpus, tok = _prepare(preset, seed, corpus_overrides, overrides)
+    params, corpus, tok = prepare(preset, seed, corpus_overrides, overrides)
     train_seeds = [seed] if train_seeds is None else list(train_seeds)
     seqs = [encode_text(tok, t) for t in corpus.train["text"]]
     held = [encode_text(tok, t) for t in corpus.heldout["text"]]
@@ -536,7 +538,7 @@ def load_suite(
     loaded in eval mode on `device`, small to large."""
     train_seed = seed if train_seed is None else train_seed
     train_suite(preset, seed, [train_seed], device, progress, corpus_overrides, **overrides)
-    params, corpus, tok = _prepare(preset, seed, corpus_overrides, overrides)
+    params, corpus, tok = prepare(preset, seed, corpus_overrides, overrides)
     models, info, logs, paths = {}, [], {}, {}
     hf_logging.disable_progress_bar()  # per-file "Loading weights" bars drown the notebooks
     for size in params["sizes"]:
