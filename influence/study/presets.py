@@ -144,7 +144,8 @@ SECTIONS: dict[str, dict[str, dict[str, Any]]] = {
             "vocab_size": 1024,
             "context": 96,
             "tie_embeddings": True,
-            # peak learning rate 0.72 / hidden for every size (larger for narrower models)
+            # peak learning rate 0.46 / hidden for every size (larger for narrower models);
+            # 0.72 / hidden overdrove m, l and xl (design log, attempt 9)
             "sizes": [
                 {
                     "name": "xs",
@@ -152,7 +153,7 @@ SECTIONS: dict[str, dict[str, dict[str, Any]]] = {
                     "layers": 2,
                     "intermediate": 96,
                     "heads": 2,
-                    "lr": 3e-2,
+                    "lr": 1.92e-2,
                 },
                 {
                     "name": "s",
@@ -160,7 +161,7 @@ SECTIONS: dict[str, dict[str, dict[str, Any]]] = {
                     "layers": 2,
                     "intermediate": 144,
                     "heads": 2,
-                    "lr": 1.5e-2,
+                    "lr": 9.6e-3,
                 },
                 {
                     "name": "m",
@@ -168,7 +169,7 @@ SECTIONS: dict[str, dict[str, dict[str, Any]]] = {
                     "layers": 3,
                     "intermediate": 288,
                     "heads": 4,
-                    "lr": 7.5e-3,
+                    "lr": 4.8e-3,
                 },
                 {
                     "name": "l",
@@ -176,7 +177,7 @@ SECTIONS: dict[str, dict[str, dict[str, Any]]] = {
                     "layers": 4,
                     "intermediate": 480,
                     "heads": 4,
-                    "lr": 4.5e-3,
+                    "lr": 2.88e-3,
                 },
                 {
                     "name": "xl",
@@ -184,7 +185,7 @@ SECTIONS: dict[str, dict[str, dict[str, Any]]] = {
                     "layers": 5,
                     "intermediate": 768,
                     "heads": 4,
-                    "lr": 2.8e-3,
+                    "lr": 1.8e-3,
                 },
             ],
             "train": {
@@ -206,7 +207,7 @@ SECTIONS: dict[str, dict[str, dict[str, Any]]] = {
             "vocab_size": 2048,
             "context": 128,
             "tie_embeddings": True,
-            # peak learning rate 0.72 / hidden, as at the default preset
+            # peak learning rate 0.46 / hidden, as at the default preset (not tuned at this scale)
             "sizes": [
                 {
                     "name": "xs",
@@ -214,7 +215,7 @@ SECTIONS: dict[str, dict[str, dict[str, Any]]] = {
                     "layers": 2,
                     "intermediate": 192,
                     "heads": 2,
-                    "lr": 1.5e-2,
+                    "lr": 9.6e-3,
                 },
                 {
                     "name": "s",
@@ -222,7 +223,7 @@ SECTIONS: dict[str, dict[str, dict[str, Any]]] = {
                     "layers": 3,
                     "intermediate": 384,
                     "heads": 4,
-                    "lr": 7.5e-3,
+                    "lr": 4.8e-3,
                 },
                 {
                     "name": "m",
@@ -230,7 +231,7 @@ SECTIONS: dict[str, dict[str, dict[str, Any]]] = {
                     "layers": 4,
                     "intermediate": 768,
                     "heads": 4,
-                    "lr": 3.75e-3,
+                    "lr": 2.4e-3,
                 },
                 {
                     "name": "l",
@@ -238,7 +239,7 @@ SECTIONS: dict[str, dict[str, dict[str, Any]]] = {
                     "layers": 6,
                     "intermediate": 1536,
                     "heads": 6,
-                    "lr": 1.9e-3,
+                    "lr": 1.2e-3,
                 },
                 {
                     "name": "xl",
@@ -246,7 +247,7 @@ SECTIONS: dict[str, dict[str, dict[str, Any]]] = {
                     "layers": 8,
                     "intermediate": 3072,
                     "heads": 12,
-                    "lr": 9.4e-4,
+                    "lr": 6e-4,
                 },
             ],
             "train": {
