@@ -246,7 +246,7 @@ report.table(
 # embeddings are tied, as in GPT-2, so that the small sizes are not mostly embedding). One
 # recipe, in which size is the only variable: the same corpus, the same sequences in the same
 # order, the same token budget, AdamW with linear warm-up then cosine decay. The peak learning
-# rate follows one rule, 0.72 / width, so narrower models take larger steps (Pythia and μP
+# rate follows one rule, 0.46 / width, so narrower models take larger steps (Pythia and μP
 # also lower it as models grow). **One token budget for every size** (a fixed number of
 # epochs, chosen once, Pythia-style) rather than stopping each size at its own held-out
 # minimum: a per-size stopping point would make the number of tokens seen a second variable
