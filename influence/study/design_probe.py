@@ -47,6 +47,8 @@ def probe(
 
 
 def _probe(size, lr, epochs, preset, seed, train_seed, threads, overrides) -> dict[str, Any]:
+    if epochs is not None and epochs < 1:  # before the corpus is built: bad input fails at once
+        raise ValueError(f"epochs must be at least 1, got {epochs}")
     params, corpus, tok = suite.prepare(preset, seed, None, overrides)
     sizes = {s["name"]: s for s in params["sizes"]}
     if size not in sizes:
@@ -54,8 +56,6 @@ def _probe(size, lr, epochs, preset, seed, train_seed, threads, overrides) -> di
     spec = {**sizes[size], **({"lr": lr} if lr is not None else {})}
     train = {**params["train"], "threads": threads}
     if epochs is not None:
-        if epochs < 1:
-            raise ValueError(f"epochs must be at least 1, got {epochs}")
         train["epochs"] = epochs
     seqs = [encode_text(tok, t) for t in corpus.train["text"]]
     held = [encode_text(tok, t) for t in corpus.heldout["text"]]
