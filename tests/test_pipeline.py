@@ -551,6 +551,22 @@ def test_an_unreadable_report_record_stops_the_index_naming_it(study, capsys):
     assert "01_next" not in (reports / "index.html").read_text()
 
 
+def test_index_only_rewrites_the_index_from_the_records_and_runs_nothing(study, capsys):
+    assert pipeline.main(["--preset", "default", "--index-only"]) == 1
+    assert "no report records" in capsys.readouterr().err
+    assert pipeline.main(["--preset", "default"]) == 0
+    reports = study / "reports"
+    index, record = reports / "index.html", reports / "00_toy.json"
+    written, before = index.read_text(), record.read_bytes()
+    runs = sorted((study / "artifacts" / "runs" / "default").iterdir())
+    index.write_text("stale")
+    assert pipeline.main(["--preset", "default", "--index-only"]) == 0
+    assert index.read_text() == written and record.read_bytes() == before
+    assert sorted((study / "artifacts" / "runs" / "default").iterdir()) == runs  # ran nothing
+    leftovers = [p.name for p in reports.iterdir() if p.name.startswith(".")]
+    assert leftovers == [".lock"]  # nothing staged is left behind
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -681,3 +697,8 @@ def test_the_index_says_how_its_wall_times_were_measured():
         "training the suite is not in these times"
     )
     assert "some of which" in rendering.run_sentence([warm[0], rerun])  # nothing costly in both
+    # every run from empty (one re-rendered a notebook from scratch): all costly stages are in
+    fresh = _timed("00", "r4", [], {"train_suite": 3400.0})
+    assert rendering.run_sentence([fresh, cold[1]]).startswith(
+        "its notebooks took 96 min 40 s in all, over 2 runs, each from an empty artifacts folder"
+    )

@@ -2,6 +2,7 @@
 
     python -m influence.study.pipeline --preset default [--only 01_ihvp_accuracy] [--device cuda]
     python -m influence.study.pipeline --sync-notebooks --only 02      # refresh notebooks/*.ipynb
+    python -m influence.study.pipeline --index-only      # rewrite the index from the records
 
 Each `notebooks/NN_topic.py` (jupytext py:percent, the reviewed source) is converted and run
 with papermill, parameters `preset`, `device`, `seed` (and any `-p NAME=VALUE`, or
@@ -442,6 +443,20 @@ def run_job(
     return report
 
 
+def _checked_readme(preset: str, out_dir: Path, allow_dirty: bool) -> Path | None:
+    """Refuse to write committed reports from a tree with uncommitted changes (unless
+    `allow_dirty`); the README whose findings table follows `out_dir`'s reports (only the
+    committed default ones have one), or None."""
+    committed = preset in PUBLISHED_PRESETS and committed_reports(out_dir)
+    if committed and not allow_dirty:
+        check_clean_tree(git("status", "--porcelain", "--untracked-files=no"))
+    if committed and preset == COMMITTED_PRESET:
+        from .cache import REPO_ROOT
+
+        return REPO_ROOT / "README.md"
+    return None
+
+
 def run(
     preset: str = COMMITTED_PRESET,
     only: list[str] | None = None,
@@ -454,14 +469,7 @@ def run(
     _prepare_environment()
     jobs = plan(preset, only, device, seed, extra)
     out_dir = reports_dir(preset)
-    committed = preset in PUBLISHED_PRESETS and committed_reports(out_dir)
-    if committed and not allow_dirty:
-        check_clean_tree(git("status", "--porcelain", "--untracked-files=no"))
-    readme = None
-    if committed and preset == COMMITTED_PRESET:  # the findings table is the default's
-        from .cache import REPO_ROOT
-
-        readme = REPO_ROOT / "README.md"
+    readme = _checked_readme(preset, out_dir, allow_dirty)
     run_id = new_run_id()
     run_dir = runs_dir(preset) / run_id
     results = []
@@ -493,6 +501,39 @@ def run(
             results.append(report)
     print(f"[pipeline] index: {display_path(out_dir / 'index.html')}", flush=True)
     return results
+
+
+def rewrite_index(preset: str = COMMITTED_PRESET, allow_dirty: bool = False) -> Path:
+    """Rewrite the index (and, for the committed reports, the README's findings table) from
+    the report records already published, running no notebook: for when the index's code
+    changed but no result did. Both are replaced together, as after a run."""
+    check_preset(preset)
+    out_dir = reports_dir(preset)
+    readme = _checked_readme(preset, out_dir, allow_dirty)
+    run_id = new_run_id()
+    with reports_lock(out_dir, run_id):
+        recover(out_dir)
+        entries = rendering.read_reports(out_dir)
+        if not entries:
+            raise PipelineError(
+                f"no report records in {display_path(out_dir)}: run the pipeline for preset "
+                f"{preset} first"
+            )
+        pub = Publication(out_dir, run_id)
+        index = pub.stage(out_dir / "index.html")
+        staged_readme = pub.stage(readme) if readme is not None else None
+        pub.begin()
+        try:
+            atomic_write_text(index, rendering.index_page(entries, out_dir))
+            if readme is not None and staged_readme is not None:
+                text = rendering.readme_with_findings(readme.read_text(), entries)
+                atomic_write_text(staged_readme, text if text is not None else readme.read_text())
+        except BaseException:
+            pub.abort()
+            raise
+        pub.commit()
+    print(f"[pipeline] index: {display_path(out_dir / 'index.html')}", flush=True)
+    return out_dir / "index.html"
 
 
 def sync_notebooks(only: list[str] | None = None, timeout: int | None = None) -> list[Path]:
@@ -566,6 +607,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sync-notebooks", action="store_true", help="refresh notebooks/*.ipynb")
     parser.add_argument("--list", action="store_true", help="list notebooks and parameters")
     parser.add_argument(
+        "--index-only",
+        action="store_true",
+        help="rewrite the index (and the README's findings table) from the published reports; "
+        "run no notebook",
+    )
+    parser.add_argument(
         "--dry-run",
         action="store_true",
         help="check the preset, device, seed and parameters (names, types, ranges), print what "
@@ -596,6 +643,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.sync_notebooks:
             sync_notebooks(only)
+            return 0
+        if args.index_only:
+            if args.dry_run:
+                check_preset(args.preset)
+                print(
+                    f"[pipeline] would rewrite {display_path(reports_dir(args.preset))}/index.html"
+                )
+            else:
+                rewrite_index(args.preset, allow_dirty=args.allow_dirty)
             return 0
         extra = dict(parse_param(p) for p in args.param)
         if args.list:

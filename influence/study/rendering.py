@@ -383,6 +383,12 @@ def run_sentence(entries: Sequence[dict[str, Any]]) -> str:
             f"the whole study took {duration(total)} in one run that found "
             f"{', '.join(caches[0])} cached by an earlier run, {missing}"
         )
+    if caches and all(c == [] for c in caches):
+        return (
+            f"its notebooks took {duration(total)} in all, over {len(runs)} runs, each from an "
+            "empty artifacts folder, so training the suite and computing its influence scores "
+            "are in these times (the stages of each notebook are under its wall time)"
+        )
     # Several runs: a costly stage is surely missing from the times when every run found it
     # cached (one run may have built what another found cached, so nothing less is certain).
     always = set.intersection(*map(set, caches)) if caches and None not in caches else set()
