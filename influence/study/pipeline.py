@@ -432,15 +432,23 @@ def run_job(
         names = [p.stem for p in discover()]
         atomic_write_text(staged["html"], rendering.report_page(nb, report, names))
         atomic_write_json(staged["json"], report)
-        atomic_write_text(staged["index"], rendering.index_page(entries, out_dir))
-        if readme is not None:
-            text = rendering.readme_with_findings(readme.read_text(), entries)
-            atomic_write_text(staged["readme"], text if text is not None else readme.read_text())
+        _write_index(staged, entries, out_dir, readme)
     except BaseException:
         pub.abort()
         raise
     pub.commit()
     return report
+
+
+def _write_index(
+    staged: dict[str, Path], entries: list[dict[str, Any]], out_dir: Path, readme: Path | None
+) -> None:
+    """Write the index of `entries` to `staged["index"]` and, when `readme` is given, that
+    README with its findings table of `entries` to `staged["readme"]`."""
+    atomic_write_text(staged["index"], rendering.index_page(entries, out_dir))
+    if readme is not None:
+        text = rendering.readme_with_findings(readme.read_text(), entries)
+        atomic_write_text(staged["readme"], text if text is not None else readme.read_text())
 
 
 def _checked_readme(preset: str, out_dir: Path, allow_dirty: bool) -> Path | None:
@@ -520,14 +528,12 @@ def rewrite_index(preset: str = COMMITTED_PRESET, allow_dirty: bool = False) -> 
                 f"{preset} first"
             )
         pub = Publication(out_dir, run_id)
-        index = pub.stage(out_dir / "index.html")
-        staged_readme = pub.stage(readme) if readme is not None else None
+        staged = {"index": pub.stage(out_dir / "index.html")}
+        if readme is not None:
+            staged["readme"] = pub.stage(readme)
         pub.begin()
         try:
-            atomic_write_text(index, rendering.index_page(entries, out_dir))
-            if readme is not None and staged_readme is not None:
-                text = rendering.readme_with_findings(readme.read_text(), entries)
-                atomic_write_text(staged_readme, text if text is not None else readme.read_text())
+            _write_index(staged, entries, out_dir, readme)
         except BaseException:
             pub.abort()
             raise
